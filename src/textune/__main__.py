@@ -1,0 +1,5 @@
+import sys
+
+from textune.cli import main
+
+sys.exit(main())

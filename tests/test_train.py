@@ -1,0 +1,151 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import toy_overrides, toy_rows, write_csv
+from textune.config import load_config
+from textune.errors import TextuneError
+from textune.train import choose_mixed_precision, train
+
+
+def read_history(run):
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+def test_loss_goes_down_and_the_toy_task_is_learned(trained_run):
+    history = read_history(trained_run)
+    losses = [r["loss"] for r in history if r["type"] == "train"]
+    assert losses[-1] < 0.5 * losses[0], losses
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["validation"]["accuracy"] >= 0.9
+    assert metrics["test"]["accuracy"] >= 0.85
+    assert metrics["validation"]["confusion_matrix"]["labels"] == ["negative", "positive"]
+
+
+def test_run_folder_contents(trained_run):
+    for name in ("config.yaml", "history.jsonl", "metrics.json", "data_stats.json", "validation_predictions.jsonl",
+                 "model/model.safetensors", "model/config.json", "model/tokenizer.json"):
+        assert (trained_run / name).is_file(), name
+    assert not list(trained_run.glob("model.*"))  # no temporary model folders left behind
+    history = read_history(trained_run)
+    evals = [r for r in history if r["type"] == "eval"]
+    assert len(evals) == 4  # one per epoch
+    assert {"step", "epoch", "eval_loss", "eval_accuracy", "eval_f1"} <= set(evals[0])
+    train_rec = next(r for r in history if r["type"] == "train")
+    assert {"step", "epoch", "loss", "lr"} <= set(train_rec)
+    stats = json.loads((trained_run / "data_stats.json").read_text())
+    assert stats["sizes"] == {"train": 320, "validation": 64, "test": 48}
+    assert set(stats["token_lengths"]["train"]) == {"examples", "mean", "p95", "max", "truncated_share"}
+
+
+def test_saved_model_loads_in_transformers_with_named_labels(trained_run):
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    model = AutoModelForSequenceClassification.from_pretrained(trained_run / "model")
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    clf = pipeline("text-classification", model=str(trained_run / "model"), device="cpu")
+    assert clf("the movie was great and superb")[0]["label"] == "positive"
+    assert clf("awful boring film")[0]["label"] == "negative"
+
+
+def test_best_checkpoint_is_the_saved_model(trained_run):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    evals = [r for r in read_history(trained_run) if r["type"] == "eval"]
+    best = max(evals, key=lambda r: r["eval_accuracy"])  # first of the best: ties keep the earlier one
+    assert metrics["best_step"] == best["step"]
+    assert metrics["validation"]["accuracy"] == best["eval_accuracy"]
+
+
+def test_existing_run_folder_is_refused_unless_overwrite(tiny_model, toy_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("old")
+    cfg = load_config(None, toy_overrides(tiny_model, toy_data, out, **{"train.max_steps": 2}))
+    with pytest.raises(TextuneError, match="already exists; pick another output_dir or pass --overwrite"):
+        train(cfg)
+    assert (out / "config.yaml").read_text() == "old"
+    train(cfg, overwrite=True)
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_overwrite_never_deletes_a_foreign_folder(tiny_model, toy_data, tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    cfg = load_config(None, toy_overrides(tiny_model, toy_data, tmp_path, **{"train.max_steps": 2}))
+    with pytest.raises(TextuneError, match="not a textune run folder; refusing"):
+        train(cfg, overwrite=True)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_bad_data_leaves_no_run_folder(tiny_model, toy_data, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(None, toy_overrides(tiny_model, toy_data, out, **{"data.text_column": "sentence"}))
+    with pytest.raises(TextuneError, match="no column 'sentence'"):
+        train(cfg)
+    assert not out.exists()
+
+
+def test_early_stopping_and_step_evaluation(tiny_model, toy_data, tmp_path):
+    cfg = load_config(None, toy_overrides(tiny_model, toy_data, tmp_path / "r", **{
+        "train.lr": 1e-9, "train.eval_steps": 2, "train.early_stopping_patience": 2, "train.metric": "loss",
+        "train.greater_is_better": False}))
+    run = train(cfg)
+    evals = [r for r in read_history(run) if r["type"] == "eval"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["stopped_early"] is True
+    assert [r["step"] for r in evals][:2] == [2, 4]
+    assert len(evals) < 40 // 2  # 4 epochs of 20 steps would evaluate 40 times without stopping
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tiny_model, toy_data, tmp_path):
+    cfg = load_config(None, toy_overrides(tiny_model, toy_data, tmp_path / "r", **{
+        "train.epochs": 1, "train.gradient_accumulation_steps": 2, "train.logging_steps": 1}))
+    run = train(cfg)
+    steps = [r["step"] for r in read_history(run) if r["type"] == "train"]
+    assert steps == list(range(1, 11))  # 320 rows / 16 per micro-batch / 2 micro-batches per step
+
+
+def test_head_only_leaves_the_encoder_untouched(tiny_model, toy_data, tmp_path):
+    cfg = load_config(None, toy_overrides(tiny_model, toy_data, tmp_path / "r", **{
+        "tuning.method": "head", "train.max_steps": 5, "train.load_best_at_end": False}))
+    run = train(cfg)
+    before = load_file(tiny_model / "model.safetensors")
+    after = load_file(run / "model" / "model.safetensors")
+    key = next(k for k in before if "encoder.layer.0.attention.self.query.weight" in k)
+    assert torch.equal(before[key], after["bert." + key] if "bert." + key in after else after[key])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["parameters"]["trainable"] == 32 * 2 + 2
+
+
+def test_no_validation_file_splits_training_data(tiny_model, tmp_path):
+    train_file = write_csv(tmp_path / "t.csv", toy_rows(100, 5))
+    over = {"model.name": str(tiny_model), "data.train": str(train_file), "data.validation_split": 0.2,
+            "train.max_steps": 3, "train.mixed_precision": "no", "output_dir": str(tmp_path / "r")}
+    run = train(load_config(None, over))
+    stats = json.loads((run / "data_stats.json").read_text())
+    assert stats["sizes"] == {"train": 80, "validation": 20}
+
+
+def test_same_seed_same_result(tiny_model, toy_data, tmp_path):
+    over = {"train.max_steps": 6, "train.logging_steps": 1}
+    a = train(load_config(None, toy_overrides(tiny_model, toy_data, tmp_path / "a", **over)))
+    b = train(load_config(None, toy_overrides(tiny_model, toy_data, tmp_path / "b", **over)))
+    assert [r["loss"] for r in read_history(a) if r["type"] == "train"] == \
+           [r["loss"] for r in read_history(b) if r["type"] == "train"]
+
+
+def test_mixed_precision_choice():
+    assert choose_mixed_precision("no", "cpu") == ("no", None)
+    assert choose_mixed_precision("bf16", "cpu") == ("bf16", None)
+    with pytest.raises(TextuneError, match="fp16 needs a CUDA GPU"):
+        choose_mixed_precision("fp16", "cpu")
+    mode, note = choose_mixed_precision("auto", "cpu")
+    assert mode in ("bf16", "no") and (mode == "bf16") == (note is None)
+
+
+def test_bf16_training_runs_on_cpu(tiny_model, toy_data, tmp_path):
+    cfg = load_config(None, toy_overrides(tiny_model, toy_data, tmp_path / "r", **{
+        "train.max_steps": 3, "train.mixed_precision": "bf16"}))
+    run = train(cfg)
+    assert all(v.dtype == torch.float32 for v in load_file(run / "model" / "model.safetensors").values())
