@@ -1,5 +1,6 @@
 import pytest
 
+from textune.config import TuningConfig
 from textune.errors import TextuneError
 from textune.models import (
     apply_tuning,
@@ -48,11 +49,11 @@ def test_classifier_gets_label_names(tiny_model):
 
 def test_head_tuning_freezes_encoder(tiny_model):
     model = load_classifier(str(tiny_model), ["a", "b"])
-    apply_tuning(model, "head")
+    apply_tuning(model, TuningConfig(method="head"))
     trainable, total = count_parameters(model)
     assert trainable == 32 * 2 + 2 and total > 10 * trainable
     assert all(not p.requires_grad for p in model.bert.parameters())
-    apply_tuning(model, "full")
+    apply_tuning(model, TuningConfig(method="full"))
     assert count_parameters(model)[0] == total
 
 

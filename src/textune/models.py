@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from textune.config import TuningConfig
 from textune.errors import TextuneError
 
 # transformers draws a progress bar for every weight load and save; textune's own output says enough.
@@ -121,11 +122,15 @@ def resolve_run_model(path: str | Path) -> tuple[Path, Path | None]:
     raise TextuneError(f"{path} is neither a textune run folder (with model/) nor a model folder (with config.json)")
 
 
-def apply_tuning(model: PreTrainedModel, method: str) -> None:
-    """`full`: everything trains. `head`: freeze the encoder; only the classification head trains."""
+def apply_tuning(model: PreTrainedModel, tuning: TuningConfig) -> PreTrainedModel:
+    """Choose what trains; return the model to train (PEFT methods wrap it).
+
+    `full`: everything trains. `head`: freeze the encoder; only the classification head trains.
+    """
+    method = tuning.method
     if method == "full":
         model.requires_grad_(True)
-        return
+        return model
     if method == "head":
         model.requires_grad_(False)
         head_names = ("classifier", "score", "pre_classifier", "classification_head")
@@ -135,7 +140,7 @@ def apply_tuning(model: PreTrainedModel, method: str) -> None:
                                f"of {head_names}; use tuning.method full")
         for n in trainable:
             getattr(model, n).requires_grad_(True)
-        return
+        return model
     raise TextuneError(f"tuning.method {method!r} is not supported here")
 
 

@@ -13,6 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -158,8 +159,13 @@ def train_step(model, batch, optimizer, scheduler, accelerator: Accelerator, max
     return loss.detach()
 
 
-def train(cfg: Config, overwrite: bool = False) -> Path:
-    """Fine-tune `cfg.model` on `cfg.data`; return the run folder. See the module docstring."""
+def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], None] | None = None) -> Path:
+    """Fine-tune `cfg.model` on `cfg.data`; return the run folder. See the module docstring.
+
+    Args:
+        on_evaluate: called with each evaluation record (step, epoch, eval_* metrics) as it is made;
+            a hyper-parameter search uses it to prune a trial by raising.
+    """
     t = cfg.train
     run = prepare_run_folder(cfg.output_dir, overwrite)
     precision, precision_note = choose_mixed_precision(t.mixed_precision, t.device)
@@ -180,7 +186,7 @@ def train(cfg: Config, overwrite: bool = False) -> Path:
     tokenized = tokenize_splits(data, tokenizer, cfg.model.max_length)
     stats = {split: length_stats(ds["length"], cfg.model.max_length) for split, ds in tokenized.items()}
     model = load_classifier(model_path, data.label_names, cfg.model.trust_remote_code)
-    apply_tuning(model, cfg.tuning.method)
+    model = apply_tuning(model, cfg.tuning)
     trainable, total = count_parameters(model)
 
     say(f"model      {cfg.model.name or model_path} ({type(model).__name__})")
@@ -254,6 +260,8 @@ def train(cfg: Config, overwrite: bool = False) -> Path:
             if (t.eval_steps and state.step % t.eval_steps == 0) or (not t.eval_steps and end_of_epoch) or done:
                 run_evaluation(model, eval_loader, data.label_names, accelerator, tokenizer, run, history, state,
                                t, epoch + (i + 1) / len(train_loader))
+                if on_evaluate is not None:
+                    on_evaluate(history.records[-1])
                 if state.stopped_early:
                     tqdm.write(f"early stopping: no {t.metric} improvement in {t.early_stopping_patience} evaluations")
             if done or state.stopped_early:
