@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # GPU users: `make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-deps bench clean
 
 install: $(VENV)/.installed
 
@@ -22,8 +22,21 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/textune train configs/rotten-tomatoes-minilm-full.yaml --overwrite
 
-test: install
+test: install test-deps
 	$(PY) -m pytest -q
+
+# Best effort, never fails the build: the report test screenshots the HTML report in headless Chromium
+# and skips itself when there is none. Installs it only as root with apt-get (CI containers).
+test-deps:
+	-@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium for the report screenshot test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "could not install chromium: the report screenshot test will be skipped"; \
+	  else \
+	    echo "chromium not found (installing it needs root and apt-get): the report screenshot test will be skipped"; \
+	  fi; \
+	fi
 
 bench: install
 	$(PY) benchmarks/bench_finetune.py

@@ -31,6 +31,7 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.config import config_help, load_config, parse_override_args
+    from textune.errors import TrainingInterrupted
     from textune.train import train
 
     if args.help_config:
@@ -38,8 +39,28 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     if args.config is None:
         raise _usage("textune train needs a CONFIG.yaml (see configs/)")
+    overrides = parse_override_args(extra)
+    if args.strict:
+        overrides["data.strict"] = True
+    cfg = load_config(args.config, overrides)
+    if args.resume and args.overwrite:
+        raise _usage("--resume continues a run and --overwrite replaces it: use one of them")
+    try:
+        train(cfg, overwrite=args.overwrite, resume=args.resume)
+    except TrainingInterrupted as e:  # name the user's own config in the command that resumes
+        raise TrainingInterrupted(str(e).replace("textune train CONFIG", f"textune train {args.config}")) from None
+    return 0
+
+
+def cmd_validate_data(args: argparse.Namespace, extra: list[str]) -> int:
+    from textune.config import load_config, parse_override_args
+    from textune.data import load_task_data
+    from textune.data_checks import check_task_data, enforce
+
     cfg = load_config(args.config, parse_override_args(extra))
-    train(cfg, overwrite=args.overwrite)
+    report = check_task_data(load_task_data(cfg.data, cfg.seed))
+    print(report.format())
+    enforce(report, args.strict or cfg.data.strict)
     return 0
 
 
@@ -116,7 +137,16 @@ def _run_columns(run_dir: Path | None) -> dict:
 def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.infer import Predictor, read_inputs, write_jsonl
 
-    predictor = Predictor(args.run_or_model, batch_size=args.batch_size)
+    if args.adapter is not None:
+        from textune.adapters import AdapterPredictor
+
+        predictor = AdapterPredictor(args.registry or "adapters", batch_size=args.batch_size)
+        predictor.check_base(args.run_or_model)
+        predictor.activate(args.adapter)
+    elif args.registry is not None:
+        raise _usage("--registry names where adapters are kept; add --adapter NAME to choose one")
+    else:
+        predictor = Predictor(args.run_or_model, batch_size=args.batch_size)
     cols = _run_columns(predictor.run_dir)
     texts, pairs = read_inputs(args.input, args.text_column or cols.get("text_column", "text"),
                                args.text_pair_column or cols.get("text_pair_column"))
@@ -158,6 +188,97 @@ def cmd_inspect(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace, extra: list[str]) -> int:
+    from textune.diagnose import diagnose_run, format_diagnosis
+
+    diagnosis = diagnose_run(args.run)
+    print(json.dumps(diagnosis.to_dict(), indent=2) if args.json else format_diagnosis(diagnosis))
+    return 0
+
+
+def cmd_curves(args: argparse.Namespace, extra: list[str]) -> int:
+    from textune.curves import save_curves
+
+    out = args.out or (Path(args.runs[0]) / "curves" if len(args.runs) == 1 else Path("curves"))
+    for path in save_curves(args.runs, out):
+        print(path)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
+    from textune.report import write_report
+
+    print(f"report written to {write_report(args.run, args.output)}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
+    from textune.config import load_config, parse_override_args
+    from textune.search import run_search
+
+    cfg = load_config(args.config, parse_override_args(extra))
+    run_search(cfg, args.trials, timeout=args.timeout, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    from textune.serve import ServeSettings, serve
+
+    token = None
+    if args.token_env is not None:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise _usage(f"--token-env {args.token_env}: that environment variable is not set or empty; "
+                         f"export {args.token_env}=<token> first")
+    settings = ServeSettings(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                             max_texts=args.max_texts, max_chars=args.max_chars,
+                             max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, token=token)
+    serve(args.run_or_model, settings, host=args.host, port=args.port, adapters=args.adapters, threads=args.threads)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
+    from textune.adapters import merge_adapter
+
+    out = merge_adapter(args.run, args.output, overwrite=args.overwrite)
+    print(f"merged model written to {out} (loads with transformers.pipeline('text-classification', '{out}'))")
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace, extra: list[str]) -> int:
+    from textune.adapters import AdapterRegistry
+
+    registry = AdapterRegistry(args.registry)
+    if args.action == "add":
+        name = registry.add(args.run, args.name, overwrite=args.overwrite)
+        entry = registry.entry(name)
+        print(f"added {name} ({entry['method']}, labels {', '.join(entry['labels'])}) to {registry.root}")
+    elif args.action == "remove":
+        registry.remove(args.name)
+        print(f"removed {args.name} from {registry.root}")
+    elif args.json:
+        print(json.dumps({**registry.index, "sizes": registry.sizes()}, indent=2))
+    else:
+        print(_format_registry(registry))
+    return 0
+
+
+def _format_registry(registry) -> str:
+    sizes = registry.sizes()
+    mb = lambda n: "n/a" if n is None else f"{n / 1e6:,.2f} MB"
+    base_weights = sizes["base"]["weights"]
+    lines = [f"registry {registry.root}: {len(registry.names())} adapter(s) on base {registry.base_model or '(none yet)'}",
+             f"base weights {mb(base_weights)} (folder {mb(sizes['base']['folder'])})"]
+    if registry.names():
+        lines.append(f"{'name':<20}{'method':<16}{'weights':>12}{'% of base':>11}{'folder':>12}  labels")
+    for name in registry.names():
+        e, sz = registry.entry(name), sizes["adapters"][name]
+        share = f"{sz['weights'] / base_weights:.2%}" if base_weights else "n/a"
+        lines.append(f"{name:<20}{e['method']:<16}{mb(sz['weights']):>12}{share:>11}{mb(sz['folder']):>12}  "
+                     f"{', '.join(e['labels'])}")
+    return "\n".join(lines)
+
+
 def _usage(msg: str):
     from textune.errors import TextuneError
 
@@ -168,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="textune", description="Fine-tune, evaluate and use pretrained Transformers on text.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     p.add_argument("--online", action="store_true", help="allow downloads from the Hugging Face Hub (off by default)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickle (*.bin) weights, read with torch.load(weights_only=True); default: safetensors only")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="fine-tune a model from a YAML config",
@@ -175,8 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "e.g. --train.lr 3e-5 --data.max_train_samples 1000.")
     t.add_argument("config", nargs="?", help="YAML config (see configs/)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    t.add_argument("--resume", nargs="?", const="latest", metavar="latest|CHECKPOINT",
+                   help="continue the run in output_dir from its newest checkpoint (or the one given)")
     t.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    t.add_argument("--strict", action="store_true", help="stop on data leakage or conflicting labels")
     t.set_defaults(func=cmd_train, allow_extra=True)
+
+    v = sub.add_parser("validate-data", help="check a config's data: empties, duplicates, leakage, conflicts, balance")
+    v.add_argument("config", help="YAML config whose data section is checked")
+    v.add_argument("--strict", action="store_true", help="exit non-zero on leakage or conflicting labels")
+    v.set_defaults(func=cmd_validate_data, allow_extra=True)
 
     e = sub.add_parser("evaluate", help="metrics of a run or model on a labelled file")
     e.add_argument("run_or_model", help="a run folder or a model folder")
@@ -195,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--text-column", help="column of texts in a data file (default: the run's, else 'text')")
     r.add_argument("--text-pair-column", help="column of second texts for pair tasks")
     r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--adapter", metavar="NAME", help="predict with this adapter of --registry on the base model "
+                                                     "RUN_OR_MODEL (or the base a run was trained on)")
+    r.add_argument("--registry", metavar="DIR", help="adapter registry folder (default with --adapter: adapters)")
     r.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("inspect", help="sizes of a model; tokens of a text")
@@ -203,6 +337,69 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--pair", help="second text of a pair (shows token_type_ids)")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("search", help="hyper-parameter search (Optuna) over the config's search.space",
+                       description="Run N trials, each a training run in OUTPUT_DIR/trial-N; the study is kept in "
+                                   "OUTPUT_DIR/search.db, so running the command again resumes it. Config overrides "
+                                   "work as for train (--train.epochs 2).")
+    s.add_argument("config", help="YAML config with a search: section (see configs/sst2-minilm-search.yaml)")
+    s.add_argument("--trials", type=int, required=True, help="finished trials wanted in total, earlier ones included")
+    s.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
+    s.add_argument("--overwrite", action="store_true", help="delete the search folder and start afresh")
+    s.set_defaults(func=cmd_search, allow_extra=True)
+
+    sv = sub.add_parser("serve", help="serve a classifier over HTTP (FastAPI; docs at /docs)")
+    sv.add_argument("run_or_model", help="a run folder or a model folder")
+    sv.add_argument("--adapters", metavar="REGISTRY", help="adapter registry folder; requests pick one by name")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch-size", type=int, default=32, help="texts per model call (micro-batch)")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    sv.add_argument("--max-texts", type=int, default=64, help="texts per request")
+    sv.add_argument("--max-chars", type=int, default=2000, help="characters per text")
+    sv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size")
+    sv.add_argument("--max-queue", type=int, default=1024, help="texts waiting before requests get 503")
+    sv.add_argument("--threads", type=int, help="CPU threads per model call (default: torch's, one per core); "
+                                                "fewer avoids oversubscription on a machine shared with other work")
+    sv.add_argument("--token-env", metavar="NAME", help="require 'Authorization: Bearer <token>', the token "
+                                                        "read from this environment variable")
+    sv.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("diagnose", help="verdict on a run's learning curves: healthy, overfitting, underfitting, ...")
+    d.add_argument("run", help="a run folder (reads history.jsonl and data_stats.json)")
+    d.add_argument("--json", action="store_true", help="print JSON")
+    d.set_defaults(func=cmd_diagnose)
+
+    c = sub.add_parser("curves", help="PNG learning curves (loss, validation metrics, lr) of one or more runs")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="run folders; several share each figure")
+    c.add_argument("--out", help="folder for loss.png, metrics.png, lr.png (default: RUN/curves for one run, "
+                                 "./curves for several)")
+    c.set_defaults(func=cmd_curves)
+
+    rp = sub.add_parser("report", help="write RUN/report.html: one self-contained page about a run")
+    rp.add_argument("run", help="a run folder")
+    rp.add_argument("--output", help="HTML file to write (default: RUN/report.html)")
+    rp.set_defaults(func=cmd_report)
+
+    mg = sub.add_parser("merge", help="fold a LoRA/IA3 run's adapter into its base: one plain transformers model")
+    mg.add_argument("run", help="a run folder (or model folder) holding an adapter")
+    mg.add_argument("--output", help="folder to write (default: RUN/merged)")
+    mg.add_argument("--overwrite", action="store_true", help="replace an existing merged model folder")
+    mg.set_defaults(func=cmd_merge)
+
+    ad = sub.add_parser("adapters", help="a registry of adapters trained on one base model: add, list, remove")
+    ad_sub = ad.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ad_add = ad_sub.add_parser("add", help="copy a PEFT run's adapter into the registry")
+    ad_add.add_argument("run", help="a run folder (or model folder) holding an adapter")
+    ad_add.add_argument("--name", help="the adapter's name (default: the run folder's name)")
+    ad_add.add_argument("--overwrite", action="store_true", help="replace an adapter of the same name")
+    ad_list = ad_sub.add_parser("list", help="the adapters, and their size on disk against the base model's")
+    ad_list.add_argument("--json", action="store_true", help="print JSON")
+    ad_rm = ad_sub.add_parser("remove", help="delete an adapter from the registry")
+    ad_rm.add_argument("name", help="the adapter to delete")
+    for a in (ad_add, ad_list, ad_rm):
+        a.add_argument("--registry", default="adapters", metavar="DIR", help="registry folder (default: adapters)")
+        a.set_defaults(func=cmd_adapters)
     return p
 
 
@@ -213,14 +410,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "batch_size", 1) is not None and getattr(args, "batch_size", 1) <= 0:
         parser.error("--batch-size must be a positive integer")
+    if args.allow_pickle:
+        os.environ["TEXTUNE_ALLOW_PICKLE"] = "1"
     if args.online:
         os.environ["HF_HUB_OFFLINE"] = "0"
         os.environ["HF_DATASETS_OFFLINE"] = "0"
     _quiet_libraries()
     from textune.errors import TextuneError
 
+    from textune.errors import TrainingInterrupted
+
     try:
         return args.func(args, extra)
+    except TrainingInterrupted as e:
+        print(f"textune: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except TextuneError as e:
         if args.debug:
             raise

@@ -47,11 +47,21 @@ class DataConfig:
     validation_split: float = _f(0.1, "share of training rows held out when no validation file is given")
     max_train_samples: int | None = _f(None, "use only the first N training rows (after shuffling with the seed)")
     max_eval_samples: int | None = _f(None, "use only the first N validation rows")
+    strict: bool = _f(False, "treat leakage (evaluation texts also in train) and conflicting labels as errors")
 
 
 @dataclass
 class TuningConfig:
-    method: Literal["full", "head"] = _f("full", "full: train every parameter; head: freeze the encoder, train the classifier")
+    method: Literal["full", "head", "lora", "prefix", "ia3"] = _f(
+        "full", "full: train every parameter; head: freeze the encoder, train the classifier; lora, prefix, ia3: "
+                "train a small PEFT adapter (and the classifier) on the frozen encoder, saved alone")
+    r: int = _f(8, "lora: rank of the low-rank update of each target layer")
+    alpha: float = _f(16.0, "lora: scale of the update, which is multiplied by alpha / r")
+    dropout: float = _f(0.1, "lora: dropout on the input of the low-rank update")
+    target_modules: list[str] | None = _f(
+        None, "lora, ia3: layers to adapt, by name (e.g. [query, value]); empty = the architecture's default "
+              "(query/value for BERT-family models, c_attn for GPT-2)")
+    num_virtual_tokens: int = _f(20, "prefix: learned key/value vectors prepended to every attention layer")
 
 
 @dataclass
@@ -62,6 +72,10 @@ class TrainConfig:
     eval_batch_size: int = _f(128, "examples per evaluation batch")
     gradient_accumulation_steps: int = _f(1, "micro-batches summed before each optimizer step")
     lr: float = _f(5e-5, "peak learning rate of AdamW")
+    layer_lr_decay: float | None = _f(
+        None, "layer-wise lr decay, e.g. 0.9: the top encoder layer trains at lr, each lower layer at this times "
+              "the one above, the embeddings lowest; empty = one lr for all")
+    head_lr: float | None = _f(None, "learning rate of the classification head; empty = train.lr")
     weight_decay: float = _f(0.01, "AdamW weight decay (never applied to biases and LayerNorm weights)")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
@@ -79,8 +93,32 @@ class TrainConfig:
     greater_is_better: bool = _f(True, "whether a larger metric value is better")
     early_stopping_patience: int | None = _f(None, "stop after N evaluations without improvement; empty = never")
     load_best_at_end: bool = _f(True, "save and report the best evaluated model, not the last one")
+    checkpoint_steps: int | None = _f(500, "write a resumable checkpoint every N optimizer steps (and at every evaluation)")
+    keep_last: int = _f(2, "how many checkpoints to keep; older ones are deleted")
+    skip_nonfinite_steps: int = _f(0, "skip up to N steps whose loss or gradient is NaN/inf before stopping the run")
     device: Literal["auto", "cpu", "cuda", "mps"] = _f("auto", "auto picks CUDA, then MPS, then CPU")
     num_workers: int = _f(0, "DataLoader worker processes (0: load in the training process)")
+
+
+SPACE_TYPES = {"uniform": ("low", "high", "step"), "loguniform": ("low", "high"),
+               "int": ("low", "high", "step", "log"), "categorical": ("choices",)}
+
+
+@dataclass
+class SearchConfig:
+    space: dict[str, dict] = _f({}, "keys `textune search` tries, e.g. train.lr: {type: loguniform, low: 1e-5, high: 1e-4}; "
+                                    "types: uniform/loguniform/int (low, high) and categorical (choices)")
+    metric: str | None = _f(None, "validation metric the search optimises (read from each trial's best checkpoint); empty = train.metric")
+    direction: Literal["maximize", "minimize"] | None = _f(None, "empty = minimize for loss, maximize for the others")
+    pruner: Literal["median", "none"] = _f("median", "median: stop a trial whose evaluation is worse than the median of earlier trials at that evaluation")
+    startup_trials: int = _f(2, "trials that always run to the end before pruning starts")
+    warmup_evals: int = _f(0, "evaluations every trial gets before it can be pruned")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = _f(False, "also write losses, lr and eval metrics to RUN/tensorboard for TensorBoard "
+                                  "(needs: pip install 'textune[tensorboard]')")
 
 
 @dataclass
@@ -91,6 +129,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -238,6 +278,11 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any, str]:
             return False, value, f"a list of {inner.__name__}"
         items = [_coerce(v, inner) for v in value]
         return all(ok for ok, _, _ in items), [v for _, v, _ in items], f"a list of {inner.__name__}"
+    if origin is dict or tp is dict:
+        # Only str keys are used (search.space); the values' contents are checked where they are used.
+        key_tp, value_tp = typing.get_args(tp) or (str, dict)
+        ok = isinstance(value, dict) and all(isinstance(k, key_tp) and isinstance(v, value_tp) for k, v in value.items())
+        return ok, dict(value) if ok else value, f"a mapping of {key_tp.__name__} to {value_tp.__name__}"
     if tp is bool:
         return isinstance(value, bool), value, "true or false"
     if tp is int:
@@ -274,8 +319,19 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
         problems.append(f"train.weight_decay: must be 0 or more, got {t.weight_decay}")
     if t.max_grad_norm is not None and t.max_grad_norm <= 0:
         problems.append(f"train.max_grad_norm: must be greater than 0 or empty, got {t.max_grad_norm}")
+    if t.keep_last < 1:
+        problems.append(f"train.keep_last: must be 1 or more, got {t.keep_last}")
+    if t.skip_nonfinite_steps < 0:
+        problems.append(f"train.skip_nonfinite_steps: must be 0 or more, got {t.skip_nonfinite_steps}")
+    if t.checkpoint_steps is not None and t.checkpoint_steps <= 0:
+        problems.append(f"train.checkpoint_steps: must be greater than 0 or empty, got {t.checkpoint_steps}")
     if t.num_workers < 0:
         problems.append(f"train.num_workers: must be 0 or more, got {t.num_workers}")
+    if t.layer_lr_decay is not None and not 0 < t.layer_lr_decay <= 1:
+        problems.append(f"train.layer_lr_decay: must be in (0, 1] or empty, got {t.layer_lr_decay}")
+    if t.head_lr is not None and t.head_lr <= 0:
+        problems.append(f"train.head_lr: must be greater than 0 or empty, got {t.head_lr}")
+    _check_tuning(cfg.tuning, problems)
     if not 0 < d.validation_split < 1:
         problems.append(f"data.validation_split: must be between 0 and 1, got {d.validation_split}")
     if t.metric not in METRICS:
@@ -288,6 +344,121 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
         problems.append("data.train: no training data; set data.train to a file or data.name to a named data set")
     if m.max_length > 8192:
         problems.append(f"model.max_length: {m.max_length} is beyond any supported encoder; use 512 or less for BERT-family models")
+    import importlib.util
+
+    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        problems.append("logging.tensorboard: true needs the tensorboard package, which is not installed; "
+                        "pip install 'textune[tensorboard]' or set it to false")
+    _check_search(cfg, problems)
+
+
+def _check_tuning(tu: TuningConfig, problems: list[str]) -> None:
+    """PEFT settings: positive sizes, a dropout probability, target layers only where a method has them."""
+    if tu.r < 1:
+        problems.append(f"tuning.r: must be 1 or more, got {tu.r}")
+    if tu.alpha <= 0:
+        problems.append(f"tuning.alpha: must be greater than 0, got {tu.alpha}")
+    if not 0 <= tu.dropout < 1:
+        problems.append(f"tuning.dropout: must be in [0, 1), got {tu.dropout}")
+    if tu.num_virtual_tokens < 1:
+        problems.append(f"tuning.num_virtual_tokens: must be 1 or more, got {tu.num_virtual_tokens}")
+    if tu.target_modules is not None:
+        if not tu.target_modules:
+            problems.append("tuning.target_modules: the list is empty; name layers (e.g. [query, value]) or leave "
+                            "it out for the architecture's default")
+        if tu.method not in ("lora", "ia3"):
+            problems.append(f"tuning.target_modules: only lora and ia3 adapt named layers, but tuning.method is "
+                            f"{tu.method}; remove it or choose one of those methods")
+
+
+def _check_search(cfg: Config, problems: list[str]) -> None:
+    """The search section: metric, direction and every entry of the space (key path, type, bounds, choices)."""
+    s = cfg.search
+    if s.metric is not None and s.metric not in METRICS:
+        problems.append(f"search.metric: {s.metric!r} is not a metric; choose one of {', '.join(METRICS)}")
+    if (s.metric or cfg.train.metric) == "loss" and s.direction == "maximize":
+        problems.append("search.direction: must be minimize (or empty) when the search metric is loss")
+    for key, value in {"search.startup_trials": s.startup_trials, "search.warmup_evals": s.warmup_evals}.items():
+        if value < 0:
+            problems.append(f"{key}: must be 0 or more, got {value}")
+    for key, spec in s.space.items():
+        where = f"search.space.{key}"
+        tp = _searchable_type(key, where, problems)
+        if tp is None:
+            continue
+        kind = spec.get("type")
+        if kind not in SPACE_TYPES:
+            problems.append(f"{where}.type: expected one of {', '.join(SPACE_TYPES)}, got {kind!r}")
+            continue
+        unknown = sorted(set(spec) - {"type", *SPACE_TYPES[kind]})
+        if unknown:
+            problems.append(f"{where}: unknown entries {unknown} for type {kind}; allowed: {', '.join(SPACE_TYPES[kind])}")
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices:
+                problems.append(f"{where}.choices: expected a non-empty list of values, got {choices!r}")
+                continue
+            for c in choices:
+                ok, _, expected = _coerce(c, tp)
+                if not ok or not (c is None or isinstance(c, (str, int, float, bool))):
+                    problems.append(f"{where}.choices: {key} expects {expected or 'a single value'}, got {c!r}")
+            continue
+        low, high = spec.get("low"), spec.get("high")
+        number = int if kind == "int" else (int, float)
+        if not all(isinstance(v, number) and not isinstance(v, bool) for v in (low, high)):
+            what = "integers" if kind == "int" else "numbers"
+            problems.append(f"{where}: type {kind} needs low and high {what}, got low={low!r}, high={high!r}")
+            continue
+        if not low < high:
+            problems.append(f"{where}: low must be below high, got low={low}, high={high}")
+        if kind == "loguniform" and low <= 0:
+            problems.append(f"{where}: loguniform needs low > 0, got {low}")
+        ok, _, expected = _coerce(low if kind == "int" else float(low), tp)
+        if not ok:
+            hint = "; use type int" if "integer" in expected else "; use type categorical"
+            problems.append(f"{where}: {key} expects {expected}, which type {kind} does not give{hint}")
+
+
+def _searchable_type(key: str, where: str, problems: list[str]) -> Any:
+    """The annotation of the config field `key` names (e.g. train.lr -> float), or None after noting the problem."""
+    if key == "output_dir" or key.split(".")[0] == "search":
+        problems.append(f"{where}: {key} cannot be searched (each trial sets its own output_dir)")
+        return None
+    cls: Any = Config
+    for i, part in enumerate(key.split(".")):
+        if not dataclasses.is_dataclass(cls):
+            problems.append(f"{where}: {'.'.join(key.split('.')[:i])} is a single key, not a section")
+            return None
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            prefix = ".".join(key.split(".")[:i] + [""])
+            close = difflib.get_close_matches(ALIASES.get(part, part), names, n=2, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else f"; known keys: {', '.join(prefix + n for n in names)}"
+            problems.append(f"{where}: no config key {key}{hint}")
+            return None
+        cls = typing.get_type_hints(cls)[part]
+    if dataclasses.is_dataclass(cls):
+        problems.append(f"{where}: {key} is a section; name one of its keys, e.g. {key}.{dataclasses.fields(cls)[0].name}")
+        return None
+    return cls
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A copy of `cfg` with dotted overrides (`{"train.lr": 3e-5}`) applied and validated like `load_config`.
+
+    Raises:
+        ConfigError: unknown keys or wrong types/values (all listed at once).
+    """
+    raw = cfg.to_dict()
+    problems: list[str] = []
+    for key, value in overrides.items():
+        _set_dotted(raw, key, value, problems)
+    out = _build(Config, raw, "", problems)
+    if not problems:
+        _check_values(out, problems)
+    if problems:
+        raise ConfigError(problems)
+    return out
 
 
 def config_help() -> str:

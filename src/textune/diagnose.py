@@ -1,0 +1,315 @@
+"""Diagnose a run from its learning curves: healthy, overfitting, underfitting, unstable or diverged.
+
+Works on RUN/history.jsonl alone (plus, optionally, the label counts from RUN/data_stats.json), so it
+needs no torch and runs on a finished, a running or a copied run folder. Rules are checked from the
+most to the least severe; the first that fires is the verdict, and every rule that could not be judged
+for lack of points says so in the evidence.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from textune.errors import TextuneError
+
+VERDICTS = ("healthy", "overfitting", "underfitting", "unstable", "diverged", "inconclusive")
+
+# Fewer logged training losses than this show neither a trend nor a spike (one point is a number,
+# two are a line); below it, and with fewer than MIN_EVALS evaluations, the verdict is "inconclusive".
+MIN_TRAIN_POINTS = 3
+# One evaluation says where validation ended, not where it went; trends need at least two.
+MIN_EVALS = 2
+# The loss "now" is the median of the last few logged values: one noisy window (the last one is often
+# a short remainder of a logging interval) must not decide the verdict.
+LATE_WINDOW = 3
+
+# Diverged: a late training loss this many times its starting value. A classifier's starting loss is
+# about ln(K) (chance); three times that means it is confidently wrong, which noise never produces.
+DIVERGENCE_FACTOR = 3.0
+# Diverged (collapse): the loss first fell below this share of its start, then climbed back to at
+# least COLLAPSE_RETURN_SHARE of it. Too high a learning rate often collapses a fine-tuned encoder to
+# predicting one class, whose loss is the starting loss again, not an explosion.
+COLLAPSE_LOW_SHARE = 0.6
+COLLAPSE_RETURN_SHARE = 0.9
+
+# Unstable: a spike is a logged loss above the median of the SPIKE_WINDOW values before it by more than
+# SPIKE_RISE_SHARE of the starting loss. Logged losses are means over `train.logging_steps` batches, so
+# ordinary batch noise moves them by a few percent of the start; a quarter of the start is a real jump.
+SPIKE_WINDOW = 5
+SPIKE_RISE_SHARE = 0.25
+# One spike can be a single odd batch the run recovered from; two or more mean the optimizer is too hot.
+UNSTABLE_MIN_SPIKES = 2
+# Unstable (swings): the median step-to-step change after the first quarter of training (the steep
+# early fall is expected) as a share of the starting loss. Healthy fine-tuning runs sit near 0.05.
+SWING_SHARE = 0.15
+
+# Overfitting: validation loss above its minimum for this many evaluations in a row, up to the last one,
+# while training loss keeps falling. One higher evaluation is noise; two in a row is a trend
+# (the same patience early stopping would need).
+OVERFIT_PATIENCE = 2
+# ... each higher than the minimum by at least this share, so a flat validation curve is not "rising".
+OVERFIT_MIN_RISE = 0.02
+
+# Underfitting: a loss that is still at least this share of the loss of a model that ignores the text
+# (the entropy of the label frequencies, or without them the starting loss) has learnt little.
+UNDERFIT_LOSS_SHARE = 0.8
+# Underfitting: best validation accuracy within this margin of always predicting the majority class.
+UNDERFIT_ACCURACY_MARGIN = 0.03
+
+# Healthy but noted: a validation loss this much above the training loss is a large generalisation gap.
+LARGE_GAP = 0.3
+# "Levelled off": the median training loss of the last quarter of logged points is below that of the
+# quarter before by less than this share of the start (medians ignore single noisy points); a bigger
+# fall means the run was stopped while still learning.
+LEVEL_OFF_SHARE = 0.05
+
+
+@dataclass
+class Diagnosis:
+    """What the curves say: a verdict, the numbers behind it, and what to try next."""
+
+    verdict: str
+    evidence: list[str] = field(default_factory=list)
+    remedies: list[str] = field(default_factory=list)
+    best_epoch: float | None = None  # of the lowest validation loss
+    best_step: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"verdict": self.verdict, "evidence": self.evidence, "remedies": self.remedies,
+                "best_epoch": self.best_epoch, "best_step": self.best_step}
+
+
+def diagnose_curves(history_records: list[dict], label_counts: dict[str, int] | None = None) -> Diagnosis:
+    """Judge a run from its history records (the lines of RUN/history.jsonl).
+
+    Args:
+        history_records: dicts with `type` "train" (`step`, `epoch`, `loss`, `lr`) or "eval"
+            (`step`, `epoch`, `eval_loss`, `eval_accuracy`, ...), in the order they were logged.
+        label_counts: validation label counts `{name: count}`; they give the majority-class accuracy and
+            the loss of a model that ignores the text. Without them the starting loss stands in.
+
+    Returns:
+        A `Diagnosis`. Its verdict is one of VERDICTS; "inconclusive" when there are too few points.
+    """
+    train = [r for r in history_records if r.get("type") == "train" and r.get("loss") is not None]
+    evals = [r for r in history_records if r.get("type") == "eval" and r.get("eval_loss") is not None]
+    losses = [float(r["loss"]) for r in train]
+    eval_losses = [float(r["eval_loss"]) for r in evals]
+    d = Diagnosis("healthy")
+    if evals:
+        best = min(range(len(evals)), key=lambda i: eval_losses[i] if math.isfinite(eval_losses[i]) else math.inf)
+        d.best_step, d.best_epoch = evals[best].get("step"), evals[best].get("epoch")
+
+    if _diverged(train, losses, evals, eval_losses, d):
+        return d
+    if len(losses) < MIN_TRAIN_POINTS and len(evals) < MIN_EVALS:
+        d.verdict = "inconclusive"
+        d.evidence.append(f"only {len(losses)} training-loss point(s) and {len(evals)} evaluation(s): too few to "
+                          f"judge (need {MIN_TRAIN_POINTS} and {MIN_EVALS})")
+        d.remedies.append("log and evaluate more often: lower train.logging_steps, set train.eval_steps")
+        return d
+    if len(losses) < MIN_TRAIN_POINTS:
+        d.evidence.append(f"only {len(losses)} training-loss point(s): spikes and swings not judged")
+    elif _unstable(train, losses, d):
+        return d
+    if len(evals) < MIN_EVALS:
+        d.evidence.append(f"only {len(evals)} evaluation(s): overfitting cannot be judged "
+                          "(set train.eval_steps to evaluate during an epoch)")
+    elif _overfitting(train, evals, eval_losses, d):
+        return d
+    if _underfitting(losses, evals, eval_losses, label_counts, d):
+        return d
+    _healthy(losses, evals, eval_losses, d)
+    return d
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def _late(values: list[float]) -> float:
+    return _median(values[-LATE_WINDOW:])
+
+
+def _diverged(train, losses, evals, eval_losses, d: Diagnosis) -> bool:
+    bad_train = [r["step"] for r, v in zip(train, losses) if not math.isfinite(v)]
+    bad_eval = [r["step"] for r, v in zip(evals, eval_losses) if not math.isfinite(v)]
+    if bad_train or bad_eval:
+        where = bad_train[0] if bad_train else bad_eval[0]
+        kind = "training" if bad_train else "validation"
+        d.evidence.append(f"{kind} loss is not a finite number (nan/inf) from step {where}")
+    elif len(losses) >= 2 and _late(losses) > DIVERGENCE_FACTOR * losses[0]:
+        d.evidence.append(f"training loss exploded: {_late(losses):.3g} at the end, {_late(losses) / losses[0]:.1f}x "
+                          f"its start ({losses[0]:.3g})")
+    elif len(losses) >= MIN_TRAIN_POINTS and min(losses) < COLLAPSE_LOW_SHARE * losses[0] \
+            and _late(losses) >= COLLAPSE_RETURN_SHARE * losses[0]:
+        low = min(range(len(losses)), key=losses.__getitem__)
+        d.evidence.append(f"training loss fell to {losses[low]:.3g} (step {train[low]['step']}) and climbed back to "
+                          f"{_late(losses):.3g}, its starting level: the model collapsed (often to one class)")
+    else:
+        return False
+    d.verdict = "diverged"
+    d.remedies += ["lower the learning rate (train.lr), e.g. by 3-10x",
+                   "warm up for longer (train.warmup_ratio 0.1)",
+                   "clip gradients (train.max_grad_norm 1.0)",
+                   "with fp16, use bf16 or no mixed precision (train.mixed_precision)"]
+    return True
+
+
+def _unstable(train, losses, d: Diagnosis) -> bool:
+    start = losses[0]
+    spikes = []
+    for i in range(1, len(losses)):
+        if losses[i] - _median(losses[max(0, i - SPIKE_WINDOW):i]) > SPIKE_RISE_SHARE * start:
+            spikes.append(i)
+    tail = losses[len(losses) // 4:]
+    moves = [abs(b - a) for a, b in zip(tail, tail[1:])]
+    swing = _median(moves) / start if moves and start > 0 else 0.0
+    if len(spikes) < UNSTABLE_MIN_SPIKES and swing <= SWING_SHARE:
+        if spikes:
+            d.evidence.append(f"one loss spike at step {train[spikes[0]]['step']}, recovered from")
+        return False
+    d.verdict = "unstable"
+    if len(spikes) >= UNSTABLE_MIN_SPIKES:
+        steps = ", ".join(str(train[i]["step"]) for i in spikes[:5]) + (" ..." if len(spikes) > 5 else "")
+        d.evidence.append(f"{len(spikes)} training-loss spikes (rises of more than {SPIKE_RISE_SHARE:.0%} of the "
+                          f"starting loss) at steps {steps}")
+    if swing > SWING_SHARE:
+        d.evidence.append(f"training loss swings by {swing:.0%} of its starting value from one logged point to "
+                          f"the next (median; healthy runs: about 5%)")
+    d.remedies += ["lower the learning rate (train.lr)",
+                   "warm up for longer (train.warmup_ratio 0.1) and clip gradients (train.max_grad_norm 1.0)",
+                   "use larger batches (train.batch_size or train.gradient_accumulation_steps)"]
+    return True
+
+
+def _overfitting(train, evals, eval_losses, d: Diagnosis) -> bool:
+    best = min(range(len(eval_losses)), key=eval_losses.__getitem__)
+    after = eval_losses[best + 1:]
+    floor = eval_losses[best] * (1 + OVERFIT_MIN_RISE)
+    if len(after) < OVERFIT_PATIENCE or not all(v > floor for v in after[-OVERFIT_PATIENCE:]) \
+            or not all(v > eval_losses[best] for v in after):
+        return False
+    best_step = evals[best]["step"]
+    at_best = [float(r["loss"]) for r in train if r["step"] <= best_step]
+    later = [float(r["loss"]) for r in train if r["step"] > best_step]
+    if not at_best or not later or _late(later) >= _late(at_best):
+        return False  # validation got worse but training did not get better: not the overfitting shape
+    d.verdict = "overfitting"
+    epoch = evals[best].get("epoch")
+    d.evidence.append(f"validation loss was lowest at epoch {epoch:g} (step {best_step}, {eval_losses[best]:.4f}) and "
+                      f"rose over the {len(after)} evaluation(s) after it, to {eval_losses[-1]:.4f}")
+    d.evidence.append(f"training loss kept falling meanwhile: {_late(at_best):.4f} -> {_late(later):.4f}")
+    accs = [r.get("eval_accuracy") for r in evals]
+    if all(a is not None for a in accs):
+        d.evidence.append(f"validation accuracy at the best-loss epoch {accs[best]:.4f}, at the end {accs[-1]:.4f}")
+    d.remedies += [f"stop at epoch {epoch:g}: train.epochs {max(1, math.ceil(epoch))}, or early stopping "
+                   f"(train.early_stopping_patience {OVERFIT_PATIENCE}, train.load_best_at_end true)",
+                   "regularise: more weight decay (train.weight_decay 0.05-0.1) or more dropout "
+                   "(hidden_dropout_prob in the model's config.json)",
+                   "more training data, or fewer epochs / a lower learning rate"]
+    return True
+
+
+def _underfitting(losses, evals, eval_losses, label_counts, d: Diagnosis) -> bool:
+    total = sum(label_counts.values()) if label_counts else 0
+    if total:
+        shares = [c / total for c in label_counts.values() if c]
+        reference = -sum(p * math.log(p) for p in shares)  # entropy of the labels: the loss of ignoring the text
+        what = "the loss of predicting the label frequencies"
+    else:
+        reference = losses[0] if losses else None
+        what = "the starting loss"
+    findings = []
+    if reference and losses and len(losses) >= 2 and _late(losses) >= UNDERFIT_LOSS_SHARE * reference:
+        if not evals or eval_losses[-1] >= UNDERFIT_LOSS_SHARE * reference:
+            findings.append(f"training loss {_late(losses):.4f}"
+                            + (f" and validation loss {eval_losses[-1]:.4f}" if evals else "")
+                            + f" are still {_late(losses) / reference:.0%} of {reference:.4f}, {what}")
+    accs = [r["eval_accuracy"] for r in evals if r.get("eval_accuracy") is not None]
+    if total and accs:
+        majority = max(label_counts.values()) / total
+        if max(accs) - majority < UNDERFIT_ACCURACY_MARGIN:
+            findings.append(f"best validation accuracy {max(accs):.4f} is within {UNDERFIT_ACCURACY_MARGIN:.0%} of "
+                            f"always predicting the majority class ({majority:.4f})")
+    if not findings:
+        return False
+    d.verdict = "underfitting"
+    d.evidence += findings
+    d.remedies += ["train longer (train.epochs)",
+                   "raise the learning rate (train.lr, e.g. 2-3x)",
+                   "with tuning.method head, train the full model (tuning.method full)",
+                   "use a bigger model (model.name), or a longer model.max_length if texts are truncated"]
+    return True
+
+
+def _healthy(losses, evals, eval_losses, d: Diagnosis) -> None:
+    d.verdict = "healthy"
+    if len(losses) >= 2:
+        d.evidence.append(f"training loss fell from {losses[0]:.4f} to {_late(losses):.4f}")
+    if evals:
+        d.evidence.append(f"validation loss lowest at epoch {d.best_epoch:g} (step {d.best_step}): "
+                          f"{min(eval_losses):.4f}; last {eval_losses[-1]:.4f}")
+    if len(losses) >= 4:
+        q = len(losses) // 4
+        fall = (_median(losses[-2 * q:-q]) - _median(losses[-q:])) / losses[0]
+        if fall > LEVEL_OFF_SHARE:
+            d.evidence.append(f"training loss was still falling at the end (by {fall:.0%} of its start in the "
+                              "last quarter of the run)")
+            d.remedies.append("more epochs may still help (train.epochs)")
+        else:
+            d.evidence.append("training loss levelled off")
+    if evals and losses:
+        gap = eval_losses[-1] - _late(losses)
+        d.evidence.append(f"validation - training loss gap {gap:+.4f}")
+        if gap > LARGE_GAP:
+            d.remedies.append("the gap is large: watch for overfitting (weight decay, early stopping)")
+
+
+# ---------------------------------------------------------------- run folders and printing
+
+
+def load_history(run_dir: str | Path) -> list[dict]:
+    """The records of RUN/history.jsonl. Raises `TextuneError` if there is no such file."""
+    path = Path(run_dir) / "history.jsonl"
+    if not path.is_file():
+        raise TextuneError(f"{run_dir} has no history.jsonl; pass a run folder written by `textune train`")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            # A run killed mid-write leaves a half line at the end; anything earlier is corruption.
+            if n < len(lines):
+                raise TextuneError(f"{path} line {n} is not JSON; was the file edited by hand?") from None
+    return records
+
+
+def run_label_counts(run_dir: str | Path) -> dict[str, int] | None:
+    """Validation (else training) label counts from RUN/data_stats.json, or None."""
+    path = Path(run_dir) / "data_stats.json"
+    if not path.is_file():
+        return None
+    counts = json.loads(path.read_text(encoding="utf-8")).get("label_counts") or {}
+    return counts.get("validation") or counts.get("train")
+
+
+def diagnose_run(run_dir: str | Path) -> Diagnosis:
+    return diagnose_curves(load_history(run_dir), run_label_counts(run_dir))
+
+
+def format_diagnosis(d: Diagnosis) -> str:
+    """A few lines for the terminal: the verdict, its evidence and what to try."""
+    lines = [f"diagnosis  {d.verdict}"]
+    lines += [f"  - {e}" for e in d.evidence]
+    if d.remedies:
+        lines.append("  try:")
+        lines += [f"  - {r}" for r in d.remedies]
+    return "\n".join(lines)

@@ -1,0 +1,386 @@
+"""Serve a fine-tuned classifier over HTTP: a FastAPI app under uvicorn, with micro-batching.
+
+Requests that arrive together are merged into one model call (up to `max_batch_size` texts, waiting at
+most `max_wait_ms` for company), which runs in one worker thread so the event loop keeps accepting
+requests; each caller gets its own results, in its input order. Limits keep one client from exhausting
+the server: texts per request, characters per text, body size, and a bound on texts waiting, beyond
+which the server answers 503 instead of queueing without end. Errors are JSON:
+`{"error": {"status": 413, "message": "..."}}`.
+
+Endpoints: POST /v1/classify, GET /v1/models, GET /health, GET /metrics (Prometheus), docs at /docs.
+With `--adapters REGISTRY` (see `textune adapters`) a request may name an adapter: the registry's adapters
+share one loaded base model and are switched between model calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from textune.errors import TextuneError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeSettings:
+    """Batching and limits of one server (the `textune serve` flags of the same names)."""
+
+    max_batch_size: int = 32  # texts per model call
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
+    max_texts: int = 64  # texts per request
+    max_chars: int = 2000  # characters per text
+    max_body_bytes: int = 1_000_000  # request body size
+    max_queue: int = 1024  # texts accepted and not yet answered; more gets 503
+    token: str | None = None  # bearer token required on /v1/* and /metrics; None = open
+
+    def __post_init__(self) -> None:
+        problems = [f"--{k.replace('_', '-')} must be greater than 0, got {v}" for k, v in vars(self).items()
+                    if k != "token" and v <= 0 and not (k == "max_wait_ms" and v == 0)]
+        if self.max_queue < self.max_texts:
+            problems.append(f"--max-queue ({self.max_queue}) must be at least --max-texts ({self.max_texts}), "
+                            f"or a full-size request could never be accepted")
+        if problems:
+            raise TextuneError("; ".join(problems))
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] = Field(min_length=1, description="texts to classify", examples=[["a great film"]])
+    text_pairs: list[str] | None = Field(None, description="second texts of a sentence-pair task, one per text")
+    adapter: str | None = Field(None, description="adapter of the registry to use; empty = the base model")
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float = Field(description="probability of the predicted label")
+    probabilities: dict[str, float]
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    adapter: str | None
+    results: list[Prediction] = Field(description="one per input text, in the input order")
+
+
+class ErrorBody(BaseModel):
+    status: int
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Metrics:
+    """Prometheus metrics of one app, in a registry of its own (several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+        self.requests = Counter("textune_requests", "HTTP requests by path and status", ["path", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("textune_request_seconds", "request latency in seconds", ["path"],
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=self.registry)
+        self.batch_texts = Histogram("textune_batch_texts", "texts per model call", buckets=sizes,
+                                     registry=self.registry)
+        self.batch_requests = Histogram("textune_batch_requests", "requests merged into one model call",
+                                        buckets=sizes, registry=self.registry)
+        self.model_seconds = Histogram("textune_model_seconds", "seconds per model call",
+                                       buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5), registry=self.registry)
+        self.queue = Gauge("textune_queue_texts", "texts accepted and not yet answered", registry=self.registry)
+
+
+@dataclass
+class _Job:
+    texts: list[str]
+    pairs: list[str] | None
+    adapter: str | None
+    future: asyncio.Future
+
+
+class MicroBatcher:
+    """Merges concurrent requests into model calls, run one at a time in a worker thread.
+
+    `predict(texts, pairs, adapter) -> list[dict]` is the model. A batch starts with the oldest waiting
+    request and takes more until it holds `max_batch_size` texts or `max_wait_ms` has passed; one request
+    larger than that is a batch of its own (the predictor splits it). Requests for different adapters, or
+    with and without text pairs, share a wait but not a model call.
+    """
+
+    def __init__(self, predict: Callable[[list[str], list[str] | None, str | None], list[dict]],
+                 settings: ServeSettings, metrics: Metrics):
+        self.predict = predict
+        self.settings = settings
+        self.metrics = metrics
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.arrived = asyncio.Event()
+        self.pending = 0
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="textune-model")
+
+    async def submit(self, texts: list[str], pairs: list[str] | None, adapter: str | None) -> list[dict]:
+        """Results for `texts`, in order. Raises QueueFull when accepting them would pass `max_queue`."""
+        if self.pending + len(texts) > self.settings.max_queue:
+            raise QueueFull
+        self.pending += len(texts)
+        self.metrics.queue.set(self.pending)
+        job = _Job(texts, pairs, adapter, asyncio.get_running_loop().create_future())
+        self.queue.put_nowait(job)
+        self.arrived.set()
+        try:
+            return await job.future
+        finally:
+            self.pending -= len(texts)
+            self.metrics.queue.set(self.pending)
+
+    async def run(self) -> None:
+        """The batching loop; runs as a task for the life of the app."""
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self.queue.get()]
+            size = len(jobs[0].texts)
+            deadline = loop.time() + self.settings.max_wait_ms / 1000
+            while size < self.settings.max_batch_size:
+                if self.queue.empty():
+                    # Wait on an event, not on queue.get(): a timed-out get can drop an item on Python 3.10.
+                    self.arrived.clear()
+                    try:
+                        await asyncio.wait_for(self.arrived.wait(), deadline - loop.time())
+                    except asyncio.TimeoutError:
+                        break
+                    continue
+                jobs.append(self.queue.get_nowait())
+                size += len(jobs[-1].texts)
+            groups: dict[tuple, list[_Job]] = {}
+            for job in jobs:
+                groups.setdefault((job.adapter, job.pairs is not None), []).append(job)
+            for (adapter, _), group in groups.items():
+                await self._call_model(loop, group, adapter)
+
+    async def _call_model(self, loop: asyncio.AbstractEventLoop, group: list[_Job], adapter: str | None) -> None:
+        group = [j for j in group if not j.future.done()]  # a caller that went away needs no answer
+        if not group:
+            return
+        texts = [t for j in group for t in j.texts]
+        pairs = [p for j in group for p in j.pairs] if group[0].pairs is not None else None
+        self.metrics.batch_texts.observe(len(texts))
+        self.metrics.batch_requests.observe(len(group))
+        start = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self.executor, self.predict, texts, pairs, adapter)
+        except Exception as e:  # noqa: BLE001 - handed to each caller, who answers 500 (or 400 for a TextuneError)
+            for j in group:
+                if not j.future.done():
+                    j.future.set_exception(e)
+            return
+        finally:
+            self.metrics.model_seconds.observe(time.perf_counter() - start)
+        i = 0
+        for j in group:
+            if not j.future.done():
+                j.future.set_result(results[i:i + len(j.texts)])
+            i += len(j.texts)
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"status": status, "message": message}}, status_code=status, headers=headers)
+
+
+def create_app(predictor, settings: ServeSettings, model_name: str, adapters=None) -> FastAPI:
+    """The FastAPI app serving `predictor` (an `infer.Predictor`, or anything with its `predict` and
+    `label_names`) to requests without an adapter, and `adapters` (an `adapters.AdapterPredictor`, or None)
+    to requests that name one."""
+    metrics = Metrics()
+
+    def predict(texts: list[str], pairs: list[str] | None, adapter: str | None) -> list[dict]:
+        # Runs in the one worker thread, so switching the active adapter never races a running batch.
+        if adapter is None:
+            return predictor.predict(texts, pairs)
+        return adapters.predict(texts, pairs, adapter=adapter)
+
+    batcher = MicroBatcher(predict, settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(batcher.run())
+        yield
+        task.cancel()
+        batcher.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="textune", version="1", lifespan=lifespan,
+                  description=f"Text classification with `{model_name}`. Errors: "
+                              "`{\"error\": {\"status\": ..., \"message\": ...}}`.")
+    bearer = HTTPBearer(auto_error=False, description="the token named by `textune serve --token-env`")
+
+    def check_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if settings.token is None:
+            return
+        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), settings.token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token: send the header 'Authorization: Bearer <token>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code in (404, 405) and exc.detail in ("Not Found", "Method Not Allowed"):  # routing, not ours
+            return _error(exc.status_code, f"no endpoint {request.method} {request.url.path}; the API is listed "
+                                           f"at /docs", exc.headers)
+        return _error(exc.status_code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the caller's mistake: uvicorn logs the traceback; the caller still gets JSON.
+        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e["type"] == "json_invalid" for e in errors):
+            return _error(400, "the request body is not valid JSON")
+        parts = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in errors]
+        return _error(422, "; ".join(parts))
+
+    known_paths: set[str] = set()
+
+    @app.middleware("http")
+    async def limits_and_metrics(request: Request, call_next):
+        start = time.perf_counter()
+        status = 500  # unless a response says otherwise: an exception passes through here to the 500 handler
+        try:
+            length = request.headers.get("content-length")
+            if request.method == "POST" and length is None:
+                # The size limit is checked before the body is read; every ordinary client sends the length.
+                response = _error(411, "send a Content-Length header (chunked request bodies are not accepted)")
+            elif request.method == "POST" and (not length.isdigit() or int(length) > settings.max_body_bytes):
+                response = _error(413, f"request body of {length} bytes is over the limit of "
+                                       f"{settings.max_body_bytes} bytes; send fewer or shorter texts per request")
+            else:
+                response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            if not known_paths:
+                known_paths.update(r.path for r in app.routes)
+            path = request.url.path if request.url.path in known_paths else "other"  # bounded label values
+            metrics.requests.labels(path, str(status)).inc()
+            metrics.latency.labels(path).observe(time.perf_counter() - start)
+
+    errors = {s: {"model": ErrorResponse} for s in (400, 401, 411, 413, 422, 503)}
+
+    @app.post("/v1/classify", response_model=ClassifyResponse, responses=errors, dependencies=[Depends(check_token)])
+    async def classify(req: ClassifyRequest) -> dict:
+        """Labels, scores and probabilities of each text, in the input order."""
+        n = len(req.texts)
+        if n > settings.max_texts:
+            raise HTTPException(413, f"got {n} texts, at most {settings.max_texts} per request; split the request")
+        if req.text_pairs is not None and len(req.text_pairs) != n:
+            raise HTTPException(422, f"got {n} texts but {len(req.text_pairs)} text_pairs; give one pair per text")
+        for i, t in enumerate(req.texts + (req.text_pairs or [])):
+            if len(t) > settings.max_chars:
+                which = f"texts[{i}]" if i < n else f"text_pairs[{i - n}]"
+                raise HTTPException(413, f"{which} has {len(t)} characters, at most {settings.max_chars}; "
+                                         f"shorten it (the model reads only its first tokens anyway)")
+        if req.adapter is not None:
+            if adapters is None:
+                raise HTTPException(400, f"adapter {req.adapter!r} asked for, but no adapter registry is loaded; "
+                                         f"start the server with --adapters REGISTRY or leave out 'adapter'")
+            if req.adapter not in adapters.names():
+                raise HTTPException(400, f"no adapter {req.adapter!r} in the registry; "
+                                         f"it holds: {', '.join(adapters.names()) or 'none'}")
+        try:
+            results = await batcher.submit(req.texts, req.text_pairs, req.adapter)
+        except QueueFull:
+            raise HTTPException(503, f"the server is at its queue limit ({settings.max_queue} texts waiting); "
+                                     f"retry shortly", headers={"Retry-After": "1"}) from None
+        except TextuneError as e:
+            raise HTTPException(400, str(e)) from None
+        return {"model": model_name, "adapter": req.adapter, "results": results}
+
+    def unsupported(task: str) -> Callable:
+        async def endpoint() -> None:
+            arch = type(getattr(predictor, "model", predictor)).__name__
+            raise HTTPException(404, f"the served model {model_name} ({arch}) is a text classifier and does not "
+                                     f"support {task}; use POST /v1/classify")
+        return endpoint
+
+    # Only classifiers are served (textune fine-tunes classifiers); these answer why, not a bare 404.
+    for task in ("fill-mask", "generate"):
+        app.post(f"/v1/{task}", status_code=404, responses={404: {"model": ErrorResponse}},
+                 dependencies=[Depends(check_token)], summary=f"{task}: not supported by classifiers")(unsupported(task))
+
+    @app.get("/v1/models", dependencies=[Depends(check_token)])
+    async def models() -> dict:
+        """The served model and its labels, and the adapters of the registry with theirs."""
+        return {"base": model_name, "task": "text-classification", "labels": list(predictor.label_names),
+                "max_length": getattr(predictor, "max_length", None),
+                "adapter_base": adapters.registry.base_model if adapters is not None else None,
+                "adapters": [{"name": n, "labels": adapters.registry.entry(n)["labels"],
+                              "method": adapters.registry.entry(n).get("method")} for n in adapters.names()]
+                if adapters is not None else [],
+                "limits": {k: v for k, v in vars(settings).items() if k != "token"}}
+
+    @app.get("/health")
+    async def health() -> dict:
+        """Liveness: answers while the server runs; no token needed."""
+        return {"status": "ok", "model": model_name, "queued_texts": batcher.pending}
+
+    @app.get("/metrics", dependencies=[Depends(check_token)], response_class=Response)
+    async def prometheus() -> Response:
+        """Request counts, latency, batch sizes and queue length in the Prometheus text format."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(run_or_model: str, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
+          adapters: str | None = None, threads: int | None = None) -> None:
+    """Load the model and serve it until interrupted.
+
+    Args:
+        threads: torch intra-op threads. On a busy CPU, torch's default (one per core) competing with other
+            processes can make each model call many times slower than one thread would.
+
+    Raises:
+        TextuneError: no model at `run_or_model`, bad settings, or an adapter registry that cannot be loaded.
+    """
+    import torch
+    import uvicorn
+
+    from textune.infer import Predictor
+
+    if threads is not None:
+        if threads <= 0:
+            raise TextuneError(f"--threads must be greater than 0, got {threads}")
+        torch.set_num_threads(threads)
+
+    predictor = Predictor(run_or_model, batch_size=settings.max_batch_size)
+    adapter_predictor = None
+    if adapters is not None:
+        from textune.adapters import AdapterPredictor
+
+        adapter_predictor = AdapterPredictor(adapters, batch_size=settings.max_batch_size)
+        for adapter in adapter_predictor.names():  # load each now: a broken registry fails before serving
+            adapter_predictor.activate(adapter)
+    name = (predictor.run_dir or Path(run_or_model)).name
+    app = create_app(predictor, settings, name, adapter_predictor)
+    where = "" if host in LOOPBACK else "  (reachable from other machines" + (
+        ")" if settings.token else "; no --token-env, so anyone can call it)")
+    print(f"serving    {name} on http://{host}:{port}  docs http://{host}:{port}/docs{where}", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
