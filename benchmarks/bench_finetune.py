@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ["configs/sst2-minilm-full.yaml", "configs/mrpc-minilm-full.yaml"]
 
 
-def run_config(config: str, overrides: list[str], runs_dir: Path) -> dict:
-    name = Path(config).stem
-    out_dir = runs_dir / name
+def run_train_process(config: str, overrides: list[str], out_dir: Path) -> tuple[int, float, float]:
+    """Run `textune train CONFIG` with `KEY=VALUE` overrides as its own process.
+
+    Returns (exit code, wall seconds, peak resident MB of that process alone, read with os.wait4)."""
     cmd = [sys.executable, "-m", "textune", "train", config, "--overwrite", "--output_dir", str(out_dir)]
     for item in overrides:
         key, _, value = item.partition("=")
@@ -34,15 +35,20 @@ def run_config(config: str, overrides: list[str], runs_dir: Path) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        return {"config": config, "error": f"exit {os.waitstatus_to_exitcode(status)}"}
+    return os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def run_config(config: str, overrides: list[str], runs_dir: Path) -> dict:
+    out_dir = runs_dir / Path(config).stem
+    code, wall, peak_mb = run_train_process(config, overrides, out_dir)
+    if code != 0:
+        return {"config": config, "error": f"exit {code}"}
     metrics = json.loads((out_dir / "metrics.json").read_text())
     val = metrics["validation"]
     return {"config": config, "accuracy": round(val["accuracy"], 4), "f1": round(val["f1"], 4),
             "best_step": metrics["best_step"], "train_steps": metrics["train"]["steps"],
             "train_samples_per_s": metrics["train"]["samples_per_s"],
-            "wall_minutes": round(wall / 60, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+            "wall_minutes": round(wall / 60, 2), "peak_rss_mb": round(peak_mb, 1)}
 
 
 def main() -> None:

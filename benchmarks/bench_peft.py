@@ -19,30 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL, LORA = "configs/sst2-minilm-full.yaml", "configs/sst2-minilm-lora.yaml"
 TARGET_POINTS, TARGET_TRAINABLE = 2.0, 0.02
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_finetune import run_train_process  # noqa: E402  (benchmarks are scripts, not a package)
 
 
 def run_training(name: str, config: str, overrides: list[str], runs_dir: Path) -> dict:
     out_dir = runs_dir / name
-    cmd = [sys.executable, "-m", "textune", "train", config, "--overwrite", "--output_dir", str(out_dir)]
-    for item in overrides:
-        key, _, value = item.partition("=")
-        cmd += [f"--{key}", value]
-    print("$", " ".join(cmd), flush=True)
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        return {"name": name, "config": config, "overrides": overrides,
-                "error": f"exit {os.waitstatus_to_exitcode(status)}"}
+    code, wall, peak_mb = run_train_process(config, overrides, out_dir)
+    if code != 0:
+        return {"name": name, "config": config, "overrides": overrides, "error": f"exit {code}"}
     metrics = json.loads((out_dir / "metrics.json").read_text())
     model_dir = out_dir / "model"
     saved = model_dir / ("adapter_model.safetensors" if (model_dir / "adapter_config.json").is_file()
@@ -53,7 +44,7 @@ def run_training(name: str, config: str, overrides: list[str], runs_dir: Path) -
             "trainable_params": params["trainable"], "total_params": params["total"],
             "trainable_share": params["trainable"] / params["total"],
             "train_samples_per_s": metrics["train"]["samples_per_s"],
-            "wall_minutes": round(wall / 60, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "wall_minutes": round(wall / 60, 2), "peak_rss_mb": round(peak_mb, 1),
             "saved_weights_bytes": saved.stat().st_size,
             "saved_folder_bytes": sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file())}
 

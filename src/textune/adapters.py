@@ -391,6 +391,7 @@ class AdapterPredictor(Predictor):
                                f"textune adapters add RUN --name NAME --registry {self.registry.root}")
         self.run_dir = None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.precision = "fp32"  # Predictor's attributes, so its batching code runs unchanged
         self.batch_size = batch_size
         self.requested_max_length = max_length
         self.tokenizer = load_tokenizer(resolve_model(self.registry.base_model))

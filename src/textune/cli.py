@@ -10,6 +10,10 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -137,6 +141,8 @@ def _run_columns(run_dir: Path | None) -> dict:
 def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.infer import Predictor, read_inputs, write_jsonl
 
+    if args.adapter is not None and args.quantize:
+        raise _usage("--quantize works on a full model, not with --adapter; drop one of the two")
     if args.adapter is not None:
         from textune.adapters import AdapterPredictor
 
@@ -146,7 +152,7 @@ def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
     elif args.registry is not None:
         raise _usage("--registry names where adapters are kept; add --adapter NAME to choose one")
     else:
-        predictor = Predictor(args.run_or_model, batch_size=args.batch_size)
+        predictor = Predictor(args.run_or_model, batch_size=args.batch_size, precision=args.quantize or "fp32")
     cols = _run_columns(predictor.run_dir)
     texts, pairs = read_inputs(args.input, args.text_column or cols.get("text_column", "text"),
                                args.text_pair_column or cols.get("text_pair_column"))
@@ -329,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--adapter", metavar="NAME", help="predict with this adapter of --registry on the base model "
                                                      "RUN_OR_MODEL (or the base a run was trained on)")
     r.add_argument("--registry", metavar="DIR", help="adapter registry folder (default with --adapter: adapters)")
+    r.add_argument("--quantize", choices=["int8", "bf16"],
+                   help="faster, slightly approximate prediction: int8 (dynamic quantisation, CPU) or bf16 "
+                        "(default: exact fp32); benchmarks/bench_predict.py measures speed and agreement")
     r.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("inspect", help="sizes of a model; tokens of a text")

@@ -186,15 +186,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise TextuneError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
         if not isinstance(raw, dict):
             raise TextuneError(f"config file {path} must hold a mapping of sections (model:, data:, train:), got {type(raw).__name__}")
-    problems: list[str] = []
-    for key, value in (overrides or {}).items():
-        _set_dotted(raw, key, value, problems)
-    cfg = _build(Config, raw, "", problems)
-    if not problems:
-        _check_values(cfg, problems)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return _validated(raw, overrides or {})
 
 
 def parse_override_args(args: list[str]) -> dict[str, Any]:
@@ -449,16 +441,20 @@ def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     Raises:
         ConfigError: unknown keys or wrong types/values (all listed at once).
     """
-    raw = cfg.to_dict()
+    return _validated(cfg.to_dict(), overrides)
+
+
+def _validated(raw: dict[str, Any], overrides: dict[str, Any]) -> Config:
+    """Apply dotted overrides to a raw mapping, build the typed config, check values; all problems at once."""
     problems: list[str] = []
     for key, value in overrides.items():
         _set_dotted(raw, key, value, problems)
-    out = _build(Config, raw, "", problems)
+    cfg = _build(Config, raw, "", problems)
     if not problems:
-        _check_values(out, problems)
+        _check_values(cfg, problems)
     if problems:
         raise ConfigError(problems)
-    return out
+    return cfg
 
 
 def config_help() -> str:

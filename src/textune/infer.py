@@ -23,11 +23,15 @@ class Predictor:
     """
 
     def __init__(self, run_or_model: str | Path, batch_size: int = 64, max_length: int | None = None,
-                 device: str | None = None):
+                 device: str | None = None, precision: str = "fp32"):
+        """`precision`: fp32 (exact), bf16 (weights and activations in bfloat16) or int8 (dynamic
+        quantisation of the Linear layers, CPU only); see `benchmarks/bench_predict.py` for speed and
+        agreement with fp32."""
         model_dir, self.run_dir = resolve_run_model(run_or_model)
         self.model, self.tokenizer = load_trained_classifier(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model.to(self.device)
+        self.model = with_precision(self.model.to(self.device), precision, self.device)
+        self.precision = precision
         self.batch_size = batch_size
         self.max_length = max_length or _run_max_length(self.run_dir) or min(self.tokenizer.model_max_length, 512)
         self.label_names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
@@ -54,6 +58,36 @@ class Predictor:
         probs = self.predict_proba(texts, text_pairs)
         return [{"label": self.label_names[int(p.argmax())], "score": round(float(p.max()), 6),
                  "probabilities": {n: round(float(x), 6) for n, x in zip(self.label_names, p)}} for p in probs]
+
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def with_precision(model: torch.nn.Module, precision: str, device: torch.device) -> torch.nn.Module:
+    """The model converted for faster inference at `precision` (fp32 returns it unchanged).
+
+    Raises:
+        TextuneError: unknown precision, or int8 asked for on a GPU.
+    """
+    if precision not in PRECISIONS:
+        raise TextuneError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        # A cast, not autocast: autocast would convert every weight again on every call.
+        return model.to(torch.bfloat16)
+    if precision == "int8":
+        if device.type != "cpu":
+            raise TextuneError(f"int8 prediction runs on CPU only, not {device.type}; use bf16 on a GPU")
+        import warnings
+
+        from torch.ao.quantization import quantize_dynamic
+
+        # torch.ao's dynamic quantisation is deprecated in favour of torchao's `quantize_`, but on CPU
+        # torchao's int8 path is only fast under torch.compile; this one calls fbgemm/oneDNN int8 kernels
+        # directly, so it is the fast one for an eager encoder. Only nn.Linear layers are quantised.
+        with warnings.catch_warnings():  # its deprecation notices are ours to act on, not the user's
+            warnings.simplefilter("ignore")
+            return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
 
 
 def _run_max_length(run_dir: Path | None) -> int | None:

@@ -467,9 +467,11 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
 
     # 4. Finish: the best (or last) model, final metrics, validation predictions for the report.
     unwrapped = accelerator.unwrap_model(model)
-    if t.load_best_at_end and state.best_step is not None and is_peft_model(unwrapped):
+    # (model/ can be missing when another run's checkpoint was resumed into a new folder: save the last.)
+    best_saved = t.load_best_at_end and state.best_step is not None and (run / "model").is_dir()
+    if best_saved and is_peft_model(unwrapped):
         load_adapter_weights(unwrapped, run / "model")
-    elif t.load_best_at_end and state.best_step is not None:
+    elif best_saved:
         unwrapped.load_state_dict(load_file(run / "model" / "model.safetensors"), strict=False)
     elif accelerator.is_main_process:
         save_model(unwrapped, tokenizer, run / "model")
