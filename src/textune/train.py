@@ -29,10 +29,10 @@ from transformers import DataCollatorWithPadding, get_scheduler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from textune.config import Config, TrainConfig, save_config
-from textune.data import label_counts, length_stats, load_task_data, tokenize_splits
+from textune.data import TaskData, label_counts, length_stats, load_task_data, tokenize_splits
 from textune.diagnose import diagnose_curves, format_diagnosis
 from textune.checkpoint import check_checkpoint_matches, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from textune.data_checks import check_task_data, enforce
+from textune.data_checks import DataReport, check_task_data, enforce
 from textune.errors import TextuneError, TrainingInterrupted
 from textune.evaluate import evaluate_loader, headline
 from textune.adapters import is_peft_model, load_adapter_weights, save_adapter_extras
@@ -265,6 +265,67 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+@dataclass
+class Inputs:
+    """What a run trains on, all loaded and checked before anything is written."""
+
+    model_path: str
+    tokenizer: object
+    data: TaskData
+    data_report: DataReport
+    tokenized: dict
+    stats: dict  # token-length statistics per split
+    model: torch.nn.Module
+
+    def summary(self, cfg: Config) -> str:
+        d, s = self.data, self.stats["train"]
+        lines = [f"model      {cfg.model.name or self.model_path} ({type(self.model).__name__})",
+                 f"data       train {len(d.train):,} | validation {len(d.validation):,}"
+                 + (f" | test {len(d.test):,}" if d.test is not None else "")
+                 + f" | labels {', '.join(f'{k}={v}' for k, v in label_counts(d.train, d.label_names).items())}"]
+        lines += [f"warning    {finding.message}" for finding in self.data_report.findings]
+        lines.append(f"tokens     mean {s['mean']} | p95 {s['p95']} | max {s['max']} | "
+                     f"truncated at {cfg.model.max_length}: {s['truncated_share']:.1%}")
+        return "\n".join(lines)
+
+
+def load_inputs(cfg: Config) -> Inputs:
+    """Model, tokenizer and data: resolved, read, checked (`data.strict`), tokenised, measured, tuned."""
+    model_path = resolve_model(cfg.model.name)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    data = load_task_data(cfg.data, cfg.seed)
+    data_report = check_task_data(data)
+    enforce(data_report, cfg.data.strict)
+    tokenized = tokenize_splits(data, tokenizer, cfg.model.max_length)
+    stats = {split: length_stats(ds["length"], cfg.model.max_length) for split, ds in tokenized.items()}
+    model = load_classifier(model_path, data.label_names, cfg.model.trust_remote_code)
+    model = apply_tuning(model, cfg.tuning)
+    return Inputs(model_path, tokenizer, data, data_report, tokenized, stats, model)
+
+
+def write_run_header(run: Path, cfg: Config, inputs: Inputs, resuming: bool) -> None:
+    """Create (or, resuming, reuse) the run folder; write the resolved config and the data statistics."""
+    if resuming:
+        # A kill between save_model's two renames leaves only model.old: put it back.
+        if not (run / "model").exists() and (run / "model.old").exists():
+            (run / "model.old").rename(run / "model")
+        run.mkdir(parents=True, exist_ok=True)  # resuming another run's checkpoint into a new folder
+    else:
+        if run.exists():
+            shutil.rmtree(run)
+        run.mkdir(parents=True)
+    save_config(cfg, run / "config.yaml")
+    data, tokenized = inputs.data, inputs.tokenized
+    (run / "data_stats.json").write_text(json.dumps({
+        "sizes": {k: len(v) for k, v in tokenized.items()},
+        "label_names": data.label_names,
+        "label_counts": {k: label_counts(getattr(data, k), data.label_names) for k in tokenized},
+        "token_lengths": inputs.stats,
+        "checks": [{"kind": f.kind, "count": f.count, "message": f.message} for f in inputs.data_report.findings],
+        "max_length": cfg.model.max_length,
+    }, indent=2))
+
+
 # ---------------------------------------------------------------- the training step and loop
 
 
@@ -326,28 +387,12 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
     set_seed(cfg.seed)
 
     # 1. Everything that can fail because of user input happens before the run folder exists.
-    model_path = resolve_model(cfg.model.name)
-    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    data = load_task_data(cfg.data, cfg.seed)
-    data_report = check_task_data(data)
-    enforce(data_report, cfg.data.strict)
-    tokenized = tokenize_splits(data, tokenizer, cfg.model.max_length)
-    stats = {split: length_stats(ds["length"], cfg.model.max_length) for split, ds in tokenized.items()}
-    model = load_classifier(model_path, data.label_names, cfg.model.trust_remote_code)
-    model = apply_tuning(model, cfg.tuning)
+    inputs = load_inputs(cfg)
+    model, tokenizer, data, tokenized = inputs.model, inputs.tokenizer, inputs.data, inputs.tokenized
     trainable, total = count_parameters(model)
     if resume:
         check_checkpoint_matches(checkpoint, model)
-
-    say(f"model      {cfg.model.name or model_path} ({type(model).__name__})")
-    say(f"data       train {len(data.train):,} | validation {len(data.validation):,}"
-        + (f" | test {len(data.test):,}" if data.test is not None else "")
-        + f" | labels {', '.join(f'{k}={v}' for k, v in label_counts(data.train, data.label_names).items())}")
-    for finding in data_report.findings:
-        say(f"warning    {finding.message}")
-    s = stats["train"]
-    say(f"tokens     mean {s['mean']} | p95 {s['p95']} | max {s['max']} | "
-        f"truncated at {cfg.model.max_length}: {s['truncated_share']:.1%}")
+    say(inputs.summary(cfg))
     say(f"tuning     {cfg.tuning.method}: {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})")
     say(f"device     {accelerator.device} | precision {precision}" + (f" ({precision_note})" if precision_note else ""))
 
@@ -355,23 +400,7 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
     if resume:
         say(f"resume     from {checkpoint}")
         warn_if_config_changed(cfg, run / "config.yaml", say)
-        # A kill between save_model's two renames leaves only model.old: put it back.
-        if not (run / "model").exists() and (run / "model.old").exists():
-            (run / "model.old").rename(run / "model")
-        run.mkdir(parents=True, exist_ok=True)  # resuming another run's checkpoint into a new folder
-    else:
-        if run.exists():
-            shutil.rmtree(run)
-        run.mkdir(parents=True)
-    save_config(cfg, run / "config.yaml")
-    (run / "data_stats.json").write_text(json.dumps({
-        "sizes": {k: len(v) for k, v in tokenized.items()},
-        "label_names": data.label_names,
-        "label_counts": {k: label_counts(getattr(data, k), data.label_names) for k in tokenized},
-        "token_lengths": stats,
-        "checks": [{"kind": f.kind, "count": f.count, "message": f.message} for f in data_report.findings],
-        "max_length": cfg.model.max_length,
-    }, indent=2))
+    write_run_header(run, cfg, inputs, resuming=bool(resume))
     history = History(run / "history.jsonl",
                       run / "tensorboard" if cfg.logging.tensorboard and accelerator.is_main_process else None)
 
