@@ -78,6 +78,15 @@ def test_underfitting_when_losses_stay_high_and_accuracy_is_near_majority():
     remedies = " ".join(d.remedies)
     assert "train.epochs" in remedies and "train.lr" in remedies and "tuning.method full" in remedies
     assert "bigger model" in remedies
+    assert any("0.5650 is within 3% of always predicting" in e for e in d.evidence)
+
+
+def test_accuracy_below_the_majority_rate_is_said_so():
+    counts = {"negative": 600, "positive": 400}
+    d = diagnose_curves(make_history(decaying(40, start=0.70, end=0.67, rate=0.05), [0.69, 0.685, 0.68],
+                                     [0.46, 0.47, 0.48]), counts)
+    assert d.verdict == "underfitting", d
+    assert any("0.4800 is below always predicting the majority class (0.6000)" in e for e in d.evidence)
 
 
 def test_underfitting_without_label_counts_uses_the_starting_loss():

@@ -234,8 +234,9 @@ def _underfitting(losses, evals, eval_losses, label_counts, d: Diagnosis) -> boo
     if total and accs:
         majority = max(label_counts.values()) / total
         if max(accs) - majority < UNDERFIT_ACCURACY_MARGIN:
-            findings.append(f"best validation accuracy {max(accs):.4f} is within {UNDERFIT_ACCURACY_MARGIN:.0%} of "
-                            f"always predicting the majority class ({majority:.4f})")
+            relation = (f"within {UNDERFIT_ACCURACY_MARGIN:.0%} of" if max(accs) >= majority else "below")
+            findings.append(f"best validation accuracy {max(accs):.4f} is {relation} always predicting the "
+                            f"majority class ({majority:.4f})")
     if not findings:
         return False
     d.verdict = "underfitting"
