@@ -31,7 +31,8 @@ from transformers.pytorch_utils import Conv1D
 from textune.config import TuningConfig
 from textune.errors import TextuneError
 from textune.infer import Predictor
-from textune.models import HEAD_MODULE_NAMES, load_classifier, load_tokenizer, resolve_model, resolve_run_model
+from textune.models import (HEAD_MODULE_NAMES, load_classifier, load_tokenizer, resolve_model, resolve_run_model,
+                            saved_run_config)
 
 PEFT_METHODS = ("lora", "prefix", "ia3")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -354,11 +355,9 @@ def _normalise_base(base: str) -> str:
 
 def _run_settings(run: Path | None) -> dict:
     """The run's max_length and text columns, so predictions tokenise as training did."""
-    if run is None or not (run / "config.yaml").is_file():
+    cfg = saved_run_config(run)
+    if not cfg:
         return {}
-    import yaml
-
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
     data, model = cfg.get("data") or {}, cfg.get("model") or {}
     return {"max_length": model.get("max_length"), "text_column": data.get("text_column"),
             "text_pair_column": data.get("text_pair_column")}

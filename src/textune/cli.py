@@ -131,11 +131,9 @@ def _format_confusion(cm: dict) -> str:
 
 
 def _run_columns(run_dir: Path | None) -> dict:
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
-        return {}
-    import yaml
+    from textune.models import saved_run_config
 
-    return (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data") or {}
+    return saved_run_config(run_dir).get("data") or {}
 
 
 def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:

@@ -12,7 +12,7 @@ import torch
 
 from textune.data import read_table
 from textune.errors import TextuneError
-from textune.models import load_trained_classifier, resolve_run_model
+from textune.models import load_trained_classifier, resolve_run_model, saved_run_config
 
 
 class Predictor:
@@ -33,7 +33,7 @@ class Predictor:
         self.model = with_precision(self.model.to(self.device), precision, self.device)
         self.precision = precision
         self.batch_size = batch_size
-        self.max_length = max_length or _run_max_length(self.run_dir) or min(self.tokenizer.model_max_length, 512)
+        self.max_length = max_length or (saved_run_config(self.run_dir).get("model") or {}).get("max_length") or min(self.tokenizer.model_max_length, 512)
         self.label_names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 
     @torch.inference_mode()
@@ -89,14 +89,6 @@ def with_precision(model: torch.nn.Module, precision: str, device: torch.device)
             return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     return model
 
-
-def _run_max_length(run_dir: Path | None) -> int | None:
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
-        return None
-    import yaml
-
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    return (cfg.get("model") or {}).get("max_length")
 
 
 def read_inputs(source: str, text_column: str = "text", text_pair_column: str | None = None

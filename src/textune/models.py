@@ -144,6 +144,16 @@ def resolve_run_model(path: str | Path) -> tuple[Path, Path | None]:
     raise TextuneError(f"{path} is neither a textune run folder (with model/) nor a model folder (with config.json)")
 
 
+def saved_run_config(run_dir: Path | None) -> dict:
+    """The resolved config a run was trained with (RUN/config.yaml) as a mapping; {} for a bare model
+    folder. Prediction reads its max_length and text columns from here, so inputs tokenise as in training."""
+    if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+
+
 def apply_tuning(model: PreTrainedModel, tuning: TuningConfig) -> PreTrainedModel:
     """Choose what trains; return the model to train (PEFT methods wrap it).
 
