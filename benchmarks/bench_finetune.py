@@ -23,11 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ["configs/sst2-minilm-full.yaml", "configs/mrpc-minilm-full.yaml"]
 
 
-def run_train_process(config: str, overrides: list[str], out_dir: Path) -> tuple[int, float, float]:
-    """Run `textune train CONFIG` with `KEY=VALUE` overrides as its own process.
+def run_train_process(config: str, overrides: list[str], out_dir: Path, command: str = "train",
+                      resume: bool = False) -> tuple[int, float, float]:
+    """Run `textune train CONFIG` (or `command`, e.g. pretrain) with `KEY=VALUE` overrides as its own process,
+    replacing `out_dir`, or continuing it from its latest checkpoint with `resume`.
 
     Returns (exit code, wall seconds, peak resident MB of that process alone, read with os.wait4)."""
-    cmd = [sys.executable, "-m", "textune", "train", config, "--overwrite", "--output_dir", str(out_dir)]
+    cmd = [sys.executable, "-m", "textune", command, config, "--output_dir", str(out_dir),
+           *(["--resume", "latest"] if resume else ["--overwrite"])]
     for item in overrides:
         key, _, value = item.partition("=")
         cmd += [f"--{key}", value]

@@ -10,6 +10,12 @@ Target: LoRA within 2 accuracy points of full fine-tuning, with under 2% of the 
     python benchmarks/bench_peft.py                               # full vs LoRA, 1 epoch each
     python benchmarks/bench_peft.py --lora-variant train.lr=1e-3  # also a LoRA run with these overrides
     python benchmarks/bench_peft.py --set train.max_steps=20      # smoke test of the script
+    python benchmarks/bench_peft.py --reuse full                  # keep the full run of the last invocation
+    python benchmarks/bench_peft.py --reuse full --resume lora    # ... and continue an interrupted LoRA run
+
+--reuse NAME takes that run's figures from the previous results file instead of training it again (only
+when its config and overrides are the same; the entry is marked "reused": the CPU is the bottleneck here
+and a full SST-2 epoch costs 16+ minutes).
 
 Writes benchmarks/results/peft.json and prints a table.
 """
@@ -29,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_finetune import run_train_process  # noqa: E402  (benchmarks are scripts, not a package)
 
 
-def run_training(name: str, config: str, overrides: list[str], runs_dir: Path) -> dict:
+def run_training(name: str, config: str, overrides: list[str], runs_dir: Path, resume: bool = False) -> dict:
     out_dir = runs_dir / name
-    code, wall, peak_mb = run_train_process(config, overrides, out_dir)
+    code, wall, peak_mb = run_train_process(config, overrides, out_dir, resume=resume)
     if code != 0:
         return {"name": name, "config": config, "overrides": overrides, "error": f"exit {code}"}
     metrics = json.loads((out_dir / "metrics.json").read_text())
@@ -44,7 +50,7 @@ def run_training(name: str, config: str, overrides: list[str], runs_dir: Path) -
             "trainable_params": params["trainable"], "total_params": params["total"],
             "trainable_share": params["trainable"] / params["total"],
             "train_samples_per_s": metrics["train"]["samples_per_s"],
-            "wall_minutes": round(wall / 60, 2), "peak_rss_mb": round(peak_mb, 1),
+            "wall_minutes": round(wall / 60, 2), "peak_rss_mb": round(peak_mb, 1), "resumed": resume,
             "saved_weights_bytes": saved.stat().st_size,
             "saved_folder_bytes": sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file())}
 
@@ -61,6 +67,10 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
     p.add_argument("--lora-variant", action="append", default=[], metavar="KEY=VALUE",
                    help="also run LoRA with these overrides (e.g. a higher train.lr)")
+    p.add_argument("--reuse", action="append", default=[], metavar="NAME",
+                   help="take this run from the previous results file if its config and overrides match")
+    p.add_argument("--resume", action="append", default=[], metavar="NAME",
+                   help="continue this run from its latest checkpoint (its wall time then covers the rest only)")
     p.add_argument("--runs-dir", default="benchmarks/runs")
     p.add_argument("--output", default="benchmarks/results/peft.json")
     args = p.parse_args()
@@ -68,7 +78,17 @@ def main() -> None:
     plan = [("full", FULL, args.set), ("lora", LORA, args.set)]
     if args.lora_variant:
         plan.append(("lora-variant", LORA, args.set + args.lora_variant))
-    results = [run_training(name, config, overrides, runs_dir) for name, config, overrides in plan]
+    out = ROOT / args.output
+    previous = {r["name"]: r for r in json.loads(out.read_text())["results"]} if out.is_file() else {}
+    results = []
+    for name, config, overrides in plan:
+        old = previous.get(name)
+        if (name in args.reuse and old and "error" not in old and old["config"] == config
+                and old["overrides"] == overrides):
+            print(f"{name}: reusing the figures measured by the previous invocation ({out.name})")
+            results.append({**old, "reused": True})
+        else:
+            results.append(run_training(name, config, overrides, runs_dir, resume=name in args.resume))
     base = base_weights_bytes()
 
     full = results[0] if "error" not in results[0] else None
@@ -92,7 +112,6 @@ def main() -> None:
     for r in results[1:]:
         if "meets_target" in r:
             print(f"  {r['name']}: {'meets' if r['meets_target'] else 'misses'} the target")
-    out = ROOT / args.output
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cpu_count": os.cpu_count(), "base_weights_bytes": base, "overrides": args.set,
                                "results": results}, indent=2))
