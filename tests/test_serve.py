@@ -43,6 +43,20 @@ def registry(tiny_model, toy_data, tmp_path_factory):
     return root / "registry"
 
 
+def wait_for_health(proc: subprocess.Popen, url: str, log, timeout: float = 180) -> None:
+    """Return once the server at `url` answers /health; fail with its log if it exits or never answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"server exited: {log.read_text()}"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"server did not start: {log.read_text()}"
+        time.sleep(0.3)
+
+
 @pytest.fixture(scope="module")
 def server(trained_run, registry, tmp_path_factory):
     """Base URL of a running server with the adapter registry; it is stopped after the module's tests."""
@@ -54,16 +68,7 @@ def server(trained_run, registry, tmp_path_factory):
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "TEXTUNE_TEST_TOKEN": TOKEN})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, f"server exited: {log.read_text()}"
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"server did not start: {log.read_text()}"
-        time.sleep(0.3)
+    wait_for_health(proc, url, log)
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -229,3 +234,106 @@ def test_serve_refuses_bad_settings_in_one_line(trained_run, capsys, monkeypatch
     assert "--token-env TEXTUNE_NO_SUCH_TOKEN: that environment variable is not set" in capsys.readouterr().err
     assert main(["serve", str(trained_run), "--max-texts", "100", "--max-queue", "10"]) == 2
     assert "--max-queue (10) must be at least --max-texts (100)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- masked and causal language models
+
+
+@pytest.fixture(scope="module")
+def lm_dirs(tmp_path_factory):
+    from conftest import build_tiny_lm
+
+    return {kind: build_tiny_lm(tmp_path_factory.mktemp(f"tiny-{kind}"), kind) for kind in ("mlm", "clm")}
+
+
+def lm_app(folder, **limits):
+    from fastapi.testclient import TestClient
+
+    from textune.generate import LanguageModel
+    from textune.serve import ServeSettings, create_app
+
+    model = LanguageModel(folder)
+    return model, TestClient(create_app(model, ServeSettings(**limits), folder.name))
+
+
+def test_the_served_models_task_comes_from_its_architecture(lm_dirs, trained_run):
+    from textune.generate import model_task
+
+    assert model_task(lm_dirs["mlm"]) == "fill-mask"
+    assert model_task(lm_dirs["clm"]) == "text-generation"
+    assert model_task(trained_run) == "text-classification"
+
+
+def test_masked_lm_answers_fill_mask_per_text_and_mask(lm_dirs):
+    from textune.generate import fill_mask
+
+    model, app = lm_app(lm_dirs["mlm"], max_texts=3, max_chars=40)
+    texts = ["the movie was [MASK] and [MASK]", "a [MASK] film"]
+    with app as c:
+        r = c.post("/v1/fill-mask", json={"texts": texts, "top_k": 3})
+        assert r.status_code == 200, r.text
+        want = fill_mask(model.model, model.tokenizer, texts, top_k=3)
+        got = r.json()["results"]
+        assert [[[x["token"] for x in m] for m in t] for t in got] == [[[x["token"] for x in m] for m in t] for t in want]
+        assert got[0][1][0]["score"] == pytest.approx(want[0][1][0]["score"], abs=1e-6)
+        assert c.get("/v1/models").json()["task"] == "fill-mask"
+        for body, status, message in [
+            ({"texts": ["a good film"]}, 400, r"no mask in 'a good film': write \[MASK\]"),
+            ({"texts": ["a [MASK] film"], "top_k": 0}, 422, "top_k: Input should be greater than or equal to 1"),
+            ({"texts": ["a [MASK] film"] * 4}, 413, "got 4 texts, at most 3 per request"),
+            ({"texts": ["a [MASK] film " + "x" * 40]}, 413, r"texts\[0\] has 54 characters, at most 40"),
+        ]:
+            r = c.post("/v1/fill-mask", json=body)
+            assert r.status_code == status and re.search(message, r.json()["error"]["message"]), r.text
+        for path in ("classify", "generate"):
+            r = c.post(f"/v1/{path}", json={"texts": ["a film"]})
+            assert r.status_code == 404
+            assert f"is a masked language model and does not support {path}; use POST /v1/fill-mask" in r.text
+
+
+def test_causal_lm_answers_generate_greedy_and_seeded_sampling(lm_dirs):
+    from textune.generate import generate_text
+
+    model, app = lm_app(lm_dirs["clm"], max_texts=4, max_new_tokens=20)
+    with app as c:
+        r = c.post("/v1/generate", json={"prompt": "the movie", "max_new_tokens": 5})
+        assert r.status_code == 200, r.text
+        assert r.json()["texts"] == generate_text(model.model, model.tokenizer, "the movie", max_new_tokens=5)
+        sampled = {"prompt": "a film", "max_new_tokens": 6, "do_sample": True, "num_return_sequences": 3, "seed": 4}
+        first = c.post("/v1/generate", json=sampled).json()["texts"]
+        assert len(first) == 3 and c.post("/v1/generate", json=sampled).json()["texts"] == first
+        assert c.get("/v1/models").json()["task"] == "text-generation"
+        for body, status, message in [
+            ({"prompt": "a film", "num_return_sequences": 2}, 400, "needs --do-sample"),
+            ({"prompt": "a film", "max_new_tokens": 21}, 413, "max_new_tokens 21 is over the limit of 20"),
+            ({"prompt": "a film", "do_sample": True, "num_return_sequences": 5}, 413, "num_return_sequences 5 is over"),
+            ({"prompt": "a film", "top_p": 0}, 422, "top_p: Input should be greater than 0"),
+            ({"prompt": ""}, 422, "prompt: String should have at least 1 character"),
+            ({"texts": ["a film"]}, 422, "prompt: Field required"),
+        ]:
+            r = c.post("/v1/generate", json=body)
+            assert r.status_code == status and re.search(message, r.json()["error"]["message"]), r.text
+        r = c.post("/v1/classify", json={"texts": ["a film"]})
+        assert r.status_code == 404 and "is a causal language model and does not support classify" in r.text
+
+
+def test_serve_command_serves_a_causal_lm_at_generate(lm_dirs, tmp_path):
+    port = free_port()
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "textune", "serve", str(lm_dirs["clm"]), "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(proc, url, log)
+        r = httpx.post(f"{url}/v1/generate", json={"prompt": "the plot", "max_new_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["texts"][0].startswith("the plot"), r.text
+        assert httpx.post(f"{url}/v1/fill-mask", json={"texts": ["a [MASK]"]}).status_code == 404
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_refuses_an_adapter_registry_for_a_language_model(lm_dirs, tmp_path, capsys):
+    assert main(["serve", str(lm_dirs["mlm"]), "--adapters", str(tmp_path)]) == 2
+    assert "is a masked language model; leave out --adapters" in capsys.readouterr().err

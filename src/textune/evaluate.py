@@ -69,6 +69,8 @@ def evaluate_loader(model, loader, label_names: list[str], accelerator=None) -> 
 
 
 def headline(metrics: dict) -> str:
-    """One line: loss, accuracy, F1 (binary where there are two classes, else macro), macro F1."""
-    parts = [f"{k} {metrics[k]:.4f}" for k in ("loss", "accuracy", "f1", "f1_macro") if metrics.get(k) is not None]
+    """One line: loss, accuracy, F1 (binary where there are two classes, else macro), macro F1; perplexity
+    for a language model."""
+    keys = ("loss", "perplexity", "accuracy", "f1", "f1_macro")
+    parts = [f"{k} {metrics[k]:.4f}" for k in keys if metrics.get(k) is not None]
     return ", ".join(parts)

@@ -10,7 +10,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from textune.data import read_table
+from textune.data import read_table, read_text_lines
 from textune.errors import TextuneError
 from textune.models import load_trained_classifier, resolve_run_model, saved_run_config
 
@@ -98,13 +98,7 @@ def read_inputs(source: str, text_column: str = "text", text_pair_column: str | 
         if source == "-":
             lines = sys.stdin.read().splitlines()
         else:
-            path = Path(source)
-            if not path.is_file():
-                raise TextuneError(f"input file not found: {source}")
-            try:
-                lines = path.read_text(encoding="utf-8-sig").splitlines()
-            except UnicodeDecodeError:
-                raise TextuneError(f"input file {source} is not UTF-8 text; re-save it as UTF-8") from None
+            lines = read_text_lines(Path(source), "input file")
         texts = [line for line in lines if line.strip()]
         if not texts:
             raise TextuneError(f"no texts to predict in {'standard input' if source == '-' else source}")

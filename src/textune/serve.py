@@ -1,4 +1,4 @@
-"""Serve a fine-tuned classifier over HTTP: a FastAPI app under uvicorn, with micro-batching.
+"""Serve a fine-tuned classifier (or a masked/causal LM) over HTTP: a FastAPI app under uvicorn, with micro-batching.
 
 Requests that arrive together are merged into one model call (up to `max_batch_size` texts, waiting at
 most `max_wait_ms` for company), which runs in one worker thread so the event loop keeps accepting
@@ -8,6 +8,9 @@ which the server answers 503 instead of queueing without end. Errors are JSON:
 `{"error": {"status": 413, "message": "..."}}`.
 
 Endpoints: POST /v1/classify, GET /v1/models, GET /health, GET /metrics (Prometheus), docs at /docs.
+A masked LM is served at POST /v1/fill-mask and a causal LM at POST /v1/generate instead of /v1/classify
+(chosen from the saved architecture); those requests carry their own settings (top_k, sampling), so each
+is one model call of its own in the same worker thread, under the same limits and queue bound.
 With `--adapters REGISTRY` (see `textune adapters`) a request may name an adapter: the registry's adapters
 share one loaded base model and are switched between model calls.
 """
@@ -18,7 +21,7 @@ import asyncio
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,6 +37,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from textune.errors import TextuneError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# task -> (endpoint under /v1/, what the API does, what the model is)
+TASKS = {"text-classification": ("classify", "Text classification", "text classifier"),
+         "fill-mask": ("fill-mask", "Fill-mask (masked-LM predictions)", "masked language model"),
+         "text-generation": ("generate", "Text generation", "causal language model")}
 
 
 @dataclass
@@ -46,6 +53,7 @@ class ServeSettings:
     max_chars: int = 2000  # characters per text
     max_body_bytes: int = 1_000_000  # request body size
     max_queue: int = 1024  # texts accepted and not yet answered; more gets 503
+    max_new_tokens: int = 256  # tokens one /v1/generate request may ask for (causal LMs)
     token: str | None = None  # bearer token required on /v1/* and /metrics; None = open
 
     def __post_init__(self) -> None:
@@ -75,6 +83,43 @@ class ClassifyResponse(BaseModel):
     model: str
     adapter: str | None
     results: list[Prediction] = Field(description="one per input text, in the input order")
+
+
+class FillMaskRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] = Field(min_length=1, description="texts holding [MASK] (or the model's mask token)",
+                             examples=[["the movie was [MASK] ."]])
+    top_k: int = Field(5, ge=1, le=100, description="candidates per mask")
+
+
+class Candidate(BaseModel):
+    token: str
+    score: float = Field(description="probability of the token at this mask")
+
+
+class FillMaskResponse(BaseModel):
+    model: str
+    results: list[list[list[Candidate]]] = Field(description="per text (input order), per mask (left to right), "
+                                                             "top_k candidates by descending score")
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, description="text to continue", examples=["Once upon a time"])
+    max_new_tokens: int | None = Field(None, ge=1, description="tokens to add at most; default 50, or the "
+                                                                "server's --max-new-tokens if lower")
+    num_return_sequences: int = Field(1, ge=1, description="texts to draw; more than 1 needs do_sample")
+    do_sample: bool = Field(False, description="sample instead of greedy decoding")
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(50, ge=0, description="sample among the k likeliest tokens; 0 = all")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass; 1 = off")
+    seed: int | None = Field(None, description="makes sampling reproducible")
+    chat: bool = Field(False, description="send the prompt as a user turn of the chat template")
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    texts: list[str] = Field(description="the prompt and its continuation (with chat: the answer alone)")
 
 
 class ErrorBody(BaseModel):
@@ -138,17 +183,34 @@ class MicroBatcher:
 
     async def submit(self, texts: list[str], pairs: list[str] | None, adapter: str | None) -> list[dict]:
         """Results for `texts`, in order. Raises QueueFull when accepting them would pass `max_queue`."""
-        if self.pending + len(texts) > self.settings.max_queue:
-            raise QueueFull
-        self.pending += len(texts)
-        self.metrics.queue.set(self.pending)
         job = _Job(texts, pairs, adapter, asyncio.get_running_loop().create_future())
-        self.queue.put_nowait(job)
-        self.arrived.set()
-        try:
+        with self._admitted(len(texts)):
+            self.queue.put_nowait(job)
+            self.arrived.set()
             return await job.future
+
+    async def run_alone(self, n_texts: int, call: Callable[[], object]) -> object:
+        """`call()` in the model thread, not merged with other requests (fill-mask and generate requests
+        carry settings of their own), under the same bound on waiting texts. Raises QueueFull."""
+        with self._admitted(n_texts):
+            self.metrics.batch_texts.observe(n_texts)
+            self.metrics.batch_requests.observe(1)
+            start = time.perf_counter()
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self.executor, call)
+            finally:
+                self.metrics.model_seconds.observe(time.perf_counter() - start)
+
+    @contextmanager
+    def _admitted(self, n_texts: int):
+        if self.pending + n_texts > self.settings.max_queue:
+            raise QueueFull
+        self.pending += n_texts
+        self.metrics.queue.set(self.pending)
+        try:
+            yield
         finally:
-            self.pending -= len(texts)
+            self.pending -= n_texts
             self.metrics.queue.set(self.pending)
 
     async def run(self) -> None:
@@ -207,8 +269,10 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
 def create_app(predictor, settings: ServeSettings, model_name: str, adapters=None) -> FastAPI:
     """The FastAPI app serving `predictor` (an `infer.Predictor`, or anything with its `predict` and
     `label_names`) to requests without an adapter, and `adapters` (an `adapters.AdapterPredictor`, or None)
-    to requests that name one."""
+    to requests that name one. A `predictor` whose `task` is "fill-mask" or "text-generation" (a
+    `generate.LanguageModel`) is served at /v1/fill-mask or /v1/generate instead of /v1/classify."""
     metrics = Metrics()
+    task = getattr(predictor, "task", "text-classification")
 
     def predict(texts: list[str], pairs: list[str] | None, adapter: str | None) -> list[dict]:
         # Runs in the one worker thread, so switching the active adapter never races a running batch.
@@ -226,7 +290,7 @@ def create_app(predictor, settings: ServeSettings, model_name: str, adapters=Non
         batcher.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="textune", version="1", lifespan=lifespan,
-                  description=f"Text classification with `{model_name}`. Errors: "
+                  description=f"{TASKS[task][1]} with `{model_name}`. Errors: "
                               "`{\"error\": {\"status\": ..., \"message\": ...}}`.")
     bearer = HTTPBearer(auto_error=False, description="the token named by `textune serve --token-env`")
 
@@ -284,19 +348,31 @@ def create_app(predictor, settings: ServeSettings, model_name: str, adapters=Non
 
     errors = {s: {"model": ErrorResponse} for s in (400, 401, 411, 413, 422, 503)}
 
-    @app.post("/v1/classify", response_model=ClassifyResponse, responses=errors, dependencies=[Depends(check_token)])
-    async def classify(req: ClassifyRequest) -> dict:
-        """Labels, scores and probabilities of each text, in the input order."""
-        n = len(req.texts)
+    def check_texts(texts: list[str], pairs: list[str] | None = None, name: str = "texts") -> None:
+        n = len(texts)
         if n > settings.max_texts:
-            raise HTTPException(413, f"got {n} texts, at most {settings.max_texts} per request; split the request")
-        if req.text_pairs is not None and len(req.text_pairs) != n:
-            raise HTTPException(422, f"got {n} texts but {len(req.text_pairs)} text_pairs; give one pair per text")
-        for i, t in enumerate(req.texts + (req.text_pairs or [])):
+            raise HTTPException(413, f"got {n} {name}, at most {settings.max_texts} per request; split the request")
+        if pairs is not None and len(pairs) != n:
+            raise HTTPException(422, f"got {n} texts but {len(pairs)} text_pairs; give one pair per text")
+        for i, t in enumerate(texts + (pairs or [])):
             if len(t) > settings.max_chars:
-                which = f"texts[{i}]" if i < n else f"text_pairs[{i - n}]"
+                which = f"{name}[{i}]" if i < n else f"text_pairs[{i - n}]"
                 raise HTTPException(413, f"{which} has {len(t)} characters, at most {settings.max_chars}; "
                                          f"shorten it (the model reads only its first tokens anyway)")
+
+    async def answer(result):
+        """Await the model's `result` (a coroutine), turning a full queue into 503 and bad input into 400."""
+        try:
+            return await result
+        except QueueFull:
+            raise HTTPException(503, f"the server is at its queue limit ({settings.max_queue} texts waiting); "
+                                     f"retry shortly", headers={"Retry-After": "1"}) from None
+        except TextuneError as e:
+            raise HTTPException(400, str(e)) from None
+
+    async def classify(req: ClassifyRequest) -> dict:
+        """Labels, scores and probabilities of each text, in the input order."""
+        check_texts(req.texts, req.text_pairs)
         if req.adapter is not None:
             if adapters is None:
                 raise HTTPException(400, f"adapter {req.adapter!r} asked for, but no adapter registry is loaded; "
@@ -304,31 +380,56 @@ def create_app(predictor, settings: ServeSettings, model_name: str, adapters=Non
             if req.adapter not in adapters.names():
                 raise HTTPException(400, f"no adapter {req.adapter!r} in the registry; "
                                          f"it holds: {', '.join(adapters.names()) or 'none'}")
-        try:
-            results = await batcher.submit(req.texts, req.text_pairs, req.adapter)
-        except QueueFull:
-            raise HTTPException(503, f"the server is at its queue limit ({settings.max_queue} texts waiting); "
-                                     f"retry shortly", headers={"Retry-After": "1"}) from None
-        except TextuneError as e:
-            raise HTTPException(400, str(e)) from None
+        results = await answer(batcher.submit(req.texts, req.text_pairs, req.adapter))
         return {"model": model_name, "adapter": req.adapter, "results": results}
 
-    def unsupported(task: str) -> Callable:
+    async def fill_mask(req: FillMaskRequest) -> dict:
+        """The top_k likeliest tokens, with probabilities, for every mask of every text."""
+        check_texts(req.texts)
+        results = await answer(batcher.run_alone(
+            len(req.texts), lambda: predictor.fill_mask(req.texts, top_k=req.top_k)))
+        return {"model": model_name, "results": results}
+
+    async def generate(req: GenerateRequest) -> dict:
+        """The prompt continued num_return_sequences times (greedy unless do_sample)."""
+        check_texts([req.prompt], name="prompt")
+        if req.max_new_tokens is None:
+            req.max_new_tokens = min(50, settings.max_new_tokens)
+        if req.max_new_tokens > settings.max_new_tokens:
+            raise HTTPException(413, f"max_new_tokens {req.max_new_tokens} is over the limit of "
+                                     f"{settings.max_new_tokens}; ask for fewer")
+        if req.num_return_sequences > settings.max_texts:
+            raise HTTPException(413, f"num_return_sequences {req.num_return_sequences} is over the limit of "
+                                     f"{settings.max_texts}; ask for fewer")
+        options = req.model_dump(exclude={"prompt"})
+        texts = await answer(batcher.run_alone(
+            req.num_return_sequences, lambda: predictor.generate(req.prompt, **options)))
+        return {"model": model_name, "texts": texts}
+
+    def unsupported(path: str) -> Callable:
         async def endpoint() -> None:
             arch = type(getattr(predictor, "model", predictor)).__name__
-            raise HTTPException(404, f"the served model {model_name} ({arch}) is a text classifier and does not "
-                                     f"support {task}; use POST /v1/classify")
+            raise HTTPException(404, f"the served model {model_name} ({arch}) is a {TASKS[task][2]} and does not "
+                                     f"support {path}; use POST /v1/{TASKS[task][0]}")
         return endpoint
 
-    # Only classifiers are served (textune fine-tunes classifiers); these answer why, not a bare 404.
-    for task in ("fill-mask", "generate"):
-        app.post(f"/v1/{task}", status_code=404, responses={404: {"model": ErrorResponse}},
-                 dependencies=[Depends(check_token)], summary=f"{task}: not supported by classifiers")(unsupported(task))
+    # The served model's task gets its endpoint; the others answer why they are missing, not a bare 404.
+    handlers = {"text-classification": (classify, ClassifyResponse), "fill-mask": (fill_mask, FillMaskResponse),
+                "text-generation": (generate, GenerateResponse)}
+    for name, (path, _, _) in TASKS.items():
+        handler, response = handlers[name]
+        if name == task:
+            app.post(f"/v1/{path}", response_model=response, responses=errors,
+                     dependencies=[Depends(check_token)])(handler)
+        else:
+            app.post(f"/v1/{path}", status_code=404, responses={404: {"model": ErrorResponse}},
+                     dependencies=[Depends(check_token)], summary=f"{path}: not supported by a {TASKS[task][2]}",
+                     )(unsupported(path))
 
     @app.get("/v1/models", dependencies=[Depends(check_token)])
     async def models() -> dict:
         """The served model and its labels, and the adapters of the registry with theirs."""
-        return {"base": model_name, "task": "text-classification", "labels": list(predictor.label_names),
+        return {"base": model_name, "task": task, "labels": list(getattr(predictor, "label_names", [])),
                 "max_length": getattr(predictor, "max_length", None),
                 "adapter_base": adapters.registry.base_model if adapters is not None else None,
                 "adapters": [{"name": n, "labels": adapters.registry.entry(n)["labels"],
@@ -363,6 +464,7 @@ def serve(run_or_model: str, settings: ServeSettings, host: str = "127.0.0.1", p
     import torch
     import uvicorn
 
+    from textune.generate import LanguageModel, model_task
     from textune.infer import Predictor
 
     if threads is not None:
@@ -370,7 +472,14 @@ def serve(run_or_model: str, settings: ServeSettings, host: str = "127.0.0.1", p
             raise TextuneError(f"--threads must be greater than 0, got {threads}")
         torch.set_num_threads(threads)
 
-    predictor = Predictor(run_or_model, batch_size=settings.max_batch_size)
+    task = model_task(run_or_model)
+    if task == "text-classification":
+        predictor = Predictor(run_or_model, batch_size=settings.max_batch_size)
+    elif adapters is not None:
+        raise TextuneError(f"--adapters holds classifier adapters, but {run_or_model} is a {TASKS[task][2]}; "
+                           f"leave out --adapters")
+    else:
+        predictor = LanguageModel(run_or_model, task)
     adapter_predictor = None
     if adapters is not None:
         from textune.adapters import AdapterPredictor

