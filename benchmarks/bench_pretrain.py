@@ -88,7 +88,7 @@ def generated(run: Path, prompt: str, tokens: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mlm-steps", type=int, default=100, help="MLM steps of 32 blocks x 64 tokens")
+    p.add_argument("--mlm-steps", type=int, default=460, help="MLM steps of 32 blocks x 64 tokens (460: one epoch of SST-2)")
     p.add_argument("--finetune-samples", type=int, default=2000, help="SST-2 sentences per fine-tuning run")
     p.add_argument("--clm-steps", type=int, default=100, help="GPT-2 steps of 32 blocks x 64 tokens")
     p.add_argument("--lora-steps", type=int, default=30, help="SmolLM2 LoRA steps of 8 blocks x 64 tokens")
