@@ -322,36 +322,42 @@ def _encode_labels(ds: Dataset, split: str, label_col: str, label_names: list[st
     return ds.cast_column("labels", ClassLabel(names=label_names))
 
 
-def tokenize_splits(data: TaskData, tokenizer, max_length: int) -> dict[str, Dataset]:
-    """Batched, cached tokenisation. Adds `length` (tokens before truncation) for the statistics."""
+def _text_columns(data: TaskData) -> list[str]:
+    return [data.text_column] + ([data.text_pair_column] if data.text_pair_column else [])
+
+
+def _batch_encoder(data: TaskData, tokenizer, max_length: int, with_length: bool):
+    """The batched `map` function that tokenises a split's text (and pair) column, truncated to `max_length`;
+    `with_length` adds `length`, the tokens before truncation."""
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         pairs = batch[data.text_pair_column] if data.text_pair_column else None
         out = tokenizer(batch[data.text_column], pairs, truncation=True, max_length=max_length)
-        # A second pass without truncation gives the true lengths, so we can report what truncation cuts.
-        full = tokenizer(batch[data.text_column], pairs, truncation=False, verbose=False)
-        out["length"] = [len(ids) for ids in full["input_ids"]]
+        if with_length:
+            # A second pass without truncation gives the true lengths, so we can report what truncation cuts.
+            full = tokenizer(batch[data.text_column], pairs, truncation=False, verbose=False)
+            out["length"] = [len(ids) for ids in full["input_ids"]]
         return out
 
-    cols = [data.text_column] + ([data.text_pair_column] if data.text_pair_column else [])
+    return encode
+
+
+def tokenize_splits(data: TaskData, tokenizer, max_length: int) -> dict[str, Dataset]:
+    """Batched, cached tokenisation. Adds `length` (tokens before truncation) for the statistics."""
+    encode = _batch_encoder(data, tokenizer, max_length, with_length=True)
     out = {}
     for split in ("train", "validation", "test"):
         ds = getattr(data, split)
         if ds is not None:
-            out[split] = ds.map(encode, batched=True, remove_columns=cols, desc=None)
+            out[split] = ds.map(encode, batched=True, remove_columns=_text_columns(data), desc=None)
     return out
 
 
 def tokenize_stream(data: TaskData, tokenizer, max_length: int) -> IterableDataset:
     """`data.train_stream` tokenised lazily, batch by batch as the loader reads it (no `length`: a stream
     is neither measured nor length-grouped)."""
-    cols = [data.text_column] + ([data.text_pair_column] if data.text_pair_column else [])
-
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        pairs = batch[data.text_pair_column] if data.text_pair_column else None
-        return tokenizer(batch[data.text_column], pairs, truncation=True, max_length=max_length)
-
-    return data.train_stream.map(encode, batched=True, remove_columns=cols)
+    encode = _batch_encoder(data, tokenizer, max_length, with_length=False)
+    return data.train_stream.map(encode, batched=True, remove_columns=_text_columns(data))
 
 
 def length_stats(lengths: list[int] | np.ndarray, max_length: int) -> dict[str, float]:

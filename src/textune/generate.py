@@ -13,6 +13,7 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, GenerationConfig, PreTrainedModel,
                           pipeline, set_seed)
 
+from textune.adapters import adapter_info, is_adapter_dir
 from textune.errors import TextuneError
 from textune.models import load_tokenizer, resolve_model, resolve_run_model, safetensors_only
 
@@ -21,14 +22,13 @@ MASK_PLACEHOLDER = "[MASK]"  # what users write; translated to the model's own m
 # "generate" with a fresh random head or bidirectional attention.
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 MASKED_SUFFIXES = ("ForMaskedLM", "ForPreTraining")  # BertForPreTraining = MLM + NSP heads
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _model_dir(model: str | Path) -> str:
     """RUN_OR_MODEL -> a loadable model folder (RUN/model for a run folder), or a PEFT adapter folder."""
     path = Path(model).expanduser()
     for folder in (path / "model", path):
-        if (folder / ADAPTER_CONFIG).is_file():
+        if is_adapter_dir(folder):
             return str(folder)
     if not path.exists():
         return resolve_model(str(model))  # a Hub id (with --online), or a clear "not found"
@@ -38,11 +38,7 @@ def _model_dir(model: str | Path) -> str:
 
 def _adapter_base(model_dir: str) -> str | None:
     """The base model an adapter folder was trained on (None for a plain model folder)."""
-    if not (Path(model_dir) / ADAPTER_CONFIG).is_file():
-        return None
-    from peft import PeftConfig
-
-    return PeftConfig.from_pretrained(model_dir).base_model_name_or_path
+    return adapter_info(model_dir)["base_model"] if is_adapter_dir(model_dir) else None
 
 
 def model_task(run_or_model: str | Path) -> str:
