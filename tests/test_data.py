@@ -1,4 +1,5 @@
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -116,6 +117,21 @@ def test_tokenize_adds_untruncated_length(tiny_model, tmp_path):
     row = out["train"][0]
     assert len(row["input_ids"]) <= 5 and row["length"] >= len(row["input_ids"])
     assert set(out["train"].column_names) >= {"input_ids", "attention_mask", "labels", "length"}
+
+
+def test_tokenisation_is_cached_unless_switched_off(tiny_model, tmp_path):
+    tok = load_tokenizer(str(tiny_model))
+    path = write_csv(tmp_path / "t.csv", toy_rows(30, 0))
+    data = load_task_data(cfg(path, path), 0)
+    first = tokenize_splits(data, tok, 16)["train"]
+    cache_file = Path(first.cache_files[0]["filename"])
+    written = cache_file.stat().st_mtime_ns
+    again = tokenize_splits(data, tok, 16)["train"]
+    assert again.cache_files[0]["filename"] == str(cache_file) and cache_file.stat().st_mtime_ns == written
+    assert tokenize_splits(data, tok, 8)["train"].cache_files[0]["filename"] != str(cache_file)  # keyed on max_length
+    fresh = tokenize_splits(data, tok, 16, cache=False)["train"]
+    assert fresh.cache_files[0]["filename"] == str(cache_file) and cache_file.stat().st_mtime_ns != written
+    assert fresh["input_ids"] == first["input_ids"]
 
 
 def test_pairs_get_segment_ids(tiny_model, tmp_path):

@@ -11,6 +11,7 @@ from textune.models import (
     load_tokenizer,
     resolve_model,
     resolve_run_model,
+    set_attention,
 )
 
 
@@ -69,3 +70,18 @@ def test_resolve_run_model(tmp_path, tiny_model):
         resolve_run_model(tmp_path / "missing")
     with pytest.raises(TextuneError, match="neither a textune run folder"):
         resolve_run_model(tmp_path)
+
+
+def test_attention_switch(tiny_model, monkeypatch):
+    model = load_classifier(str(tiny_model), ["a", "b"])
+    assert model.config._attn_implementation == "sdpa" and set_attention(model, "auto") is model
+    assert set_attention(model, "eager").config._attn_implementation == "eager"
+    assert set_attention(model, "sdpa").config._attn_implementation == "sdpa"
+
+    def unsupported(self, name):
+        raise ValueError(f"{type(self).__name__} does not support an attention implementation through {name}\nmore")
+
+    monkeypatch.setattr(type(model), "set_attn_implementation", unsupported)
+    with pytest.raises(TextuneError, match=r"^model.attention: BertForSequenceClassification cannot use eager "
+                                           r"attention \(.*\); set model.attention: eager$"):
+        set_attention(model, "eager")

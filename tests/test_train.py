@@ -5,9 +5,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import toy_overrides, toy_rows, write_csv
-from textune.config import load_config
+from textune.config import TrainConfig, load_config
 from textune.errors import TextuneError
-from textune.train import choose_mixed_precision, train
+from textune.models import load_classifier
+from textune.train import build_optimizer, choose_mixed_precision, load_inputs, train
 
 
 def read_history(run):
@@ -142,6 +143,28 @@ def test_mixed_precision_choice():
         choose_mixed_precision("fp16", "cpu")
     mode, note = choose_mixed_precision("auto", "cpu")
     assert mode in ("bf16", "no") and (mode == "bf16") == (note is None)
+
+
+def test_fused_optimizer_switch(tiny_model):
+    model = load_classifier(str(tiny_model), ["a", "b"])
+    fused = build_optimizer(model, TrainConfig())
+    foreach = build_optimizer(model, TrainConfig(fused_optimizer=False))
+    assert fused.defaults["fused"] is True and not fused.defaults["foreach"]
+    assert foreach.defaults["foreach"] is True and not foreach.defaults["fused"]
+
+
+def test_eager_attention_trains_like_sdpa(tiny_model, toy_data, tmp_path):
+    """model.attention switches the kernel, not the maths: same seed, same losses within float rounding."""
+    losses = {}
+    for attention in ("sdpa", "eager"):
+        cfg = load_config(None, toy_overrides(tiny_model, toy_data, tmp_path / attention, **{
+            "train.max_steps": 4, "train.logging_steps": 1, "train.mixed_precision": "no",
+            "model.attention": attention}))
+        assert load_inputs(cfg).model.config._attn_implementation == attention
+        run = train(cfg)
+        history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+        losses[attention] = [r["loss"] for r in history if r["type"] == "train"]
+    assert len(losses["sdpa"]) == 4 and losses["sdpa"] == pytest.approx(losses["eager"], abs=1e-4)
 
 
 def test_bf16_training_runs_on_cpu(tiny_model, toy_data, tmp_path):

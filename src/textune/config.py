@@ -32,6 +32,9 @@ class ModelConfig:
     name: str | None = _f(None, "local model folder or Hugging Face Hub id; empty = the packaged MiniLM-L6-H384")
     max_length: int = _f(128, "tokens per example after truncation (pairs are truncated longest-first)")
     trust_remote_code: bool = _f(False, "allow model code from the model folder/Hub to run (off: only built-in architectures)")
+    attention: Literal["auto", "sdpa", "eager"] = _f(
+        "auto", "auto: sdpa where the architecture has it, else eager; sdpa: PyTorch's fused "
+                "scaled_dot_product_attention; eager: transformers' plain matmul-softmax-matmul")
     init: Literal["pretrained", "scratch"] = _f(
         "pretrained", "pretrained: start from model.name's weights; scratch (textune pretrain only): random weights "
                       "of model.architecture sized by model.layers/heads/hidden_size, tokenizer from model.name")
@@ -78,6 +81,8 @@ class DataConfig:
                                 "needs train.max_steps and a data.validation file; checks and statistics use its "
                                 "first 1,000 rows, so set data.label_names unless those hold every label")
     shuffle_buffer: int = _f(10_000, "data.streaming: rows held in memory to shuffle the stream (0 = read in file order)")
+    cache: bool = _f(True, "reuse the tokenised data from the datasets cache when the file, tokenizer and "
+                           "model.max_length are unchanged (false: tokenise again)")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -140,6 +145,8 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _f(
         "auto", "auto: bf16 where the CPU/GPU runs it fast, else fp32; fp16 needs a GPU")
     group_by_length: bool = _f(True, "batch examples of similar length together (less padding, still shuffled)")
+    fused_optimizer: bool = _f(True, "AdamW as one fused kernel where PyTorch has one (CPU, CUDA); false: the "
+                                     "multi-tensor foreach version")
     eval_steps: int | None = _f(None, "evaluate every N optimizer steps; empty = at the end of every epoch")
     logging_steps: int = _f(50, "write training loss and lr to history.jsonl every N optimizer steps")
     metric: str = _f("accuracy", "validation metric that picks the best checkpoint and drives early stopping")

@@ -342,14 +342,16 @@ def _batch_encoder(data: TaskData, tokenizer, max_length: int, with_length: bool
     return encode
 
 
-def tokenize_splits(data: TaskData, tokenizer, max_length: int) -> dict[str, Dataset]:
-    """Batched, cached tokenisation. Adds `length` (tokens before truncation) for the statistics."""
+def tokenize_splits(data: TaskData, tokenizer, max_length: int, cache: bool = True) -> dict[str, Dataset]:
+    """Batched tokenisation, cached by `datasets` (keyed on the data, the tokenizer and max_length; `cache`
+    False recomputes it). Adds `length` (tokens before truncation) for the statistics."""
     encode = _batch_encoder(data, tokenizer, max_length, with_length=True)
     out = {}
     for split in ("train", "validation", "test"):
         ds = getattr(data, split)
         if ds is not None:
-            out[split] = ds.map(encode, batched=True, remove_columns=_text_columns(data), desc=None)
+            out[split] = ds.map(encode, batched=True, remove_columns=_text_columns(data), desc=None,
+                                load_from_cache_file=cache)
     return out
 
 

@@ -154,6 +154,23 @@ def saved_run_config(run_dir: Path | None) -> dict:
     return yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
 
 
+def set_attention(model: PreTrainedModel, attention: str) -> PreTrainedModel:
+    """Switch the model's attention kernel (`model.attention`: sdpa or eager; auto keeps what transformers
+    chose at load: sdpa where the architecture has it); return the model.
+
+    Raises:
+        TextuneError: the architecture has no such implementation.
+    """
+    if attention == "auto" or model.config._attn_implementation == attention:
+        return model
+    try:
+        model.set_attn_implementation(attention)
+    except (ValueError, ImportError) as e:
+        raise TextuneError(f"model.attention: {type(model).__name__} cannot use {attention} attention "
+                           f"({str(e).splitlines()[0]}); set model.attention: eager") from None
+    return model
+
+
 def apply_tuning(model: PreTrainedModel, tuning: TuningConfig) -> PreTrainedModel:
     """Choose what trains; return the model to train (PEFT methods wrap it).
 

@@ -39,7 +39,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 from textune.config import Config, ModelConfig
 from textune.data import read_table, read_text_lines
 from textune.errors import TextuneError
-from textune.models import apply_tuning, load_tokenizer, resolve_model, safetensors_only
+from textune.models import apply_tuning, load_tokenizer, resolve_model, safetensors_only, set_attention
 
 
 # ---------------------------------------------------------------- corpus
@@ -375,5 +375,5 @@ def load_pretrain_inputs(cfg: Config) -> PretrainInputs:
     stats = {"documents": {"train": len(train_docs), "validation": len(eval_docs)},
              "blocks": {k: len(v) for k, v in splits.items()}, "dropped_tokens": dropped}
     model, notes = load_language_model(cfg, model_path, tokenizer)
-    model = apply_tuning(model, cfg.tuning)
+    model = apply_tuning(set_attention(model, cfg.model.attention), cfg.tuning)
     return PretrainInputs(model_path, tokenizer, splits, stats, model, p.objective, train_collator, notes)

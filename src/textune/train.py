@@ -40,6 +40,7 @@ from textune.evaluate import evaluate_loader, headline
 from textune.augment import Mixup, augment_training_split
 from textune.adapters import is_peft_model, load_adapter_weights, save_adapter_extras
 from textune.models import (HEAD_MODULE_NAMES, apply_tuning, count_parameters, load_classifier, load_tokenizer,
+                            set_attention,
                             resolve_model)
 from textune.pretrain import load_pretrain_inputs
 
@@ -165,10 +166,12 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optim
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, **kwargs)
-    try:  # fused AdamW runs on CPU and CUDA in recent PyTorch: one kernel instead of a Python loop
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+    if t.fused_optimizer:
+        try:  # fused AdamW runs on CPU and CUDA in recent PyTorch: one kernel instead of a Python loop
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError):  # a device or dtype without a fused kernel
+            pass
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
 def make_loader(ds, tokenizer, batch_size: int, shuffle: bool, group_by_length: bool, seed: int,
@@ -382,10 +385,10 @@ def load_inputs(cfg: Config) -> Inputs:
     data_report = check_task_data(data)
     enforce(data_report, cfg.data.strict)
     data = augment_training_split(data, cfg.data.augment, cfg.seed)  # after the checks: they see the user's rows
-    tokenized = tokenize_splits(data, tokenizer, cfg.model.max_length)
+    tokenized = tokenize_splits(data, tokenizer, cfg.model.max_length, cache=cfg.data.cache)
     stats = {split: length_stats(ds["length"], cfg.model.max_length) for split, ds in tokenized.items()}
     model = load_classifier(model_path, data.label_names, cfg.model.trust_remote_code)
-    model = apply_tuning(model, cfg.tuning)
+    model = apply_tuning(set_attention(model, cfg.model.attention), cfg.tuning)
     return Inputs(model_path, tokenizer, data, data_report, tokenized, stats, model)
 
 
