@@ -40,8 +40,7 @@ from textune.evaluate import evaluate_loader, headline
 from textune.augment import Mixup, augment_training_split
 from textune.adapters import is_peft_model, load_adapter_weights, save_adapter_extras
 from textune.models import (HEAD_MODULE_NAMES, apply_tuning, count_parameters, load_classifier, load_tokenizer,
-                            set_attention,
-                            resolve_model)
+                            resolve_model, set_attention)
 from textune.pretrain import load_pretrain_inputs
 
 RUN_MARKERS = ("config.yaml", "history.jsonl")
