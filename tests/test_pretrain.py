@@ -13,7 +13,7 @@ from test_checkpoint import write_config as write_nested_config
 from textune.cli import main
 from textune.config import load_config
 from textune.errors import ConfigError, TextuneError
-from textune.pretrain import (end_of_text_id, load_pretrain_inputs, mlm_collator, pack_blocks, read_corpus,
+from textune.tasks.language_modeling import (end_of_text_id, load_pretrain_inputs, mlm_collator, pack_blocks, read_corpus,
                               split_corpus, tokenize_documents)
 
 
@@ -227,7 +227,7 @@ def test_nsp_pairs_train_bert_pretraining_heads(tiny_model, corpus, tmp_path):
     share = sum(pairs["next_sentence_label"]) / len(pairs)
     assert 0.4 < share < 0.6
     loader = torch.utils.data.DataLoader(inputs.tokenized["validation"], batch_size=32, collate_fn=inputs.collator("validation"))
-    metrics, _, _ = inputs.evaluate(inputs.model, loader)
+    metrics, _ = inputs.evaluate(inputs.model, loader)
     assert metrics["tokens"] > 0 and 0 <= metrics["nsp_accuracy"] <= 1
 
 
@@ -235,7 +235,8 @@ def test_nsp_pairs_train_bert_pretraining_heads(tiny_model, corpus, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"train.metric": "accuracy", "train.greater_is_better": True}, r"train.metric: pretraining evaluates loss"),
+    ({"train.metric": "accuracy", "train.greater_is_better": True},
+     r"train.metric: 'accuracy' is not a metric of task language-modeling"),
     ({"pretrain.objective": "clm", "pretrain.whole_word_mask": True}, r"pretrain.whole_word_mask: only for"),
     ({"pretrain.mlm_probability": 1.5}, r"pretrain.mlm_probability: must be between 0 and 1"),
     ({"model.init": "scratch", "model.architecture": "gpt2"}, r"model.architecture: gpt2 cannot be trained with pretrain.objective mlm"),

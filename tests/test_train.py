@@ -8,7 +8,8 @@ from conftest import toy_overrides, toy_rows, write_csv
 from textune.config import TrainConfig, load_config
 from textune.errors import TextuneError
 from textune.models import load_classifier
-from textune.train import build_optimizer, choose_mixed_precision, load_inputs, train
+from textune.tasks import get_task
+from textune.train import build_optimizer, choose_mixed_precision, train
 
 
 def read_history(run):
@@ -160,7 +161,7 @@ def test_eager_attention_trains_like_sdpa(tiny_model, toy_data, tmp_path):
         cfg = load_config(None, toy_overrides(tiny_model, toy_data, tmp_path / attention, **{
             "train.max_steps": 4, "train.logging_steps": 1, "train.mixed_precision": "no",
             "model.attention": attention}))
-        assert load_inputs(cfg).model.config._attn_implementation == attention
+        assert get_task(cfg.task).load_inputs(cfg).model.config._attn_implementation == attention
         run = train(cfg)
         history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
         losses[attention] = [r["loss"] for r in history if r["type"] == "train"]

@@ -30,9 +30,8 @@ from transformers.pytorch_utils import Conv1D
 
 from textune.config import TuningConfig
 from textune.errors import TextuneError
-from textune.infer import Predictor
-from textune.models import (HEAD_MODULE_NAMES, load_classifier, load_tokenizer, resolve_model, resolve_run_model,
-                            saved_run_config)
+from textune.models import (HEAD_MODULE_NAMES, head_class, load_classifier, load_tokenizer, resolve_model,
+                            resolve_run_model, saved_run_config)
 
 PEFT_METHODS = ("lora", "prefix", "ia3")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -62,7 +61,9 @@ def peft_config_for(model: PreTrainedModel, tuning: TuningConfig) -> PeftConfig:
     A causal LM (textune pretrain, objective clm) gets PEFT's CAUSAL_LM task type, whose wrapper passes
     labels through and generates; its LM head stays frozen (tied to the embeddings in GPT-2/Llama)."""
     heads = head_modules(model)
-    task = TaskType.CAUSAL_LM if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) else TaskType.SEQ_CLS
+    name = type(model).__name__
+    task = (TaskType.CAUSAL_LM if name.endswith(("ForCausalLM", "LMHeadModel"))
+            else TaskType.TOKEN_CLS if name.endswith("ForTokenClassification") else TaskType.SEQ_CLS)
     if tuning.method == "prefix":
         return PrefixTuningConfig(task_type=task, num_virtual_tokens=tuning.num_virtual_tokens,
                                   modules_to_save=heads)
@@ -174,11 +175,12 @@ def adapter_info(folder: str | Path) -> dict:
     base = raw.get("base_model_name_or_path")
     if not base:
         raise TextuneError(f"adapter {folder} does not name its base model (base_model_name_or_path in {ADAPTER_CONFIG})")
-    labels = None
+    labels, architectures = None, None
     if (folder / "config.json").is_file():
         config = AutoConfig.from_pretrained(folder)
         labels = [config.id2label[i] for i in range(config.num_labels)]
-    return {"base_model": base, "peft_type": raw["peft_type"], "labels": labels,
+        architectures = config.architectures
+    return {"base_model": base, "peft_type": raw["peft_type"], "labels": labels, "architectures": architectures,
             "prompt_learning": raw["peft_type"] in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")}
 
 
@@ -202,7 +204,7 @@ def load_adapter_classifier(folder: str | Path, merge: bool = True):
     if info["labels"] is None:
         raise TextuneError(f"adapter {folder} has no config.json, so its labels are unknown; "
                            f"it was not saved by textune train")
-    model = load_classifier(_base_path(info, folder), info["labels"])
+    model = load_classifier(_base_path(info, folder), info["labels"], auto_class=head_class(info["architectures"]))
     if info["prompt_learning"]:
         _accept_past_key_values(model)
     model = PeftModel.from_pretrained(model, folder)
@@ -315,7 +317,10 @@ class AdapterRegistry:
         shutil.copytree(model_dir, tmp)
         shutil.rmtree(self.root / name, ignore_errors=True)
         tmp.rename(self.root / name)
-        entry = {"method": _method(info["peft_type"]), "labels": info["labels"], "source": str(Path(run or model_dir).resolve()),
+        from textune.tasks import task_of
+
+        entry = {"method": _method(info["peft_type"]), "task": task_of(run or model_dir), "labels": info["labels"],
+                 "architectures": info["architectures"], "source": str(Path(run or model_dir).resolve()),
                  "added": time.strftime("%Y-%m-%d %H:%M:%S"), **_run_settings(run)}
         self.index.update(base_model=base, peft_type=info["peft_type"])
         self.index["adapters"][name] = entry
@@ -377,29 +382,30 @@ def base_model_of(run_or_model: str | Path) -> str:
     return _normalise_base(resolve_model(str(run_or_model)))
 
 
-class AdapterPredictor(Predictor):
+class AdapterPredictor:
     """The base model of a registry, loaded once, with its adapters switched in on demand.
 
     `AdapterPredictor("adapters").predict(["great film"], adapter="sst2")`. The first use of an adapter loads
     it (PEFT `load_adapter`); switching is PEFT `set_adapter`: the base is never reloaded. Each adapter keeps
-    its own classification head, so adapters may have different labels.
+    its own head, so adapters may have different labels. Predictions are made by the predictor of the
+    adapter's task (`Task.load_predictor`'s class), wrapped around the PEFT model.
     """
 
     def __init__(self, registry: str | Path | AdapterRegistry, batch_size: int = 64, max_length: int | None = None,
                  device: str | None = None):
-        # Predictor.__init__ loads one model from a folder; here the model is built adapter by adapter.
         self.registry = registry if isinstance(registry, AdapterRegistry) else AdapterRegistry(registry)
         if not self.registry.names():
             raise TextuneError(f"adapter registry {self.registry.root} is empty or missing; add an adapter with: "
                                f"textune adapters add RUN --name NAME --registry {self.registry.root}")
         self.run_dir = None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.precision = "fp32"  # Predictor's attributes, so its batching code runs unchanged
         self.batch_size = batch_size
         self.requested_max_length = max_length
         self.tokenizer = load_tokenizer(resolve_model(self.registry.base_model))
         self.model: PeftModel | None = None
         self.adapter: str | None = None
+        self.predictor = None  # the active adapter's task predictor
+        self.task = self.registry.entry(self.registry.names()[0]).get("task", "classification")
         self.label_names: list[str] = []
         self.max_length = max_length or min(self.tokenizer.model_max_length, 512)
 
@@ -417,16 +423,19 @@ class AdapterPredictor(Predictor):
         """Make adapter `name` the active one, loading it on first use.
 
         Raises:
-            TextuneError: `name` is None (each adapter has its own head: there is no adapter-less classifier)
+            TextuneError: `name` is None (each adapter has its own head: there is no adapter-less model)
                 or not in the registry.
         """
+        from textune.tasks import get_task
+
         if name is None:
             raise TextuneError(f"name the adapter to predict with: one of {', '.join(self.registry.names())}")
         if name == self.adapter:
             return
         entry, folder = self.registry.entry(name), self.registry.path(name)
         if self.model is None:
-            base = load_classifier(resolve_model(self.registry.base_model), entry["labels"])
+            base = load_classifier(resolve_model(self.registry.base_model), entry["labels"],
+                                   auto_class=head_class(entry.get("architectures")))
             if adapter_info(folder)["prompt_learning"]:
                 _accept_past_key_values(base)
             self.model = PeftModel.from_pretrained(base, folder, adapter_name=name)
@@ -435,19 +444,24 @@ class AdapterPredictor(Predictor):
         self.model.set_adapter(name)
         self.model.to(self.device).eval()
         self.adapter, self.label_names = name, entry["labels"]
+        self.task = entry.get("task", "classification")
         self.max_length = self.requested_max_length or entry.get("max_length") or min(self.tokenizer.model_max_length, 512)
+        predictor_class = type(get_task(self.task)).predictor_class
+        self.predictor = predictor_class.around(self.model, self.tokenizer, self.batch_size, self.max_length, self.device)
+        self.predictor.label_names = entry["labels"]  # the active adapter's head, not the first one's config
 
-    def predict_proba(self, texts: list[str], text_pairs: list[str] | None = None, adapter: str | None = None):
+    def _active(self, adapter: str | None):
         if adapter is not None:
             self.activate(adapter)
         if self.adapter is None:
             raise TextuneError(f"name the adapter to predict with: one of {', '.join(self.registry.names())}")
-        return super().predict_proba(texts, text_pairs)
+        return self.predictor
 
-    def predict(self, texts: list[str], text_pairs: list[str] | None = None, adapter: str | None = None) -> list[dict]:
-        if adapter is not None:
-            self.activate(adapter)
-        return super().predict(texts, text_pairs)
+    def predict_proba(self, texts: list[str], text_pairs: list[str] | None = None, adapter: str | None = None):
+        return self._active(adapter).predict_proba(texts, text_pairs)
+
+    def predict(self, texts: list, text_pairs: list[str] | None = None, adapter: str | None = None) -> list[dict]:
+        return self._active(adapter).predict(texts, text_pairs)
 
 
 def _load_adapter_with_own_head(model: PeftModel, folder: Path, name: str) -> None:

@@ -10,10 +10,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import numpy as np
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -88,86 +84,46 @@ def _launch_processes(args: argparse.Namespace, extra: list[str], cfg) -> int:
 
 def cmd_validate_data(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.config import load_config, parse_override_args
-    from textune.data import load_task_data
-    from textune.data_checks import check_task_data, enforce
+    from textune.data_checks import enforce
+    from textune.tasks import get_task
 
     cfg = load_config(args.config, parse_override_args(extra))
-    report = check_task_data(load_task_data(cfg.data, cfg.seed))
+    report = get_task(cfg.task).check_data(cfg)
     print(report.format())
     enforce(report, args.strict or cfg.data.strict)
     return 0
 
 
+def _run_columns(run_dir: Path | None, args: argparse.Namespace) -> dict:
+    """The run's data.* settings (column names, format), overridden by the command line's column options."""
+    from textune.models import saved_run_config
+
+    columns = dict(saved_run_config(run_dir).get("data") or {})
+    for key in ("text_column", "text_pair_column", "label_column", "tokens_column", "tags_column"):
+        if getattr(args, key, None):
+            columns[key] = getattr(args, key)
+    return columns
+
+
 def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
-    import numpy as np
+    from textune.evaluate import headline
+    from textune.tasks import get_task, task_of
 
-    from textune.data import read_table
-    from textune.errors import TextuneError
-    from textune.evaluate import classification_metrics, headline
-    from textune.infer import Predictor
-
-    predictor = Predictor(args.run_or_model, batch_size=args.batch_size)
-    cols = _run_columns(predictor.run_dir)
-    text_col = args.text_column or cols.get("text_column", "text")
-    pair_col = args.text_pair_column or cols.get("text_pair_column")
-    label_col = args.label_column or cols.get("label_column", "label")
-    ds = read_table(args.data, "--data")
-    missing = [c for c in (text_col, pair_col, label_col) if c and c not in ds.column_names]
-    if missing:
-        raise TextuneError(f"{args.data} has no column {missing[0]!r}; its columns are: "
-                           f"{', '.join(map(repr, ds.column_names))} (set --text-column/--label-column)")
-    names = predictor.label_names
-    label_ids = _labels_to_ids(ds[label_col], names, args.data)
-    probs = predictor.predict_proba([str(t) for t in ds[text_col]], [str(t) for t in ds[pair_col]] if pair_col else None)
-    metrics = classification_metrics(label_ids, probs.argmax(-1), names)
-    nll = -np.log(np.clip(probs[np.arange(len(label_ids)), label_ids], 1e-12, None)).mean()
-    metrics["loss"] = float(nll)
+    task = get_task(task_of(args.run_or_model))
+    predictor = task.load_predictor(args.run_or_model, batch_size=args.batch_size)
+    metrics = task.evaluate_file(predictor, args.data, _run_columns(predictor.run_dir, args))
     out = Path(args.output) if args.output else (predictor.run_dir or Path(".")) / f"eval-{Path(args.data).stem}" / "metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
     print(f"{args.data}: {headline(metrics)}")
-    print(_format_confusion(metrics["confusion_matrix"]))
+    print(task.format_metrics(metrics))
     print(f"metrics written to {out}")
     return 0
 
 
-def _labels_to_ids(values: list, names: list[str], source: str) -> np.ndarray:
-    """Map gold labels (names, or integer ids) onto the model's label ids."""
-    import numpy as np
-
-    from textune.errors import TextuneError
-
-    by_name = {n: i for i, n in enumerate(names)}
-    ids, unknown = [], set()
-    for v in values:
-        if str(v) in by_name:
-            ids.append(by_name[str(v)])
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and 0 <= v < len(names):
-            ids.append(int(v))
-        else:
-            unknown.add(v)
-    if unknown:
-        raise TextuneError(f"{source} has labels the model was not trained on: {sorted(map(str, unknown))[:5]}; "
-                           f"the model knows {names}")
-    return np.asarray(ids)
-
-
-def _format_confusion(cm: dict) -> str:
-    names, matrix = cm["labels"], cm["matrix"]
-    width = max(8, *(len(n) for n in names)) + 1
-    head = "true \\ pred".ljust(width) + "".join(n.rjust(width) for n in names)
-    rows = [n.ljust(width) + "".join(str(v).rjust(width) for v in row) for n, row in zip(names, matrix)]
-    return "\n".join([head, *rows])
-
-
-def _run_columns(run_dir: Path | None) -> dict:
-    from textune.models import saved_run_config
-
-    return saved_run_config(run_dir).get("data") or {}
-
-
 def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
-    from textune.infer import Predictor, read_inputs, write_jsonl
+    from textune.infer import write_jsonl
+    from textune.tasks import get_task, task_of
 
     if args.adapter is not None and args.quantize:
         raise _usage("--quantize works on a full model, not with --adapter; drop one of the two")
@@ -177,17 +133,15 @@ def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
         predictor = AdapterPredictor(args.registry or "adapters", batch_size=args.batch_size)
         predictor.check_base(args.run_or_model)
         predictor.activate(args.adapter)
+        task = get_task(predictor.task)
     elif args.registry is not None:
         raise _usage("--registry names where adapters are kept; add --adapter NAME to choose one")
     else:
-        predictor = Predictor(args.run_or_model, batch_size=args.batch_size, precision=args.quantize or "fp32")
-    cols = _run_columns(predictor.run_dir)
-    texts, pairs = read_inputs(args.input, args.text_column or cols.get("text_column", "text"),
-                               args.text_pair_column or cols.get("text_pair_column"))
-    rows = predictor.predict(texts, pairs)
-    for row, text in zip(rows, texts):
-        row["text"] = text
-    write_jsonl(({"text": r.pop("text"), **r} for r in rows), args.output)
+        task = get_task(task_of(args.run_or_model))
+        predictor = task.load_predictor(args.run_or_model, batch_size=args.batch_size, precision=args.quantize or "fp32")
+    inputs, echo = task.read_inputs(args.input, _run_columns(predictor.run_dir, args), predictor)
+    rows = predictor.predict(*inputs)
+    write_jsonl(({**shown, **row} for shown, row in zip(echo, rows)), args.output)
     if args.output and args.output != "-":
         print(f"{len(rows)} predictions written to {args.output}", file=sys.stderr)
     return 0
@@ -330,8 +284,11 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.adapters import merge_adapter
 
+    from textune.tasks import TASKS, task_of
+
     out = merge_adapter(args.run, args.output, overwrite=args.overwrite)
-    print(f"merged model written to {out} (loads with transformers.pipeline('text-classification', '{out}'))")
+    print(f"merged model written to {out} (loads with transformers.pipeline('{TASKS[task_of(out)].pipeline_tag}', "
+          f"'{out}'))")
     return 0
 
 
@@ -446,20 +403,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="metrics of a run or model on a labelled file")
     e.add_argument("run_or_model", help="a run folder or a model folder")
-    e.add_argument("--data", required=True, help="labelled .csv/.tsv/.jsonl/.parquet file")
+    e.add_argument("--data", required=True, help="labelled .csv/.tsv/.jsonl/.parquet file (token classification: "
+                                                 "also .conll/.bio)")
     e.add_argument("--text-column", help="default: the run's data.text_column, else 'text'")
     e.add_argument("--text-pair-column", help="default: the run's data.text_pair_column")
     e.add_argument("--label-column", help="default: the run's data.label_column, else 'label'")
+    e.add_argument("--tokens-column", help="token classification, table files: column of word lists (default: "
+                                           "the run's data.tokens_column)")
+    e.add_argument("--tags-column", help="token classification, table files: column of tag lists (default: "
+                                         "the run's data.tags_column)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--output", help="where to write metrics.json (default: RUN/eval-<data name>/metrics.json)")
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("predict", help="predict labels; JSONL out, one line per input")
     r.add_argument("run_or_model", help="a run folder or a model folder")
-    r.add_argument("--input", required=True, help="'-' for stdin or a .txt (one text per line), or a data file")
+    r.add_argument("--input", required=True, help="'-' for stdin or a .txt (one text per line), or a data file "
+                                                  "(token classification: also .conll/.bio, tagged per token)")
     r.add_argument("--output", help="JSONL file to write (default: stdout)")
     r.add_argument("--text-column", help="column of texts in a data file (default: the run's, else 'text')")
     r.add_argument("--text-pair-column", help="column of second texts for pair tasks")
+    r.add_argument("--tokens-column", help="token classification: column of word lists in a table file "
+                                           "(default: the run's data.tokens_column)")
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--adapter", metavar="NAME", help="predict with this adapter of --registry on the base model "
                                                      "RUN_OR_MODEL (or the base a run was trained on)")

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from textune.errors import ConfigError, TextuneError
+from textune.tasks import TASKS
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -69,10 +70,18 @@ class DataConfig:
     train: str | None = _f(None, "training file: .csv, .tsv, .jsonl/.json or .parquet")
     validation: str | None = _f(None, "validation file; empty = a stratified split of the training data")
     test: str | None = _f(None, "optional test file, evaluated once with the best model at the end")
+    format: Literal["auto", "table", "conll"] = _f(
+        "auto", "auto: by extension (.conll/.bio: CoNLL token-per-line files, else a table); table: "
+                ".csv/.tsv/.jsonl/.json/.parquet; conll: one `token TAG` per line, a blank line between sentences")
     text_column: str = _f("text", "column holding the text (the first text for pair tasks)")
     text_pair_column: str | None = _f(None, "column holding the second text of a sentence-pair task (MRPC)")
     label_column: str = _f("label", "column holding the label (ints or strings)")
-    label_names: list[str] | None = _f(None, "names for integer labels 0..K-1, e.g. [negative, positive]")
+    label_names: list[str] | None = _f(None, "names for integer labels (or integer tags) 0..K-1, e.g. [negative, positive]")
+    tokens_column: str = _f("tokens", "token-classification, table files: column holding each sentence's list of words")
+    tags_column: str = _f("tags", "token-classification, table files: column holding each sentence's list of tags "
+                                  "(BIO/IOB2 strings, or ints named by data.label_names)")
+    label_all_tokens: bool = _f(False, "token-classification: every sub-token of a word carries the word's tag (B- "
+                                       "becomes I- after the first); false: only the first, the rest are ignored")
     validation_split: float = _f(0.1, "share of training rows held out when no validation file is given")
     max_train_samples: int | None = _f(None, "use only the first N training rows (after shuffling with the seed)")
     max_eval_samples: int | None = _f(None, "use only the first N validation rows")
@@ -149,8 +158,11 @@ class TrainConfig:
                                      "multi-tensor foreach version")
     eval_steps: int | None = _f(None, "evaluate every N optimizer steps; empty = at the end of every epoch")
     logging_steps: int = _f(50, "write training loss and lr to history.jsonl every N optimizer steps")
-    metric: str = _f("accuracy", "validation metric that picks the best checkpoint and drives early stopping")
-    greater_is_better: bool = _f(True, "whether a larger metric value is better")
+    metric: str | None = _f(None, "validation metric that picks the best checkpoint and drives early stopping; "
+                                  "empty = the task's headline (classification: accuracy, token-classification: "
+                                  "f1, language-modeling: loss)")
+    greater_is_better: bool | None = _f(None, "whether a larger metric value is better; empty = false for loss and "
+                                              "perplexity, true for the others")
     early_stopping_patience: int | None = _f(None, "stop after N evaluations without improvement; empty = never")
     load_best_at_end: bool = _f(True, "save and report the best evaluated model, not the last one")
     checkpoint_steps: int | None = _f(500, "write a resumable checkpoint every N optimizer steps (and at every evaluation)")
@@ -188,6 +200,8 @@ class LoggingConfig:
 
 @dataclass
 class Config:
+    task: str | None = _f(None, "what the run learns: " + ", ".join(TASKS) + "; empty = classification, or "
+                                "language-modeling when pretrain.corpus is set")
     output_dir: str = _f("runs/run", "run folder to create (refused if it exists, unless --overwrite)")
     seed: int = _f(42, "seed for python, numpy and torch, the data split and shuffling")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -208,7 +222,6 @@ ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_trai
            "metric_for_best_model": "metric", "load_best_model_at_end": "load_best_at_end",
            "model_name_or_path": "name", "max_seq_length": "max_length", "epoch": "epochs"}
 
-METRICS = ("accuracy", "f1", "f1_macro", "precision", "recall", "precision_macro", "recall_macro", "loss", "perplexity")
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
@@ -394,12 +407,7 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     _check_augment(cfg, problems)
     if not 0 < d.validation_split < 1:
         problems.append(f"data.validation_split: must be between 0 and 1, got {d.validation_split}")
-    if t.metric not in METRICS:
-        close = difflib.get_close_matches(t.metric, METRICS, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        problems.append(f"train.metric: {t.metric!r} is not a metric{hint}; choose one of {', '.join(METRICS)}")
-    if t.metric in LOWER_IS_BETTER and t.greater_is_better:
-        problems.append(f"train.greater_is_better: must be false when train.metric is {t.metric}")
+    _resolve_task(cfg, problems)
     if cfg.pretrain.corpus is not None:
         _check_pretrain(cfg, problems)
     elif d.name is None and d.train is None:
@@ -416,6 +424,34 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
                         "pip install 'textune[tensorboard]' or set it to false")
     _check_scale(cfg, problems)
     _check_search(cfg, problems)
+
+
+def _resolve_task(cfg: Config, problems: list[str]) -> None:
+    """Fill in the task and its headline metric where the config leaves them empty (so the saved config.yaml
+    records what ran), and check that train.metric is one the task computes."""
+    t = cfg.train
+    if cfg.task is None:
+        cfg.task = "language-modeling" if cfg.pretrain.corpus is not None else "classification"
+    if cfg.task not in TASKS:
+        close = difflib.get_close_matches(cfg.task, list(TASKS), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"task: {cfg.task!r} is not a task{hint}; choose one of {', '.join(TASKS)}")
+        return
+    spec = TASKS[cfg.task]
+    if cfg.pretrain.corpus is not None and cfg.task != "language-modeling":
+        problems.append(f"task: {cfg.task} trains on labelled data, but pretrain.corpus is set (a language-modeling "
+                        f"corpus); remove one of them")
+    if t.metric is None:
+        t.metric = spec.default_metric
+    if t.metric not in spec.metrics:
+        close = difflib.get_close_matches(t.metric, spec.metrics, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"train.metric: {t.metric!r} is not a metric of task {cfg.task}{hint}; choose one of "
+                        f"{', '.join(spec.metrics)}")
+    if t.greater_is_better is None:
+        t.greater_is_better = t.metric not in LOWER_IS_BETTER
+    elif t.metric in LOWER_IS_BETTER and t.greater_is_better:
+        problems.append(f"train.greater_is_better: must be false when train.metric is {t.metric}")
 
 
 def _check_scale(cfg: Config, problems: list[str]) -> None:
@@ -448,9 +484,6 @@ def _check_pretrain(cfg: Config, problems: list[str]) -> None:
     if cfg.data.train is not None or cfg.data.name is not None:
         problems.append("pretrain.corpus: set together with data.train/data.name; a run either pretrains on a corpus "
                         "(textune pretrain) or fine-tunes on labelled data (textune train): remove one")
-    if t.metric not in LOWER_IS_BETTER:
-        problems.append(f"train.metric: pretraining evaluates loss and perplexity, got {t.metric!r}; set train.metric: "
-                        f"loss and train.greater_is_better: false")
     if not 0 < p.validation_share < 1:
         problems.append(f"pretrain.validation_share: must be between 0 and 1, got {p.validation_share}")
     if p.max_documents is not None and p.max_documents < 2:
@@ -525,8 +558,10 @@ def _check_augment(cfg: Config, problems: list[str]) -> None:
 def _check_search(cfg: Config, problems: list[str]) -> None:
     """The search section: metric, direction and every entry of the space (key path, type, bounds, choices)."""
     s = cfg.search
-    if s.metric is not None and s.metric not in METRICS:
-        problems.append(f"search.metric: {s.metric!r} is not a metric; choose one of {', '.join(METRICS)}")
+    metrics = TASKS[cfg.task].metrics if cfg.task in TASKS else ()
+    if s.metric is not None and s.metric not in metrics:
+        problems.append(f"search.metric: {s.metric!r} is not a metric of task {cfg.task}; choose one of "
+                        f"{', '.join(metrics)}")
     if (s.metric or cfg.train.metric) == "loss" and s.direction == "maximize":
         problems.append("search.direction: must be minimize (or empty) when the search metric is loss")
     for key, value in {"search.startup_trials": s.startup_trials, "search.warmup_evals": s.warmup_evals}.items():

@@ -12,29 +12,47 @@ import torch
 
 from textune.data import read_table, read_text_lines
 from textune.errors import TextuneError
-from textune.models import load_trained_classifier, resolve_run_model, saved_run_config
+from textune.models import load_saved_model, resolve_model, resolve_run_model, saved_run_config
 
 
-class Predictor:
-    """A loaded classifier. `Predictor("runs/sst2").predict(["great film"])` -> [{"label": ..., ...}].
+class ModelPredictor:
+    """A fine-tuned model loaded for prediction: model, tokenizer, device, precision and the run's max_length.
+    Each task's predictor (`Predictor` here for classifiers, `tasks.token_classification.TokenClassifierPredictor`)
+    adds its `predict`; `around` wraps a model already in memory (the adapter registry's active adapter)."""
 
-    Inputs are tokenised once, sorted by length and batched, so each batch pads to a similar length;
-    results come back in the input order.
-    """
+    task = "classification"
 
     def __init__(self, run_or_model: str | Path, batch_size: int = 64, max_length: int | None = None,
                  device: str | None = None, precision: str = "fp32"):
         """`precision`: fp32 (exact), bf16 (weights and activations in bfloat16) or int8 (dynamic
         quantisation of the Linear layers, CPU only); see `benchmarks/bench_predict.py` for speed and
         agreement with fp32."""
-        model_dir, self.run_dir = resolve_run_model(run_or_model)
-        self.model, self.tokenizer = load_trained_classifier(model_dir)
+        model_dir, run_dir = resolve_run_model(run_or_model)
+        model, tokenizer = load_trained_model(model_dir)
+        max_length = max_length or (saved_run_config(run_dir).get("model") or {}).get("max_length")
+        self._setup(model, tokenizer, run_dir, batch_size, max_length, device, precision)
+
+    @classmethod
+    def around(cls, model, tokenizer, batch_size: int = 64, max_length: int | None = None, device=None):
+        """A predictor for a model already loaded (and already on its device)."""
+        self = cls.__new__(cls)
+        self._setup(model, tokenizer, None, batch_size, max_length, device, "fp32")
+        return self
+
+    def _setup(self, model, tokenizer, run_dir, batch_size, max_length, device, precision) -> None:
+        self.run_dir, self.tokenizer, self.batch_size, self.precision = run_dir, tokenizer, batch_size, precision
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = with_precision(self.model.to(self.device), precision, self.device)
-        self.precision = precision
-        self.batch_size = batch_size
-        self.max_length = max_length or (saved_run_config(self.run_dir).get("model") or {}).get("max_length") or min(self.tokenizer.model_max_length, 512)
-        self.label_names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        self.model = with_precision(model.to(self.device), precision, self.device)
+        self.max_length = max_length or min(tokenizer.model_max_length, 512)
+        self.label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+
+class Predictor(ModelPredictor):
+    """A loaded classifier. `Predictor("runs/sst2").predict(["great film"])` -> [{"label": ..., ...}].
+
+    Inputs are tokenised once, sorted by length and batched, so each batch pads to a similar length;
+    results come back in the input order.
+    """
 
     @torch.inference_mode()
     def predict_proba(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:
@@ -58,6 +76,17 @@ class Predictor:
         probs = self.predict_proba(texts, text_pairs)
         return [{"label": self.label_names[int(p.argmax())], "score": round(float(p.max()), 6),
                  "probabilities": {n: round(float(x), 6) for n, x in zip(self.label_names, p)}} for p in probs]
+
+
+def load_trained_model(model_dir: str | Path):
+    """(model in eval mode, tokenizer) of a fine-tuned model folder as `textune train` saves it: a full model,
+    or an adapter, which is loaded on its base model and merged where PEFT can."""
+    model_dir = resolve_model(str(model_dir))
+    if (Path(model_dir) / "adapter_config.json").is_file():
+        from textune.adapters import load_adapter_classifier  # PEFT: imported only for adapter folders
+
+        return load_adapter_classifier(model_dir)
+    return load_saved_model(model_dir)
 
 
 PRECISIONS = ("fp32", "bf16", "int8")

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer,
+                          PreTrainedModel)
 from transformers.utils import logging as hf_logging
 
 from textune.config import TuningConfig
@@ -87,8 +88,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         raise _hub_error(name_or_path, "tokenizer", e) from None
 
 
-def load_classifier(name_or_path: str, label_names: list[str], trust_remote_code: bool = False) -> PreTrainedModel:
-    """Load an encoder with a (new or existing) classification head sized for `label_names`.
+def load_classifier(name_or_path: str, label_names: list[str], trust_remote_code: bool = False,
+                    auto_class=AutoModelForSequenceClassification) -> PreTrainedModel:
+    """Load an encoder with a (new or existing) classification head sized for `label_names`: a sequence
+    classifier, or a token classifier with `auto_class=AutoModelForTokenClassification`.
 
     The label names go into the model config (`id2label`/`label2id`), so `transformers.pipeline` on the
     saved folder returns named labels.
@@ -106,7 +109,7 @@ def load_classifier(name_or_path: str, label_names: list[str], trust_remote_code
     config.id2label = id2label
     config.label2id = {n: i for i, n in id2label.items()}
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = auto_class.from_pretrained(
             name_or_path, config=config, trust_remote_code=trust_remote_code,
             ignore_mismatched_sizes=not same_labels, **safetensors_only())
     except ValueError as e:
@@ -116,16 +119,19 @@ def load_classifier(name_or_path: str, label_names: list[str], trust_remote_code
     return model
 
 
-def load_trained_classifier(model_dir: str | Path) -> tuple[PreTrainedModel, object]:
-    """Load a fine-tuned classifier and its tokenizer, as saved by `textune train` (a full model or an adapter)."""
-    model_dir = resolve_model(str(model_dir))
-    if (Path(model_dir) / "adapter_config.json").is_file():
-        from textune.adapters import load_adapter_classifier  # adapters builds on this module: import late
+def head_class(architectures: list[str] | None):
+    """The transformers auto class of a saved head (token or sequence classifier), from config.architectures."""
+    if any(a.endswith("ForTokenClassification") for a in architectures or []):
+        return AutoModelForTokenClassification
+    return AutoModelForSequenceClassification
 
-        return load_adapter_classifier(model_dir)
-    tokenizer = load_tokenizer(model_dir)
+
+def load_saved_model(model_dir: str | Path) -> tuple[PreTrainedModel, object]:
+    """A fine-tuned full model (sequence or token classifier, by its saved architecture) and its tokenizer."""
+    tokenizer = load_tokenizer(str(model_dir))
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, **safetensors_only())
+        auto = head_class(AutoConfig.from_pretrained(model_dir).architectures)
+        model = auto.from_pretrained(model_dir, **safetensors_only())
     except (OSError, ValueError) as e:
         raise TextuneError(f"could not load a classifier from {model_dir}: {str(e).splitlines()[0]}") from None
     return model.eval(), tokenizer

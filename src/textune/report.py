@@ -2,10 +2,12 @@
 
 Everything is inline (CSS in a <style> block, figures as base64 `data:` PNGs, no script, no web font), so
 the file opens offline, survives being mailed or attached to a ticket, and makes no network request.
-Sections: summary, diagnosis, learning curves, final metrics with the confusion matrix as a heat map,
-calibration (reliability plot and expected calibration error), the most confidently wrong validation
-examples, data statistics and the config. A section whose input file is missing (a run still going)
-says so instead of failing.
+Sections: summary, diagnosis, learning curves, the task's own sections (`Task.report_sections`; for a
+classifier: final metrics with the confusion matrix as a heat map, calibration, the most confidently wrong
+validation examples; for a token classifier: per-type F1, type confusions, the worst sentences with spans
+marked), data statistics and the config. A section whose input file is missing (a run still going) says so
+instead of failing. The HTML helpers here (`esc`, `fmt`, `cards_html`, ...) are what task modules build
+their sections with.
 
 The page is built with f-strings and `html.escape`: a dozen small sections do not need a template engine
 (jinja2 is not a textune dependency).
@@ -26,6 +28,7 @@ from matplotlib.figure import Figure
 from textune.curves import figure_png, loss_figure, lr_figure, metrics_figure
 from textune.diagnose import Diagnosis, diagnose_curves, load_history
 from textune.errors import TextuneError
+from textune.tasks import get_task, task_of
 
 ECE_BINS = 10
 WORST_EXAMPLES = 12
@@ -122,7 +125,7 @@ def read_predictions(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _prediction_arrays(rows: list[dict], label_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def prediction_arrays(rows: list[dict], label_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     ids = {n: i for i, n in enumerate(label_names)}
     rows = [r for r in rows if r.get("label") in ids and r.get("probs")]
     return np.array([r["probs"] for r in rows], dtype=float), np.array([ids[r["label"]] for r in rows])
@@ -180,41 +183,41 @@ footer { color: var(--muted); font-size: 12px; text-align: center; margin-top: 2
 """
 
 
-def _e(value) -> str:
+def esc(value) -> str:
     return html.escape(str(value))
 
 
-def _img(fig: Figure, alt: str) -> str:
+def img_html(fig: Figure, alt: str) -> str:
     data = base64.b64encode(figure_png(fig)).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}">'
+    return f'<img src="data:image/png;base64,{data}" alt="{esc(alt)}">'
 
 
-def _fmt(value, digits: int = 4) -> str:
+def fmt(value, digits: int = 4) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     if isinstance(value, int):
         return f"{value:,}"
-    return _e(value)
+    return esc(value)
 
 
-def _cards(items: list[tuple[str, str]]) -> str:
+def cards_html(items: list[tuple[str, str]]) -> str:
     return '<div class="cards">' + "".join(
-        f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{v}</div></div>' for k, v in items) + "</div>"
+        f'<div class="card"><div class="k">{esc(k)}</div><div class="v">{v}</div></div>' for k, v in items) + "</div>"
 
 
-def _missing(what: str, why: str) -> str:
-    return f'<p class="note">No {_e(what)}: {_e(why)}.</p>'
+def missing_html(what: str, why: str) -> str:
+    return f'<p class="note">No {esc(what)}: {esc(why)}.</p>'
 
 
 def _diagnosis_html(d: Diagnosis) -> str:
     color = VERDICT_COLORS.get(d.verdict, "#57606a")
     out = [f'<section id="diagnosis"><h2>Diagnosis <span class="badge" style="background:{color}">'
-           f"{_e(d.verdict)}</span></h2>"]
-    out.append("<ul>" + "".join(f"<li>{_e(e)}</li>" for e in d.evidence) + "</ul>")
+           f"{esc(d.verdict)}</span></h2>"]
+    out.append("<ul>" + "".join(f"<li>{esc(e)}</li>" for e in d.evidence) + "</ul>")
     if d.remedies:
-        out.append("<h3>What to try</h3><ul>" + "".join(f"<li>{_e(r)}</li>" for r in d.remedies) + "</ul>")
+        out.append("<h3>What to try</h3><ul>" + "".join(f"<li>{esc(r)}</li>" for r in d.remedies) + "</ul>")
     out.append("</section>")
     return "".join(out)
 
@@ -223,7 +226,7 @@ def _confusion_html(cm: dict) -> str:
     """Rows: true label, columns: predicted. Shade = share of the row (recall), so classes of any size compare."""
     names, matrix = cm["labels"], np.asarray(cm["matrix"], dtype=float)
     rows = ['<table class="cm"><tr><th></th><th class="axis" colspan="%d">predicted</th></tr>' % len(names),
-            "<tr><th>true \u2193</th>" + "".join(f'<th class="axis">{_e(n)}</th>' for n in names) + "</tr>"]
+            "<tr><th>true \u2193</th>" + "".join(f'<th class="axis">{esc(n)}</th>' for n in names) + "</tr>"]
     for i, name in enumerate(names):
         total = matrix[i].sum() or 1.0
         cells = []
@@ -233,7 +236,7 @@ def _confusion_html(cm: dict) -> str:
             diag = ' class="diag"' if i == j else ""
             cells.append(f'<td{diag} style="background:rgba(31,119,180,{0.06 + 0.94 * share:.3f});color:{ink}">'
                          f'{int(value):,}<span class="pct">{share:.0%}</span></td>')
-        rows.append(f'<tr><th class="l">{_e(name)}</th>{"".join(cells)}</tr>')
+        rows.append(f'<tr><th class="l">{esc(name)}</th>{"".join(cells)}</tr>')
     rows.append("</table>")
     return "".join(rows)
 
@@ -243,44 +246,44 @@ def _per_class_html(per_class: dict, names: list[str]) -> str:
     for name in [*names, "macro avg", "weighted avg"]:
         r = per_class.get(name)
         if isinstance(r, dict):
-            rows.append(f'<tr><td class="l">{_e(name)}</td><td>{r["precision"]:.3f}</td><td>{r["recall"]:.3f}</td>'
+            rows.append(f'<tr><td class="l">{esc(name)}</td><td>{r["precision"]:.3f}</td><td>{r["recall"]:.3f}</td>'
                         f'<td>{r["f1-score"]:.3f}</td><td>{int(r["support"]):,}</td></tr>')
     rows.append("</table>")
     return "".join(rows)
 
 
-def _metrics_html(metrics: dict | None) -> str:
+def metrics_html(metrics: dict | None) -> str:
     out = ['<section id="metrics"><h2>Final validation metrics</h2>']
     if metrics is None:
-        out.append(_missing("metrics", "metrics.json is missing (the run has not finished)") + "</section>")
+        out.append(missing_html("metrics", "metrics.json is missing (the run has not finished)") + "</section>")
         return "".join(out)
     v = metrics.get("validation") or {}
     note = f"best model from step {metrics.get('best_step')}" if metrics.get("best_step") is not None else "last model"
-    out.append(f'<p class="muted">{_e(note)}, picked by validation {_e(metrics.get("metric", "accuracy"))}'
+    out.append(f'<p class="muted">{esc(note)}, picked by validation {esc(metrics.get("metric", "accuracy"))}'
                + (", stopped early" if metrics.get("stopped_early") else "") + ".</p>")
     cm = v.get("confusion_matrix")
     out.append('<div class="grid2"><div><h3>Confusion matrix</h3>'
-               + (_confusion_html(cm) if cm else _missing("confusion matrix", "not in metrics.json")) + "</div>")
+               + (_confusion_html(cm) if cm else missing_html("confusion matrix", "not in metrics.json")) + "</div>")
     out.append("<div><h3>Per class</h3>" + (_per_class_html(v.get("per_class") or {}, cm["labels"]) if cm else "")
                + "</div></div>")
     if metrics.get("test"):
         t = metrics["test"]
-        out.append("<h3>Test</h3>" + _cards([("test " + k, _fmt(t.get(k))) for k in ("loss", "accuracy", "f1", "f1_macro")
+        out.append("<h3>Test</h3>" + cards_html([("test " + k, fmt(t.get(k))) for k in ("loss", "accuracy", "f1", "f1_macro")
                                              if t.get(k) is not None]))
     out.append("</section>")
     return "".join(out)
 
 
-def _calibration_html(probs: np.ndarray, labels: np.ndarray) -> tuple[str, float | None]:
+def calibration_html(probs: np.ndarray, labels: np.ndarray) -> tuple[str, float | None]:
     out = ['<section id="calibration"><h2>Calibration</h2>']
     if len(labels) == 0:
-        out.append(_missing("calibration", "validation_predictions.jsonl is missing") + "</section>")
+        out.append(missing_html("calibration", "validation_predictions.jsonl is missing") + "</section>")
         return "".join(out), None
     ece = expected_calibration_error(probs, labels)
     confidence = probs.max(axis=1)
     accuracy = float((probs.argmax(axis=1) == labels).mean())
     over = "over-confident" if confidence.mean() > accuracy else "under-confident"
-    out.append('<div class="grid2"><div>' + _img(reliability_figure(probs, labels, ece), "reliability plot") + "</div>")
+    out.append('<div class="grid2"><div>' + img_html(reliability_figure(probs, labels, ece), "reliability plot") + "</div>")
     out.append(f"<div><p>Expected calibration error <b>{ece:.3f}</b> over {len(labels):,} validation examples "
                f"({ECE_BINS} equal-width bins).</p><p>Mean confidence {confidence.mean():.3f} against accuracy "
                f"{accuracy:.3f}: on average the model is <b>{over}</b> by {abs(confidence.mean() - accuracy):.3f}.</p>"
@@ -291,10 +294,10 @@ def _calibration_html(probs: np.ndarray, labels: np.ndarray) -> tuple[str, float
     return "".join(out), ece
 
 
-def _wrong_html(rows: list[dict]) -> str:
+def wrong_html(rows: list[dict]) -> str:
     out = ['<section id="errors"><h2>Most confidently wrong validation examples</h2>']
     if not rows:
-        out.append(_missing("examples", "validation_predictions.jsonl is missing") + "</section>")
+        out.append(missing_html("examples", "validation_predictions.jsonl is missing") + "</section>")
         return "".join(out)
     wrong = [r for r in rows if r.get("label") != r.get("pred") and r.get("probs")]
     wrong.sort(key=lambda r: max(r["probs"]), reverse=True)
@@ -307,16 +310,16 @@ def _wrong_html(rows: list[dict]) -> str:
     out.append('<table class="wrong"><tr><th class="l">text</th><th class="l">true</th><th class="l">predicted</th>'
                "<th>confidence</th></tr>")
     for r in wrong[:WORST_EXAMPLES]:
-        text = _e(_clip(r.get("text", "")))
+        text = esc(clip(r.get("text", "")))
         if r.get("text_pair") is not None:
-            text += f'<span class="pair">{_e(_clip(r["text_pair"]))}</span>'
-        out.append(f'<tr><td class="text">{text}</td><td class="l">{_e(r["label"])}</td>'
-                   f'<td class="l">{_e(r["pred"])}</td><td class="conf">{max(r["probs"]):.1%}</td></tr>')
+            text += f'<span class="pair">{esc(clip(r["text_pair"]))}</span>'
+        out.append(f'<tr><td class="text">{text}</td><td class="l">{esc(r["label"])}</td>'
+                   f'<td class="l">{esc(r["pred"])}</td><td class="conf">{max(r["probs"]):.1%}</td></tr>')
     out.append("</table></section>")
     return "".join(out)
 
 
-def _clip(text, limit: int = 400) -> str:
+def clip(text, limit: int = 400) -> str:
     text = str(text)
     return text if len(text) <= limit else text[:limit] + " …"
 
@@ -324,24 +327,24 @@ def _clip(text, limit: int = 400) -> str:
 def _data_html(stats: dict | None) -> str:
     out = ['<section id="data"><h2>Data</h2>']
     if stats is None:
-        out.append(_missing("data statistics", "data_stats.json is missing") + "</section>")
+        out.append(missing_html("data statistics", "data_stats.json is missing") + "</section>")
         return "".join(out)
     sizes = stats.get("sizes", {})
-    out.append(_cards([(f"{split} examples", _fmt(n)) for split, n in sizes.items()]))
+    out.append(cards_html([(f"{split} examples", fmt(n)) for split, n in sizes.items()]))
     out.append('<div class="grid2"><div><h3>Label balance</h3><table><tr><th class="l">split</th>'
                '<th class="l">label</th><th>examples</th><th>share</th><th class="l"></th></tr>')
     for split, counts in (stats.get("label_counts") or {}).items():
         total = sum(counts.values()) or 1
         for i, (name, n) in enumerate(counts.items()):
-            out.append(f'<tr><td class="l">{_e(split) if i == 0 else ""}</td><td class="l">{_e(name)}</td>'
+            out.append(f'<tr><td class="l">{esc(split) if i == 0 else ""}</td><td class="l">{esc(name)}</td>'
                        f"<td>{n:,}</td><td>{n / total:.1%}</td>"
                        f'<td class="l"><div class="bar"><span style="width:{100 * n / total:.1f}%"></span></div></td></tr>')
     out.append("</table></div>")
     max_length = stats.get("max_length")
-    out.append(f"<div><h3>Token lengths (before truncation at {_fmt(max_length)})</h3><table>"
+    out.append(f"<div><h3>Token lengths (before truncation at {fmt(max_length)})</h3><table>"
                '<tr><th class="l">split</th><th>mean</th><th>p95</th><th>max</th><th>truncated</th></tr>')
     for split, s in (stats.get("token_lengths") or {}).items():
-        out.append(f'<tr><td class="l">{_e(split)}</td><td>{s["mean"]}</td><td>{s["p95"]}</td><td>{s["max"]}</td>'
+        out.append(f'<tr><td class="l">{esc(split)}</td><td>{s["mean"]}</td><td>{s["p95"]}</td><td>{s["max"]}</td>'
                    f'<td>{s["truncated_share"]:.1%}</td></tr>')
     out.append("</table>")
     lengths = stats.get("token_lengths") or {}
@@ -368,15 +371,15 @@ def _yaml_value(value) -> str:
 def _config_html(config: dict | None) -> str:
     out = ['<section id="config"><h2>Config</h2>']
     if config is None:
-        out.append(_missing("config", "config.yaml is missing") + "</section>")
+        out.append(missing_html("config", "config.yaml is missing") + "</section>")
         return "".join(out)
     top = {k: v for k, v in config.items() if not isinstance(v, dict)}
     sections = {"run": top, **{k: v for k, v in config.items() if isinstance(v, dict)}}
     out.append('<div class="cfg">')
     for name, values in sections.items():
-        rows = "".join(f'<tr><td class="k">{_e(k)}</td><td class="v">{_e(_yaml_value(v))}</td></tr>'
+        rows = "".join(f'<tr><td class="k">{esc(k)}</td><td class="v">{esc(_yaml_value(v))}</td></tr>'
                        for k, v in values.items())
-        out.append(f"<div><h3>{_e(name)}</h3><table>{rows}</table></div>")
+        out.append(f"<div><h3>{esc(name)}</h3><table>{rows}</table></div>")
     out.append("</div></section>")
     return "".join(out)
 
@@ -395,24 +398,18 @@ def build_report(run_dir: str | Path) -> str:
     config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) if (run / "config.yaml").is_file() else None
     stats = _read_json(run / "data_stats.json")
     metrics = _read_json(run / "metrics.json")
-    rows = read_predictions(run / "validation_predictions.jsonl")
     counts = (stats or {}).get("label_counts") or {}
     diagnosis = diagnose_curves(records, counts.get("validation") or counts.get("train"))
-    label_names = (stats or {}).get("label_names") or ((metrics or {}).get("validation", {}).get("confusion_matrix")
-                                                       or {}).get("labels") or []
-    probs, labels = _prediction_arrays(rows, label_names)
-    calibration, ece = _calibration_html(probs, labels)
+    task_cards, task_sections = get_task(task_of(run)).report_sections(run, metrics, stats)
 
     runs = {run.name: records}
-    v = (metrics or {}).get("validation") or {}
     train = (metrics or {}).get("train") or {}
     color = VERDICT_COLORS.get(diagnosis.verdict, "#57606a")
-    summary = [("verdict", f'<span class="badge" style="background:{color}">{_e(diagnosis.verdict)}</span>'),
-               ("accuracy", _fmt(v.get("accuracy"))), ("F1", _fmt(v.get("f1"))), ("macro F1", _fmt(v.get("f1_macro"))),
-               ("validation loss", _fmt(v.get("loss"))), ("ECE", _fmt(ece, 3)),
-               ("steps", _fmt(train.get("steps"))),
+    summary = [("verdict", f'<span class="badge" style="background:{color}">{esc(diagnosis.verdict)}</span>'),
+               *task_cards,
+               ("steps", fmt(train.get("steps"))),
                ("training time", f"{train['seconds'] / 60:.1f} min" if train.get("seconds") is not None else "—"),
-               ("samples / s", _fmt(train.get("samples_per_s"), 1))]
+               ("samples / s", fmt(train.get("samples_per_s"), 1))]
     model = ((config or {}).get("model") or {}).get("name") or "packaged MiniLM-L6-H384"
     method = ((config or {}).get("tuning") or {}).get("method", "")
     curves = ['<section id="curves"><h2>Learning curves</h2>']
@@ -422,25 +419,23 @@ def build_report(run_dir: str | Path) -> str:
             ax = losses.axes[0]
             ax.axvline(diagnosis.best_step, color="#888", linestyle=":", linewidth=1.5, label="lowest validation loss")
             ax.legend(fontsize=8, frameon=False)
-        curves.append(_img(losses, "training and validation loss"))
-        curves.append('<div class="grid2"><div>' + _img(metrics_figure(runs), "validation accuracy and F1")
-                      + "</div><div>" + _img(lr_figure(runs), "learning rate") + "</div></div>")
+        curves.append(img_html(losses, "training and validation loss"))
+        curves.append('<div class="grid2"><div>' + img_html(metrics_figure(runs), "validation accuracy and F1")
+                      + "</div><div>" + img_html(lr_figure(runs), "learning rate") + "</div></div>")
     else:
-        curves.append(_missing("curves", "history.jsonl is empty"))
+        curves.append(missing_html("curves", "history.jsonl is empty"))
     curves.append("</section>")
     now = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     return "".join([
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>textune report: {_e(run.name)}</title><style>{CSS}</style></head><body><main>",
-        f"<header><h1>{_e(run.name)}</h1><div class='sub'>{_e(model)} &middot; {_e(method)} fine-tuning &middot; "
-        f"{_e(run.resolve())} &middot; report of {now}</div></header>",
-        _cards(summary),
+        f"<title>textune report: {esc(run.name)}</title><style>{CSS}</style></head><body><main>",
+        f"<header><h1>{esc(run.name)}</h1><div class='sub'>{esc(model)} &middot; {esc(method)} fine-tuning &middot; "
+        f"{esc(run.resolve())} &middot; report of {now}</div></header>",
+        cards_html(summary),
         _diagnosis_html(diagnosis),
         "".join(curves),
-        _metrics_html(metrics),
-        calibration,
-        _wrong_html(rows),
+        task_sections,
         _data_html(stats),
         _config_html(config),
         "<footer>Written by <b>textune report</b>. Self-contained: no scripts, no network.</footer>",

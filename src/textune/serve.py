@@ -7,7 +7,7 @@ the server: texts per request, characters per text, body size, and a bound on te
 which the server answers 503 instead of queueing without end. Errors are JSON:
 `{"error": {"status": 413, "message": "..."}}`.
 
-Endpoints: POST /v1/classify, GET /v1/models, GET /health, GET /metrics (Prometheus), docs at /docs.
+Endpoints: POST /v1/classify (a token classifier: POST /v1/entities), GET /v1/models, GET /health, GET /metrics (Prometheus), docs at /docs.
 A masked LM is served at POST /v1/fill-mask and a causal LM at POST /v1/generate instead of /v1/classify
 (chosen from the saved architecture); those requests carry their own settings (top_k, sampling), so each
 is one model call of its own in the same worker thread, under the same limits and queue bound.
@@ -38,7 +38,9 @@ from textune.errors import TextuneError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # task -> (endpoint under /v1/, what the API does, what the model is)
-TASKS = {"text-classification": ("classify", "Text classification", "text classifier"),
+# The batched tasks' endpoints and request/response models come from their task modules (`Task.serve_*`).
+TASKS = {"classification": ("classify", "Text classification", "text classifier"),
+         "token-classification": ("entities", "Named-entity recognition", "token classifier"),
          "fill-mask": ("fill-mask", "Fill-mask (masked-LM predictions)", "masked language model"),
          "text-generation": ("generate", "Text generation", "causal language model")}
 
@@ -83,6 +85,31 @@ class ClassifyResponse(BaseModel):
     model: str
     adapter: str | None
     results: list[Prediction] = Field(description="one per input text, in the input order")
+
+
+class EntitiesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] = Field(min_length=1, description="texts to find entities in",
+                             examples=[["Empire State Building in New York"]])
+    adapter: str | None = Field(None, description="adapter of the registry to use; empty = the base model")
+
+
+class Entity(BaseModel):
+    entity: str = Field(description="entity type (the tag without its B-/I- prefix)")
+    text: str = Field(description="the entity as it stands in the input: text[start:end]")
+    start: int = Field(description="character offset of the first character")
+    end: int = Field(description="character offset after the last character")
+    score: float = Field(description="mean probability of the predicted tags of its words")
+
+
+class EntitiesResult(BaseModel):
+    entities: list[Entity]
+
+
+class EntitiesResponse(BaseModel):
+    model: str
+    adapter: str | None
+    results: list[EntitiesResult] = Field(description="one per input text, in the input order")
 
 
 class FillMaskRequest(BaseModel):
@@ -272,7 +299,7 @@ def create_app(predictor, settings: ServeSettings, model_name: str, adapters=Non
     to requests that name one. A `predictor` whose `task` is "fill-mask" or "text-generation" (a
     `generate.LanguageModel`) is served at /v1/fill-mask or /v1/generate instead of /v1/classify."""
     metrics = Metrics()
-    task = getattr(predictor, "task", "text-classification")
+    task = getattr(predictor, "task", "classification")
 
     def predict(texts: list[str], pairs: list[str] | None, adapter: str | None) -> list[dict]:
         # Runs in the one worker thread, so switching the active adapter never races a running batch.
@@ -370,9 +397,10 @@ def create_app(predictor, settings: ServeSettings, model_name: str, adapters=Non
         except TextuneError as e:
             raise HTTPException(400, str(e)) from None
 
-    async def classify(req: ClassifyRequest) -> dict:
-        """Labels, scores and probabilities of each text, in the input order."""
-        check_texts(req.texts, req.text_pairs)
+    async def batched(req) -> dict:
+        """The task's predictions for each text, in the input order (micro-batched with other requests)."""
+        pairs = getattr(req, "text_pairs", None)
+        check_texts(req.texts, pairs)
         if req.adapter is not None:
             if adapters is None:
                 raise HTTPException(400, f"adapter {req.adapter!r} asked for, but no adapter registry is loaded; "
@@ -380,8 +408,15 @@ def create_app(predictor, settings: ServeSettings, model_name: str, adapters=Non
             if req.adapter not in adapters.names():
                 raise HTTPException(400, f"no adapter {req.adapter!r} in the registry; "
                                          f"it holds: {', '.join(adapters.names()) or 'none'}")
-        results = await answer(batcher.submit(req.texts, req.text_pairs, req.adapter))
+        results = await answer(batcher.submit(req.texts, pairs, req.adapter))
         return {"model": model_name, "adapter": req.adapter, "results": results}
+
+    def batched_endpoint(request_model: type[BaseModel], doc: str) -> Callable:
+        async def endpoint(req) -> dict:
+            return await batched(req)
+        endpoint.__annotations__ = {"req": request_model, "return": dict}  # what FastAPI validates the body as
+        endpoint.__doc__ = doc
+        return endpoint
 
     async def fill_mask(req: FillMaskRequest) -> dict:
         """The top_k likeliest tokens, with probabilities, for every mask of every text."""
@@ -414,8 +449,12 @@ def create_app(predictor, settings: ServeSettings, model_name: str, adapters=Non
         return endpoint
 
     # The served model's task gets its endpoint; the others answer why they are missing, not a bare 404.
-    handlers = {"text-classification": (classify, ClassifyResponse), "fill-mask": (fill_mask, FillMaskResponse),
-                "text-generation": (generate, GenerateResponse)}
+    handlers = {"classification": (batched_endpoint(ClassifyRequest, "Labels, scores and probabilities of each "
+                                                                      "text, in the input order."), ClassifyResponse),
+                "token-classification": (batched_endpoint(EntitiesRequest, "The entities of each text: type, text, "
+                                                                           "character offsets and score."),
+                                         EntitiesResponse),
+                "fill-mask": (fill_mask, FillMaskResponse), "text-generation": (generate, GenerateResponse)}
     for name, (path, _, _) in TASKS.items():
         handler, response = handlers[name]
         if name == task:
@@ -465,7 +504,6 @@ def serve(run_or_model: str, settings: ServeSettings, host: str = "127.0.0.1", p
     import uvicorn
 
     from textune.generate import LanguageModel, model_task
-    from textune.infer import Predictor
 
     if threads is not None:
         if threads <= 0:
@@ -473,8 +511,10 @@ def serve(run_or_model: str, settings: ServeSettings, host: str = "127.0.0.1", p
         torch.set_num_threads(threads)
 
     task = model_task(run_or_model)
-    if task == "text-classification":
-        predictor = Predictor(run_or_model, batch_size=settings.max_batch_size)
+    if task == "text-classification":  # a classifier of some textune task: its own predictor
+        from textune.tasks import get_task, task_of
+
+        predictor = get_task(task_of(run_or_model)).load_predictor(run_or_model, batch_size=settings.max_batch_size)
     elif adapters is not None:
         raise TextuneError(f"--adapters holds classifier adapters, but {run_or_model} is a {TASKS[task][2]}; "
                            f"leave out --adapters")

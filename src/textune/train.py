@@ -29,19 +29,17 @@ from transformers import DataCollatorWithPadding, get_scheduler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from textune.config import Config, TrainConfig, save_config
-from textune.data import TaskData, label_counts, length_stats, load_task_data, tokenize_splits, tokenize_stream
 from textune.diagnose import diagnose_curves, format_diagnosis
 from textune.checkpoint import CHECKPOINTS, PREFIX as CHECKPOINT_PREFIX
 from textune.checkpoint import check_checkpoint_matches, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from textune.data_checks import DataReport, check_task_data, enforce
 from textune.errors import TextuneError, TrainingInterrupted
 from textune.launch import batch_split_problem
-from textune.evaluate import evaluate_loader, headline
-from textune.augment import Mixup, augment_training_split
+from textune.evaluate import headline
+from textune.augment import Mixup
 from textune.adapters import is_peft_model, load_adapter_weights, save_adapter_extras
-from textune.models import (HEAD_MODULE_NAMES, apply_tuning, count_parameters, load_classifier, load_tokenizer,
-                            resolve_model, set_attention)
-from textune.pretrain import load_pretrain_inputs
+from textune.models import HEAD_MODULE_NAMES, count_parameters
+from textune.tasks import get_task
+from textune.tasks.base import TaskInputs
 
 RUN_MARKERS = ("config.yaml", "history.jsonl")
 
@@ -328,70 +326,7 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-@dataclass
-class Inputs:
-    """What a run trains on, all loaded and checked before anything is written."""
-
-    model_path: str
-    tokenizer: object
-    data: TaskData
-    data_report: DataReport
-    tokenized: dict
-    stats: dict  # token-length statistics per split
-    model: torch.nn.Module
-    evaluate_first = False  # pretraining (textune.pretrain.PretrainInputs) also evaluates at step 0
-
-    def summary(self, cfg: Config) -> str:
-        d, s = self.data, self.stats["train"]
-        lines = [f"model      {cfg.model.name or self.model_path} ({type(self.model).__name__})",
-                 f"data       train {len(d.train):,} | validation {len(d.validation):,}"
-                 + (f" | test {len(d.test):,}" if d.test is not None else "")
-                 + f" | labels {', '.join(f'{k}={v}' for k, v in label_counts(d.train, d.label_names).items())}"]
-        if d.train_stream is not None:
-            lines.append(f"streaming  train read lazily from {cfg.data.train}; the counts, checks and token "
-                         f"statistics here are of its first {len(d.train):,} rows")
-        lines += [f"warning    {finding.message}" for finding in self.data_report.findings]
-        lines.append(f"tokens     mean {s['mean']} | p95 {s['p95']} | max {s['max']} | "
-                     f"truncated at {cfg.model.max_length}: {s['truncated_share']:.1%}")
-        return "\n".join(lines)
-
-    def data_stats(self, cfg: Config) -> dict:
-        """What RUN/data_stats.json records about the data."""
-        data, tokenized = self.data, self.tokenized
-        return {"sizes": {k: len(v) for k, v in tokenized.items()},
-                "label_names": data.label_names,
-                "label_counts": {k: label_counts(getattr(data, k), data.label_names) for k in tokenized},
-                "token_lengths": self.stats,
-                "checks": [{"kind": f.kind, "count": f.count, "message": f.message} for f in self.data_report.findings],
-                "max_length": cfg.model.max_length}
-
-    def collator(self, split: str):
-        return DataCollatorWithPadding(self.tokenizer)
-
-    def evaluate(self, model, loader, accelerator=None):
-        """(metrics, class probabilities, labels) over a labelled loader."""
-        return evaluate_loader(model, loader, self.data.label_names, accelerator)
-
-    def label_counts(self) -> dict[str, int]:
-        return label_counts(self.data.validation, self.data.label_names)
-
-
-def load_inputs(cfg: Config) -> Inputs:
-    """Model, tokenizer and data: resolved, read, checked (`data.strict`), tokenised, measured, tuned."""
-    model_path = resolve_model(cfg.model.name)
-    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    data = load_task_data(cfg.data, cfg.seed)
-    data_report = check_task_data(data)
-    enforce(data_report, cfg.data.strict)
-    data = augment_training_split(data, cfg.data.augment, cfg.seed)  # after the checks: they see the user's rows
-    tokenized = tokenize_splits(data, tokenizer, cfg.model.max_length, cache=cfg.data.cache)
-    stats = {split: length_stats(ds["length"], cfg.model.max_length) for split, ds in tokenized.items()}
-    model = load_classifier(model_path, data.label_names, cfg.model.trust_remote_code)
-    model = apply_tuning(set_attention(model, cfg.model.attention), cfg.tuning)
-    return Inputs(model_path, tokenizer, data, data_report, tokenized, stats, model)
-
-
-def write_run_header(run: Path, cfg: Config, inputs: Inputs, resuming: bool) -> None:
+def write_run_header(run: Path, cfg: Config, inputs: TaskInputs, resuming: bool) -> None:
     """Create (or, resuming, reuse) the run folder; write the resolved config and the data statistics."""
     if resuming:
         # A kill between save_model's two renames leaves only model.old: put it back.
@@ -476,13 +411,10 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
     say = accelerator.print
     set_seed(cfg.seed)
 
-    # 1. Everything that can fail because of user input happens before the run folder exists. The objective
-    # decides the set-up: a classifier on labelled data, or a language model on a corpus (textune.pretrain).
-    if cfg.pretrain.corpus is not None:
-        inputs = load_pretrain_inputs(cfg)
-    else:
-        inputs = load_inputs(cfg)
-    model, tokenizer, data, tokenized = inputs.model, inputs.tokenizer, inputs.data, inputs.tokenized
+    # 1. Everything that can fail because of user input happens before the run folder exists. The task
+    # (textune.tasks) reads and checks its data, tokenises it and loads the model with its head.
+    inputs = get_task(cfg.task).load_inputs(cfg)
+    model, tokenizer, tokenized = inputs.model, inputs.tokenizer, inputs.tokenized
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
@@ -503,10 +435,8 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
                       run / "tensorboard" if cfg.logging.tensorboard and accelerator.is_main_process else None,
                       write=accelerator.is_main_process)
 
-    streaming = getattr(data, "train_stream", None) is not None
-    train_data = tokenize_stream(data, tokenizer, cfg.model.max_length) if streaming else tokenized["train"]
-    if streaming and t.group_by_length:
-        say("note       train.group_by_length is off for streamed data (it needs every row's length up front)")
+    train_data = inputs.train_data
+    streaming = isinstance(train_data, IterableDataset)
     train_loader = make_loader(train_data, tokenizer, t.batch_size, True, t.group_by_length, cfg.seed,
                                t.num_workers, collate=inputs.collator("train"))
     eval_loader = make_loader(tokenized["validation"], tokenizer, eval_batch_size(t, accelerator), False, False,
@@ -624,7 +554,7 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
     elif accelerator.is_main_process:
         save_model(unwrapped, tokenizer, run / "model")
     # Evaluate the model being saved once more: exact metrics and probabilities, also after a resume.
-    final_val, probs, labels = inputs.evaluate(model, eval_loader, accelerator)
+    final_val, predictions = inputs.evaluate(model, eval_loader, accelerator)
     metrics = {"validation": final_val, "best_step": state.best_step, "best_metric": state.best_metric,
                "metric": t.metric, "stopped_early": state.stopped_early,
                "train": {"steps": state.step, "seconds": round(train_seconds, 1),
@@ -633,12 +563,12 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
                "parameters": {"trainable": trainable, "total": total, "ratio": trainable / total}}
     if "test" in tokenized:
         test_loader = accelerator.prepare(make_loader(tokenized["test"], tokenizer, eval_batch_size(t, accelerator),
-                                                      False, False, cfg.seed))
-        metrics["test"], _, _ = inputs.evaluate(model, test_loader, accelerator)
+                                                      False, False, cfg.seed, collate=inputs.collator("test")))
+        metrics["test"], _ = inputs.evaluate(model, test_loader, accelerator)
         say(f"test       {headline(metrics['test'])}")
     if accelerator.is_main_process:
-        if probs is not None:  # a classifier's; a language model has none
-            write_validation_predictions(data, probs, labels, run / "validation_predictions.jsonl")
+        if predictions is not None:  # a language model has none
+            inputs.write_predictions(predictions, run / "validation_predictions.jsonl")
         (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     say(f"best       step {state.best_step}: {headline(final_val)}")
     say(f"run        {run}  ({train_seconds / 60:.1f} min, {metrics['train']['samples_per_s']} samples/s)")
@@ -648,9 +578,9 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
 
 def run_evaluation(model, eval_loader, evaluate: Callable, accelerator, tokenizer, run: Path, history: History,
                    state: LoopState, t: TrainConfig, epoch: float) -> None:
-    """Evaluate (`evaluate(model, loader, accelerator)` -> (metrics, ...)), record, keep the best checkpoint
+    """Evaluate (`evaluate(model, loader, accelerator)` -> (metrics, predictions)), record, keep the best checkpoint
     and count evaluations without improvement."""
-    metrics, _, _ = evaluate(model, eval_loader, accelerator)
+    metrics, _ = evaluate(model, eval_loader, accelerator)
     scalars = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
     history.append({"type": "eval", "step": state.step, "epoch": round(epoch, 4), **scalars})
     if accelerator.is_main_process:
@@ -665,16 +595,3 @@ def run_evaluation(model, eval_loader, evaluate: Callable, accelerator, tokenize
         state.evals_without_improvement += 1
         if t.early_stopping_patience and state.evals_without_improvement >= t.early_stopping_patience:
             state.stopped_early = True
-
-
-def write_validation_predictions(data, probs, labels, path: Path) -> None:
-    """Text, true label, predicted label and probabilities of every validation example (for reports)."""
-    texts = list(data.validation[data.text_column])
-    pairs = list(data.validation[data.text_pair_column]) if data.text_pair_column else None
-    with path.open("w", encoding="utf-8") as f:
-        for i, (p, y) in enumerate(zip(probs, labels)):
-            row = {"text": texts[i], "label": data.label_names[y], "pred": data.label_names[int(p.argmax())],
-                   "probs": [round(float(x), 5) for x in p]}
-            if pairs is not None:
-                row["text_pair"] = pairs[i]
-            f.write(json.dumps(row) + "\n")

@@ -1,7 +1,9 @@
-"""Pretraining objectives on a plain text corpus: masked (MLM) and causal (CLM) language modelling.
+"""Language modelling on a plain text corpus (`task: language-modeling`, `textune pretrain`): masked (MLM) and
+causal (CLM) objectives, the `run_mlm.py` / `run_clm.py` of the transformers examples.
 
-`load_pretrain_inputs(cfg)` is the set-up step `textune.train.train` runs when `pretrain.corpus` is set; the
-training loop (logging, evaluation, checkpoints, resume, signals, NaN guard) is train.py's, unchanged.
+`TASK.load_inputs(cfg)` (= `load_pretrain_inputs`) is the set-up step `textune.train.train` runs for this
+task; the training loop (logging, evaluation, checkpoints, resume, signals, NaN guard) is train.py's, unchanged.
+Prediction and serving of language models are `textune fill-mask` / `textune generate` (textune.generate).
 
 The corpus is a .txt file (one document per line) or a column of a data file. Documents are shuffled with
 the seed; `pretrain.validation_share` of them (or the file `pretrain.validation`) are held out, so no
@@ -40,6 +42,7 @@ from textune.config import Config, ModelConfig
 from textune.data import read_table, read_text_lines
 from textune.errors import TextuneError
 from textune.models import apply_tuning, load_tokenizer, resolve_model, safetensors_only, set_attention
+from textune.tasks.base import Task, TaskInputs
 
 
 # ---------------------------------------------------------------- corpus
@@ -296,8 +299,8 @@ def evaluate_language_model(model, loader, accelerator=None, causal: bool = Fals
 
 
 @dataclass
-class PretrainInputs:
-    """What a pretraining run trains on; the same interface as `textune.train.Inputs`."""
+class PretrainInputs(TaskInputs):
+    """What a pretraining run trains on."""
 
     model_path: str
     tokenizer: object
@@ -307,7 +310,6 @@ class PretrainInputs:
     objective: str
     train_collator: object
     notes: list[str] = field(default_factory=list)
-    data = None  # no labelled data: train() writes no validation predictions
     evaluate_first = True  # record the starting perplexity as the step-0 evaluation
 
     def summary(self, cfg: Config) -> str:
@@ -330,11 +332,8 @@ class PretrainInputs:
         return self.train_collator if split == "train" else default_data_collator
 
     def evaluate(self, model, loader, accelerator=None):
-        """(metrics, None, None): a language model has no class probabilities to report."""
-        return evaluate_language_model(model, loader, accelerator, causal=self.objective == "clm"), None, None
-
-    def label_counts(self) -> None:
-        return None
+        """(metrics, None): a language model has no per-example predictions to report."""
+        return evaluate_language_model(model, loader, accelerator, causal=self.objective == "clm"), None
 
 
 def load_pretrain_inputs(cfg: Config) -> PretrainInputs:
@@ -377,3 +376,23 @@ def load_pretrain_inputs(cfg: Config) -> PretrainInputs:
     model, notes = load_language_model(cfg, model_path, tokenizer)
     model = apply_tuning(set_attention(model, cfg.model.attention), cfg.tuning)
     return PretrainInputs(model_path, tokenizer, splits, stats, model, p.objective, train_collator, notes)
+
+
+class LanguageModeling(Task):
+    name = "language-modeling"
+
+    def load_inputs(self, cfg) -> PretrainInputs:
+        return load_pretrain_inputs(cfg)
+
+    def check_data(self, cfg):
+        raise TextuneError("textune validate-data checks labelled data; a pretraining corpus needs no labels "
+                           "(textune pretrain reports its documents and blocks at start-up)")
+
+    def report_sections(self, run, metrics, stats):
+        from textune.report import fmt
+
+        v = (metrics or {}).get("validation") or {}
+        return [("held-out loss", fmt(v.get("loss"))), ("perplexity", fmt(v.get("perplexity"), 2))], ""
+
+
+TASK = LanguageModeling()
