@@ -171,3 +171,81 @@ def test_real_sst2_row_counts():
     train = needs_shared("sst2", "train.tsv")
     ds = read_table(train)
     assert len(ds) == 67349 and ds.column_names == ["label", "sentence"]
+
+
+# ---------------------------------------------------------------- issue 18: data edge cases
+
+
+def test_max_eval_samples_takes_a_seeded_stratified_sample(tmp_path):
+    # A validation file sorted by label: its first N rows would all be one class.
+    val = [{"text": f"val {i}", "label": "a" if i < 60 else "b"} for i in range(100)]
+    val = write_csv(tmp_path / "v.csv", val)
+    train = write_csv(tmp_path / "t.csv", [{"text": f"t {i}", "label": "a" if i % 2 else "b"} for i in range(100)])
+    one = load_task_data(cfg(train, val, max_eval_samples=20), seed=1)
+    two = load_task_data(cfg(train, val, max_eval_samples=20), seed=1)
+    assert len(one.validation) == 20 and list(one.validation["text"]) == list(two.validation["text"])
+    assert sorted(one.validation["labels"]) == [0] * 12 + [1] * 8  # the file's 60/40 shares
+    # A class with one validation row and fewer rows asked for than classes: still a sample of each class.
+    val = [{"text": f"v {i}", "label": "a"} for i in range(30)] + [{"text": "lone b", "label": "b"}]
+    data = load_task_data(cfg(train, write_csv(tmp_path / "v2.csv", val), max_eval_samples=2), seed=0)
+    assert sorted(data.validation["labels"]) == [0, 1]
+
+
+def test_split_fallback_keeps_every_class_of_two_rows_in_both_splits_and_says_so(tmp_path):
+    rows = ([{"text": f"a {i}", "label": "a"} for i in range(60)] + [{"text": f"b {i}", "label": "b"} for i in range(2)]
+            + [{"text": "c 0", "label": "c"}])
+    data = load_task_data(cfg(write_csv(tmp_path / "t.csv", rows), validation_split=0.1), seed=0)
+    names = data.label_names
+    train_labels = {names[y] for y in data.train["labels"]}
+    val_labels = {names[y] for y in data.validation["labels"]}
+    assert train_labels == {"a", "b", "c"} and val_labels == {"a", "b"}
+    assert not set(data.train["text"]) & set(data.validation["text"])
+    assert len(data.train) + len(data.validation) == 63
+    assert len(data.notes) == 1 and "'c' (1 row)" in data.notes[0] and "training only" in data.notes[0]
+    from textune.data_checks import check_task_data
+
+    assert data.notes[0] in check_task_data(data).format()  # printed as a warning by train and validate-data
+
+
+def test_split_fallback_when_validation_share_is_smaller_than_the_class_count(tmp_path):
+    rows = [{"text": f"text {i}", "label": f"class{i % 10}"} for i in range(50)]  # 10 classes of 5 rows
+    data = load_task_data(cfg(write_csv(tmp_path / "t.csv", rows), validation_split=0.1), seed=0)
+    assert set(data.train["labels"]) == set(range(10)) and set(data.validation["labels"]) == set(range(10))
+    assert len(data.notes) == 1 and "fewer than the 10 classes" in data.notes[0]
+
+
+@pytest.mark.parametrize("writer", ["csv_ints", "jsonl_strings", "parquet_strings"])
+def test_integer_labels_sort_numerically(tmp_path, writer):
+    values = [2, 10, 1, 0, 3, 11]
+    rows = [{"text": f"t {i}", "label": values[i % 6]} for i in range(36)]
+    if writer == "csv_ints":
+        path = write_csv(tmp_path / "t.csv", rows)
+    elif writer == "jsonl_strings":
+        path = write_jsonl(tmp_path / "t.jsonl", [{**r, "label": str(r["label"])} for r in rows])
+    else:  # a column stored as text, as a CSV read with string dtypes or a dataframe export gives it
+        import pandas as pd
+
+        path = tmp_path / "t.parquet"
+        pd.DataFrame(rows).astype(str).to_parquet(path)
+    data = load_task_data(cfg(path, validation_split=0.5), seed=0)
+    assert data.label_names == ["0", "1", "2", "3", "10", "11"]
+    names = [data.label_names[y] for y in data.train["labels"]]
+    texts = list(data.train["text"])
+    assert all(values[int(t.split()[1]) % 6] == int(n) for t, n in zip(texts, names))
+
+
+def test_training_file_of_one_label_is_refused(tmp_path):
+    rows = [{"text": f"t {i}", "label": "positive"} for i in range(20)]
+    with pytest.raises(TextuneError, match=r"^data.train: every training row has the label 'positive'; a classifier "
+                                           r"needs 2 or more labels"):
+        load_task_data(cfg(write_csv(tmp_path / "t.csv", rows)), 0)
+    ints = [{"text": f"t {i}", "label": 1} for i in range(20)]
+    with pytest.raises(TextuneError, match="every training row has the label 'pos'"):
+        load_task_data(cfg(write_csv(tmp_path / "i.csv", ints), label_names=["neg", "pos"]), 0)
+
+
+def test_label_names_without_training_rows_are_reported(tmp_path):
+    rows = [{"text": f"t {i}", "label": i % 2} for i in range(20)]
+    data = load_task_data(cfg(write_csv(tmp_path / "t.csv", rows), label_names=["neg", "pos", "neutral"]), 0)
+    assert data.label_names == ["neg", "pos", "neutral"]
+    assert any("data.label_names: 'neutral' has no training rows" in n for n in data.notes)

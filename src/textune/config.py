@@ -75,7 +75,7 @@ class DataConfig:
     label_names: list[str] | None = _f(None, "names for integer labels 0..K-1, e.g. [negative, positive]")
     validation_split: float = _f(0.1, "share of training rows held out when no validation file is given")
     max_train_samples: int | None = _f(None, "use only the first N training rows (after shuffling with the seed)")
-    max_eval_samples: int | None = _f(None, "use only the first N validation rows")
+    max_eval_samples: int | None = _f(None, "evaluate on a seeded sample of N validation rows, stratified by label")
     strict: bool = _f(False, "treat leakage (evaluation texts also in train) and conflicting labels as errors")
     streaming: bool = _f(False, "read data.train lazily as a stream (files bigger than memory), tokenised on the fly; "
                                 "needs train.max_steps and a data.validation file; checks and statistics use its "

@@ -8,7 +8,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,9 @@ class TaskData:
     # data.streaming: the whole training file as a lazy stream; `train` then holds only its first rows
     # (STREAM_PREVIEW_ROWS), which the checks, label mapping and statistics use.
     train_stream: IterableDataset | None = None
+    # What loading decided on the user's behalf (a fallback split, labels without rows, dropped unlabelled
+    # rows): one line each, printed as warnings with the data checks.
+    notes: list[str] = field(default_factory=list)
 
 
 def read_text_lines(path: Path, what: str) -> list[str]:
@@ -185,29 +189,102 @@ def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
             splits[split] = _check_columns(ds, split, text_col, pair_col, label_col)
 
     label_names, value_to_id = _label_mapping(list(splits["train"][label_col]), cfg.label_names, label_col)
-    for split, ds in splits.items():
+    notes: list[str] = []
+    for split, ds in splits.items():  # train first: its labels are checked before the other splits'
         if ds is not None:
             splits[split] = _encode_labels(ds, split, label_col, label_names, value_to_id)
-
+        if split == "train":
+            _check_training_labels(splits["train"], label_names, cfg.streaming, notes)
     train = splits["train"].shuffle(seed=seed)
     validation = splits["validation"]
     if validation is None:
-        if len(train) < 2 * len(label_names):
-            raise TextuneError(f"only {len(train)} training rows: too few to hold out a validation split; "
-                               f"give data.validation a file")
-        try:
-            parts = train.train_test_split(test_size=cfg.validation_split, stratify_by_column="labels", seed=seed)
-        except ValueError:  # a class too small to stratify: fall back to a seeded random split
-            parts = train.train_test_split(test_size=cfg.validation_split, seed=seed)
-        train, validation = parts["train"], parts["test"]
+        train, validation = _split_validation(train, cfg.validation_split, label_names, seed, notes)
     if cfg.max_train_samples:
         train = train.select(range(min(cfg.max_train_samples, len(train))))
-    if cfg.max_eval_samples:
-        validation = validation.select(range(min(cfg.max_eval_samples, len(validation))))
+    if cfg.max_eval_samples and cfg.max_eval_samples < len(validation):
+        validation = _sample_evaluation(validation, cfg.max_eval_samples, seed)
     train_stream = None
     if cfg.streaming:
         train_stream = _labelled_stream(stream, cfg, splits["train"].column_names, label_names, value_to_id, seed)
-    return TaskData(train, validation, splits["test"], label_names, text_col, pair_col, train_stream)
+    return TaskData(train, validation, splits["test"], label_names, text_col, pair_col, train_stream, notes)
+
+
+def _check_training_labels(train: Dataset, label_names: list[str], streaming: bool, notes: list[str]) -> None:
+    """A classifier needs rows of 2+ labels in training; each named label without training rows is noted."""
+    counts = np.bincount(np.asarray(train["labels"]), minlength=len(label_names))
+    present = [name for name, n in zip(label_names, counts) if n]
+    # A stream's preview may hold one label of a file sorted by label; data.label_names then says what is coming.
+    if len(present) < 2 and not (streaming and len(label_names) >= 2):
+        rows = f"the first {len(train):,} rows of data.train" if streaming else "data.train"
+        raise TextuneError(f"data.train: every training row has the label {present[0]!r}; a classifier needs 2 or "
+                           f"more labels in training: add rows of the other classes to {rows} (or check "
+                           f"data.label_column)")
+    absent = [name for name, n in zip(label_names, counts) if not n]
+    if absent:
+        where = f"the first {len(train):,} training rows" if streaming else "training"
+        notes.append(f"data.label_names: {', '.join(map(repr, absent))} {'has' if len(absent) == 1 else 'have'} "
+                     f"no training rows in {where}; the model cannot learn to predict "
+                     f"{'it' if len(absent) == 1 else 'them'}")
+
+
+def _split_validation(train: Dataset, share: float, label_names: list[str], seed: int,
+                      notes: list[str]) -> tuple[Dataset, Dataset]:
+    """Hold out `share` of the (shuffled) training rows, stratified by label; returns (train, validation)."""
+    if len(train) < 2 * len(label_names):
+        raise TextuneError(f"only {len(train)} training rows: too few to hold out a validation split; "
+                           f"give data.validation a file")
+    try:
+        parts = train.train_test_split(test_size=share, stratify_by_column="labels", seed=seed)
+        return parts["train"], parts["test"]
+    except ValueError:  # a class of one row, or fewer held-out rows than classes: datasets cannot stratify
+        pass
+    labels = np.asarray(train["labels"])
+    counts = np.bincount(labels, minlength=len(label_names))
+    wanted = math.ceil(share * len(train))  # as datasets rounds test_size
+    # By hand, because no library split keeps every class of 2+ rows on both sides while it accepts classes
+    # of one row: each such class gives validation at least one row and keeps at least one.
+    held = _stratified_indices(labels, wanted, seed, lo=(counts >= 2).astype(int), hi=np.maximum(counts - 1, 0))
+    kept = np.setdiff1d(np.arange(len(train)), held)
+    single = [f"{name!r} (1 row)" for name, n in zip(label_names, counts) if n == 1]
+    reasons = []
+    if single:
+        reasons.append(f"{', '.join(single)} cannot be in both splits, so {'it is' if len(single) == 1 else 'they are'} "
+                       f"in training only and validation never scores {'it' if len(single) == 1 else 'them'}")
+    classes = int((counts > 0).sum())
+    if wanted < classes:
+        reasons.append(f"data.validation_split {share:g} holds out {wanted} rows, fewer than the {classes} classes, "
+                       f"so validation has {len(held)} rows, one or more of each class")
+    notes.append("validation split: " + "; ".join(reasons) + "; every class of 2 or more rows is in both splits "
+                 "(give data.validation a file to choose the rows yourself)")
+    return train.select(kept), train.select(held)
+
+
+def _sample_evaluation(validation: Dataset, n: int, seed: int) -> Dataset:
+    """data.max_eval_samples: a seeded sample of `n` rows with each label's share of the split (the first n
+    rows of a file sorted by label would be one class, and the best checkpoint would be chosen on it)."""
+    try:
+        return validation.train_test_split(train_size=n, stratify_by_column="labels", seed=seed)["train"]
+    except ValueError:  # a class of one row, or fewer rows asked for than classes
+        labels = np.asarray(validation["labels"])
+        counts = np.bincount(labels)
+        lo = (counts > 0).astype(int) if n >= (counts > 0).sum() else np.zeros_like(counts)
+        return validation.select(_stratified_indices(labels, n, seed, lo=lo, hi=counts))
+
+
+def _stratified_indices(labels: np.ndarray, n: int, seed: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Sorted indices of a seeded sample of about `n` rows: each class (label id) gets its share of `n`
+    (largest remainder first), at least `lo[c]` and at most `hi[c]` rows; the bounds win over `n`."""
+    counts = np.bincount(labels, minlength=len(lo))
+    quota = n * counts / counts.sum()
+    take = np.clip(np.floor(quota).astype(int), lo, hi)
+    by_remainder = np.argsort(-(quota - np.floor(quota)), kind="stable")
+    while take.sum() < n and (take < hi).any():
+        for c in by_remainder:
+            if take.sum() < n and take[c] < hi[c]:
+                take[c] += 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in enumerate(take) if k]
+    return np.sort(np.concatenate(picked)) if picked else np.array([], dtype=int)
 
 
 def _labelled_stream(stream: IterableDataset, cfg: DataConfig, columns: list[str], label_names: list[str],
@@ -268,6 +345,9 @@ def _check_columns(ds: Dataset, split: str, text_col: str, pair_col: str | None,
     return ds
 
 
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
 def _label_mapping(values: list, label_names: list[str] | None, label_col: str) -> tuple[list[str], dict]:
     """Return label names (id order) and a map from raw label value to id."""
     missing = [i for i, v in enumerate(values) if v is None or (isinstance(v, float) and math.isnan(v))]
@@ -278,6 +358,10 @@ def _label_mapping(values: list, label_names: list[str] | None, label_col: str) 
     if len(kinds) > 1:
         raise TextuneError(f"train data: label column {label_col!r} mixes value types ({', '.join(sorted(kinds))}); "
                            f"use all integers or all strings")
+    if kinds == {"str"} and all(_INTEGER.fullmatch(v.strip()) for v in values) \
+            and not (label_names is not None and set(values) <= set(label_names)):
+        # "10" and "2" read as text are class ids all the same: sort them as numbers ("10" sorts before "2" as text)
+        values, kinds = [int(v) for v in values], {"number"}
     if kinds == {"number"}:
         if any(float(v) != int(v) for v in values):
             raise TextuneError(f"train data: label column {label_col!r} holds non-integer numbers; labels must be "

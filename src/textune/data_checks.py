@@ -23,7 +23,7 @@ EXAMPLES_SHOWN = 3
 
 @dataclass
 class Finding:
-    kind: str  # empty, duplicate, leakage, conflict, imbalance
+    kind: str  # loading, empty, duplicate, leakage, conflict, imbalance
     count: int
     message: str
     examples: list[str] = field(default_factory=list)
@@ -68,7 +68,8 @@ def check_task_data(data: TaskData) -> DataReport:
         splits["test"] = data.test
     keys = {name: _keys(ds, data.text_column, data.text_pair_column) for name, ds in splits.items()}
     raw_texts = {name: list(ds[data.text_column]) for name, ds in splits.items()}
-    findings: list[Finding] = []
+    # What loading decided for the user (fallback split, labels without rows, unlabelled rows dropped).
+    findings = [Finding("loading", 1, note) for note in data.notes]
 
     for name, ks in keys.items():
         empty = [raw_texts[name][i] for i, k in enumerate(ks) if not k.replace("[PAIR]", "").strip()]
