@@ -249,3 +249,46 @@ def test_label_names_without_training_rows_are_reported(tmp_path):
     data = load_task_data(cfg(write_csv(tmp_path / "t.csv", rows), label_names=["neg", "pos", "neutral"]), 0)
     assert data.label_names == ["neg", "pos", "neutral"]
     assert any("data.label_names: 'neutral' has no training rows" in n for n in data.notes)
+
+
+def _pair_rows(n, seed, label=None):
+    rows = toy_rows(n, seed)
+    return {"sentence1": [r["text"] for r in rows], "sentence2": [r["text"][::-1] for r in rows],
+            "label": [label if label is not None else int(r["label"] == "positive") for r in rows]}
+
+
+def test_hub_dataset_saved_to_disk_keeps_class_names_and_skips_an_unlabelled_test_split(tmp_path):
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+    features = Features({"sentence1": Value("string"), "sentence2": Value("string"),
+                         "label": ClassLabel(names=["not_equivalent", "equivalent"])})
+    train = _pair_rows(40, 0)
+    train["label"][:3] = [-1, -1, -1]  # unlabelled rows in training are dropped, with a note
+    DatasetDict({"train": Dataset.from_dict(train, features=features),
+                 "dev": Dataset.from_dict(_pair_rows(12, 1), features=features),
+                 "test": Dataset.from_dict(_pair_rows(8, 2, label=-1), features=features)}).save_to_disk(tmp_path / "glue-mrpc")
+    data = load_task_data(DataConfig(name=str(tmp_path / "glue-mrpc"), split_validation="dev", text_column="sentence1",
+                                     text_pair_column="sentence2"), seed=0)
+    assert data.label_names == ["not_equivalent", "equivalent"]
+    assert len(data.train) == 37 and len(data.validation) == 12
+    assert data.test is None  # every test label is -1: predict only, no metrics
+    assert any("data.test" in n and "unlabelled" in n and "not evaluated" in n for n in data.notes)
+    assert any("data.train: 3 unlabelled rows (label -1) dropped" in n for n in data.notes)
+    with pytest.raises(TextuneError, match=r"^data.split_test: the dataset .* has no split 'test_matched'; its "
+                                           r"splits are: train, dev, test$"):
+        load_task_data(DataConfig(name=str(tmp_path / "glue-mrpc"), split_test="test_matched",
+                                  text_column="sentence1", text_pair_column="sentence2"), seed=0)
+
+
+def test_hub_dataset_configuration_is_passed_on(tmp_path):
+    # A dataset repository with two configurations (declared in its README), read offline from a folder.
+    for config, seed in (("mrpc", 0), ("sst2", 5)):
+        (tmp_path / "glue" / config).mkdir(parents=True)
+        write_csv(tmp_path / "glue" / config / "train.csv", toy_rows(30, seed))
+        write_csv(tmp_path / "glue" / config / "validation.csv", toy_rows(10, seed + 1))
+    (tmp_path / "glue" / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.csv\n"
+        f"  - split: validation\n    path: {c}/validation.csv\n" for c in ("mrpc", "sst2")) + "---\n")
+    data = load_task_data(DataConfig(name=str(tmp_path / "glue"), config="sst2"), seed=0)
+    assert sorted(data.train["text"]) == sorted(r["text"] for r in toy_rows(30, 5))
+    assert sorted(data.validation["text"]) == sorted(r["text"] for r in toy_rows(10, 6))

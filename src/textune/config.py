@@ -65,7 +65,15 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    name: str | None = _f(None, "a named data set shipped in a Python package (rotten_tomatoes) or a Hub dataset id")
+    name: str | None = _f(None, "a named data set shipped in a Python package (rotten_tomatoes), a Hub dataset id, "
+                                "or a folder (written by DatasetDict.save_to_disk, or a dataset repository)")
+    config: str | None = _f(None, "data.name: the Hub dataset's configuration (subset), e.g. mrpc for glue")
+    revision: str | None = _f(None, "data.name: the Hub dataset's revision (branch, tag or commit); empty = main")
+    split_train: str = _f("train", "data.name: the split to train on")
+    split_validation: str = _f("validation", "data.name: the split to validate on; if the dataset has none by "
+                                             "this default name, a stratified split of training")
+    split_test: str = _f("test", "data.name: the split tested at the end (rows labelled -1 are unlabelled; an "
+                                 "all-unlabelled split is not evaluated)")
     train: str | None = _f(None, "training file: .csv, .tsv, .jsonl/.json or .parquet")
     validation: str | None = _f(None, "validation file; empty = a stratified split of the training data")
     test: str | None = _f(None, "optional test file, evaluated once with the best model at the end")
@@ -394,6 +402,10 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     _check_augment(cfg, problems)
     if not 0 < d.validation_split < 1:
         problems.append(f"data.validation_split: must be between 0 and 1, got {d.validation_split}")
+    for key, what, value in (("data.config", "configuration", d.config), ("data.revision", "revision", d.revision)):
+        if value is not None and d.name is None:
+            problems.append(f"{key}: names a {what} of a Hub dataset, but data.name is empty; set data.name or "
+                            f"remove {key}")
     if t.metric not in METRICS:
         close = difflib.get_close_matches(t.metric, METRICS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""

