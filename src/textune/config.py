@@ -97,7 +97,8 @@ class DataConfig:
 @dataclass
 class TuningConfig:
     method: Literal["full", "head", "lora", "prefix", "ia3"] = _f(
-        "full", "full: train every parameter; head: freeze the encoder, train the classifier; lora, prefix, ia3: "
+        "full", "full: train every parameter; head: freeze the encoder, train the classifier and the pooler it reads "
+                "(BERT); lora, prefix, ia3: "
                 "train a small PEFT adapter (and the classifier) on the frozen encoder, saved alone")
     r: int = _f(8, "lora: rank of the low-rank update of each target layer")
     alpha: float = _f(16.0, "lora: scale of the update, which is multiplied by alpha / r")

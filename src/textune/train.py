@@ -379,7 +379,7 @@ class Inputs:
 def load_inputs(cfg: Config) -> Inputs:
     """Model, tokenizer and data: resolved, read, checked (`data.strict`), tokenised, measured, tuned."""
     model_path = resolve_model(cfg.model.name)
-    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, for_classifier=True)
     data = load_task_data(cfg.data, cfg.seed)
     data_report = check_task_data(data)
     enforce(data_report, cfg.data.strict)
