@@ -24,7 +24,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from textune.curves import figure_png, loss_figure, lr_figure, metrics_figure
-from textune.diagnose import Diagnosis, diagnose_curves, load_history
+from textune.diagnose import Diagnosis, diagnose_curves, load_history, selection_from_config
 from textune.errors import TextuneError
 
 ECE_BINS = 10
@@ -397,7 +397,8 @@ def build_report(run_dir: str | Path) -> str:
     metrics = _read_json(run / "metrics.json")
     rows = read_predictions(run / "validation_predictions.jsonl")
     counts = (stats or {}).get("label_counts") or {}
-    diagnosis = diagnose_curves(records, counts.get("validation") or counts.get("train"))
+    diagnosis = diagnose_curves(records, counts.get("validation") or counts.get("train"),
+                                **selection_from_config(config))
     label_names = (stats or {}).get("label_names") or ((metrics or {}).get("validation", {}).get("confusion_matrix")
                                                        or {}).get("labels") or []
     probs, labels = _prediction_arrays(rows, label_names)
