@@ -99,11 +99,13 @@ def cmd_validate_data(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
+    import shutil
+
     import numpy as np
 
     from textune.data import read_table
     from textune.errors import TextuneError
-    from textune.evaluate import classification_metrics, headline
+    from textune.evaluate import classification_metrics, format_confusion, headline
     from textune.infer import Predictor
 
     predictor = Predictor(args.run_or_model, batch_size=args.batch_size)
@@ -126,7 +128,7 @@ def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
     print(f"{args.data}: {headline(metrics)}")
-    print(_format_confusion(metrics["confusion_matrix"]))
+    print(format_confusion(metrics, shutil.get_terminal_size().columns))  # the whole matrix is in metrics.json
     print(f"metrics written to {out}")
     return 0
 
@@ -150,14 +152,6 @@ def _labels_to_ids(values: list, names: list[str], source: str) -> np.ndarray:
         raise TextuneError(f"{source} has labels the model was not trained on: {sorted(map(str, unknown))[:5]}; "
                            f"the model knows {names}")
     return np.asarray(ids)
-
-
-def _format_confusion(cm: dict) -> str:
-    names, matrix = cm["labels"], cm["matrix"]
-    width = max(8, *(len(n) for n in names)) + 1
-    head = "true \\ pred".ljust(width) + "".join(n.rjust(width) for n in names)
-    rows = [n.ljust(width) + "".join(str(v).rjust(width) for v in row) for n, row in zip(names, matrix)]
-    return "\n".join([head, *rows])
 
 
 def _run_columns(run_dir: Path | None) -> dict:
