@@ -35,6 +35,7 @@ def env(tmp_path_factory, tiny_model, toy_data):
     write_csv(d / "unseen.csv", toy_rows(5, 1) + [{"text": "meh", "label": "neutral"}])
     write_csv(d / "empty_text.csv", toy_rows(5, 1) + [{"text": "", "label": "positive"}])
     write_csv(d / "ints.csv", [{"text": f"t {i}", "label": i % 3} for i in range(12)])
+    write_csv(d / "one_label.csv", [{"text": f"t {i}", "label": "positive"} for i in range(12)])
     (d / "dir_as_file").mkdir()
     (d / "data.xlsx").write_text("not really")
 
@@ -89,6 +90,8 @@ CASES = {
     "unseen_label": (T("--data.validation", "{d}/unseen.csv"), "labels that training never saw: 'neutral'"),
     "empty_text": (T("--data.validation", "{d}/empty_text.csv"), "column 'text' is empty in 1 rows"),
     "scores_not_labels": (T("--data.train", "{scores}"), "holds non-integer numbers"),
+    "one_label_training": (T("--data.train", "{d}/one_label.csv"), "every training row has the label 'positive'; a "
+                                                                  "classifier needs 2 or more labels"),
     "too_few_label_names": (T("--data.train", "{d}/ints.csv", "--data.label_names", "[a, b]"), "has 2 names but the labels include [2]"),
     "data_is_a_directory": (T("--data.train", "{d}/dir_as_file"), "data.train file not found"),
     "unsupported_extension": (T("--data.train", "{d}/data.xlsx"), "unsupported extension '.xlsx'"),

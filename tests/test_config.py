@@ -113,3 +113,14 @@ def test_help_lists_every_key_with_help():
     for key in ("model.name", "data.text_pair_column", "train.early_stopping_patience", "tuning.method"):
         assert key in text
     assert all(": " in line and line.split(": ", 1)[1].strip() for line in text.splitlines())
+
+
+def test_hub_dataset_keys_have_defaults_and_help():
+    cfg = load_config(None, {"data.name": "glue", "data.config": "mrpc", "data.split_test": "test_matched"})
+    assert (cfg.data.config, cfg.data.revision, cfg.data.split_train, cfg.data.split_validation,
+            cfg.data.split_test) == ("mrpc", None, "train", "validation", "test_matched")
+    text = config_help()
+    for key in ("data.config", "data.revision", "data.split_train", "data.split_validation", "data.split_test"):
+        assert f"  {key} (default" in text
+    with pytest.raises(ConfigError, match=r"data.config: names a configuration of a Hub dataset, but data.name is empty"):
+        load_config(None, {"data.train": "x.csv", "data.config": "mrpc"})

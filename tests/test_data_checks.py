@@ -68,3 +68,13 @@ def test_validate_data_command(tmp_path, capsys):
     assert "leakage:" in capsys.readouterr().out
     assert main(["validate-data", str(cfg), "--strict"]) == 2
     assert "data check failed (--strict)" in capsys.readouterr().err
+
+
+def test_many_balanced_classes_are_not_rare_but_a_small_one_among_them_is(tmp_path):
+    # 25 classes of 40 rows: each is 4% of the rows, under a fixed 5% but exactly its balanced share 1/K.
+    rows = [{"text": f"text {i}", "label": f"class{i % 25:02d}"} for i in range(1000)]
+    val = [{"text": f"held out {i}", "label": f"class{i % 25:02d}"} for i in range(50)]
+    assert "imbalance" not in kinds(check_task_data(load(tmp_path, rows, val)))
+    rows = [r for r in rows if r["label"] != "class07"] + [{"text": f"few {i}", "label": "class07"} for i in range(3)]
+    message = kinds(check_task_data(load(tmp_path, rows, val))).get("imbalance").message
+    assert "class07 (3)" in message and "class08" not in message

@@ -190,3 +190,48 @@ def test_cli_diagnose(trained_run, tmp_path, capsys):
     assert main(["diagnose", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("textune: error: ") and "has no history.jsonl" in err and "\n" not in err
+
+
+# ---------------------------------------------------------------- the selection metric (issue 18 item 17)
+
+# MRPC as measured: validation loss lowest at epoch 2, validation F1 still rising to epoch 4 (the kept checkpoint).
+MRPC_LOSSES = [0.40, 0.36, 0.42, 0.50]
+MRPC_F1 = [0.80, 0.843, 0.86, 0.874]
+
+
+def mrpc_history(f1=MRPC_F1):
+    history = make_history(decaying(60, end=0.01, rate=0.1), MRPC_LOSSES, [0.78, 0.81, 0.82, 0.83])
+    for rec in (r for r in history if r["type"] == "eval"):
+        rec["eval_f1"] = f1[int(rec["epoch"]) - 1]
+    return history
+
+
+def test_rising_loss_with_a_rising_selection_metric_is_overconfidence_not_overfitting():
+    d = diagnose_curves(mrpc_history(), BALANCED, metric="f1", greater_is_better=True)
+    assert d.verdict != "overfitting", d
+    evidence, remedies = " ".join(d.evidence), " ".join(d.remedies)
+    assert "f1, which selects the checkpoint, kept improving: 0.8430 at epoch 2 -> 0.8740 at epoch 4" in evidence
+    assert "overconfidence" in evidence and "not a reason to stop" in evidence
+    assert "stop at epoch 2" not in remedies and "epoch 4" in remedies and "calibrat" in remedies
+    # A run that selects on the loss keeps the loss-based verdict and advice.
+    for kwargs in ({}, {"metric": "loss", "greater_is_better": False}):
+        d = diagnose_curves(mrpc_history(), BALANCED, **kwargs)
+        assert d.verdict == "overfitting" and "stop at epoch 2" in " ".join(d.remedies)
+
+
+def test_selection_metric_that_peaked_with_the_loss_is_overfitting_and_names_its_best_epoch():
+    d = diagnose_curves(mrpc_history(f1=[0.80, 0.85, 0.83, 0.82]), BALANCED, metric="f1", greater_is_better=True)
+    assert d.verdict == "overfitting", d
+    assert any("f1, which selects the checkpoint, was best at epoch 2 (0.8500) and fell to 0.8200" in e
+               for e in d.evidence)
+    assert "stop at epoch 2" in " ".join(d.remedies)
+
+
+def test_diagnose_run_reads_the_selection_metric_from_the_run_config(tmp_path, capsys):
+    (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mrpc_history()))
+    (tmp_path / "config.yaml").write_text("train:\n  metric: f1\n  greater_is_better: true\n")
+    assert diagnose_run(tmp_path).verdict != "overfitting"
+    assert main(["diagnose", str(tmp_path)]) == 0
+    assert "overconfidence" in capsys.readouterr().out
+    (tmp_path / "config.yaml").write_text("train:\n  metric: loss\n  greater_is_better: false\n")
+    assert diagnose_run(tmp_path).verdict == "overfitting"

@@ -52,8 +52,8 @@ def test_head_tuning_freezes_encoder(tiny_model):
     model = load_classifier(str(tiny_model), ["a", "b"])
     apply_tuning(model, TuningConfig(method="head"))
     trainable, total = count_parameters(model)
-    assert trainable == 32 * 2 + 2 and total > 10 * trainable
-    assert all(not p.requires_grad for p in model.bert.parameters())
+    assert trainable == 32 * 2 + 2 + 32 * 32 + 32 and total > 10 * trainable  # classifier + pooler
+    assert all(not p.requires_grad for n, p in model.bert.named_parameters() if not n.startswith("pooler."))
     apply_tuning(model, TuningConfig(method="full"))
     assert count_parameters(model)[0] == total
 
@@ -85,3 +85,78 @@ def test_attention_switch(tiny_model, monkeypatch):
     with pytest.raises(TextuneError, match=r"^model.attention: BertForSequenceClassification cannot use eager "
                                            r"attention \(.*\); set model.attention: eager$"):
         set_attention(model, "eager")
+
+
+def test_head_tuning_trains_the_pooler_with_the_head(tiny_model):
+    # BERT's classifier reads the pooler (dense + tanh on [CLS]); the packaged MiniLM ships it untrained, so a
+    # frozen pooler would make the head-only baseline a probe on a random projection. PEFT methods train it too.
+    model = apply_tuning(load_classifier(str(tiny_model), ["a", "b"]), TuningConfig(method="head"))
+    assert all(p.requires_grad for p in model.bert.pooler.parameters())
+    assert all(p.requires_grad for p in model.classifier.parameters())
+    assert not any(p.requires_grad for p in model.bert.encoder.parameters())
+    assert not any(p.requires_grad for p in model.bert.embeddings.parameters())
+    from textune.config import config_help
+
+    assert "pooler" in next(line for line in config_help().splitlines() if "tuning.method " in line)
+
+
+# ---------------------------------------------------------------- decoder-only models as classifiers
+
+
+def build_tiny_decoder(folder, kind: str, eos: bool = True):
+    """A random 2-layer, 32-wide GPT-2 or Llama with a word-level tokenizer that has no pad token (as GPT-2's
+    and Llama's have none); `eos` False leaves out the end-of-sequence token too."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    from conftest import FILLER, NEGATIVE, POSITIVE
+
+    specials = ["<unk>"] + (["</s>"] if eos else [])
+    vocab = {w: i for i, w in enumerate(specials + POSITIVE + NEGATIVE + FILLER)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                        **({"eos_token": "</s>"} if eos else {}))
+    assert tokenizer.pad_token is None
+    end = vocab.get("</s>")
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = GPT2Model(GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                     bos_token_id=end, eos_token_id=end))
+    else:
+        model = LlamaModel(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                       bos_token_id=end, eos_token_id=end, pad_token_id=None))
+    assert model.config.pad_token_id is None
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_decoder_only_classifier_pads_with_eos_and_trains(kind, tmp_path, toy_data):
+    from conftest import toy_overrides
+    from textune.config import load_config
+    from textune.infer import Predictor
+    from textune.train import train
+
+    folder = build_tiny_decoder(tmp_path / kind, kind)
+    run = train(load_config(None, toy_overrides(folder, toy_data, tmp_path / "run", **{"train.max_steps": 3})))
+    assert (run / "metrics.json").is_file()
+    assert Predictor(run).predict(["a great film", "bad"])[0]["label"] in ("negative", "positive")
+    tokenizer = load_tokenizer(str(folder), for_classifier=True)
+    assert tokenizer.pad_token == tokenizer.eos_token == "</s>"
+    assert load_classifier(str(folder), ["a", "b"]).config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_decoder_without_pad_or_eos_token_is_refused_before_the_run_folder(tmp_path, toy_data):
+    from conftest import toy_overrides
+    from textune.config import load_config
+    from textune.train import train
+
+    folder = build_tiny_decoder(tmp_path / "gpt2", "gpt2", eos=False)
+    with pytest.raises(TextuneError, match=r"^model.name: the tokenizer of .* has no padding token and no "
+                                           r"end-of-sequence token to pad with"):
+        train(load_config(None, toy_overrides(folder, toy_data, tmp_path / "run")))
+    assert not (tmp_path / "run").exists()

@@ -117,7 +117,7 @@ def test_head_only_leaves_the_encoder_untouched(tiny_model, toy_data, tmp_path):
     key = next(k for k in before if "encoder.layer.0.attention.self.query.weight" in k)
     assert torch.equal(before[key], after["bert." + key] if "bert." + key in after else after[key])
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["parameters"]["trainable"] == 32 * 2 + 2
+    assert metrics["parameters"]["trainable"] == 32 * 2 + 2 + 32 * 32 + 32  # classifier + pooler (issue 18)
 
 
 def test_no_validation_file_splits_training_data(tiny_model, tmp_path):

@@ -401,7 +401,7 @@ class AdapterPredictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size
         self.requested_max_length = max_length
-        self.tokenizer = load_tokenizer(resolve_model(self.registry.base_model))
+        self.tokenizer = load_tokenizer(resolve_model(self.registry.base_model), for_classifier=True)
         self.model: PeftModel | None = None
         self.adapter: str | None = None
         self.predictor = None  # the active adapter's task predictor

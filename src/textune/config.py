@@ -66,7 +66,15 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    name: str | None = _f(None, "a named data set shipped in a Python package (rotten_tomatoes) or a Hub dataset id")
+    name: str | None = _f(None, "a named data set shipped in a Python package (rotten_tomatoes), a Hub dataset id, "
+                                "or a folder (written by DatasetDict.save_to_disk, or a dataset repository)")
+    config: str | None = _f(None, "data.name: the Hub dataset's configuration (subset), e.g. mrpc for glue")
+    revision: str | None = _f(None, "data.name: the Hub dataset's revision (branch, tag or commit); empty = main")
+    split_train: str = _f("train", "data.name: the split to train on")
+    split_validation: str = _f("validation", "data.name: the split to validate on; if the dataset has none by "
+                                             "this default name, a stratified split of training")
+    split_test: str = _f("test", "data.name: the split tested at the end (rows labelled -1 are unlabelled; an "
+                                 "all-unlabelled split is not evaluated)")
     train: str | None = _f(None, "training file: .csv, .tsv, .jsonl/.json or .parquet")
     validation: str | None = _f(None, "validation file; empty = a stratified split of the training data")
     test: str | None = _f(None, "optional test file, evaluated once with the best model at the end")
@@ -84,7 +92,7 @@ class DataConfig:
                                        "becomes I- after the first); false: only the first, the rest are ignored")
     validation_split: float = _f(0.1, "share of training rows held out when no validation file is given")
     max_train_samples: int | None = _f(None, "use only the first N training rows (after shuffling with the seed)")
-    max_eval_samples: int | None = _f(None, "use only the first N validation rows")
+    max_eval_samples: int | None = _f(None, "evaluate on a seeded sample of N validation rows, stratified by label")
     strict: bool = _f(False, "treat leakage (evaluation texts also in train) and conflicting labels as errors")
     streaming: bool = _f(False, "read data.train lazily as a stream (files bigger than memory), tokenised on the fly; "
                                 "needs train.max_steps and a data.validation file; checks and statistics use its "
@@ -98,7 +106,8 @@ class DataConfig:
 @dataclass
 class TuningConfig:
     method: Literal["full", "head", "lora", "prefix", "ia3"] = _f(
-        "full", "full: train every parameter; head: freeze the encoder, train the classifier; lora, prefix, ia3: "
+        "full", "full: train every parameter; head: freeze the encoder, train the classifier and the pooler it reads "
+                "(BERT); lora, prefix, ia3: "
                 "train a small PEFT adapter (and the classifier) on the frozen encoder, saved alone")
     r: int = _f(8, "lora: rank of the low-rank update of each target layer")
     alpha: float = _f(16.0, "lora: scale of the update, which is multiplied by alpha / r")
@@ -408,6 +417,10 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     if not 0 < d.validation_split < 1:
         problems.append(f"data.validation_split: must be between 0 and 1, got {d.validation_split}")
     _resolve_task(cfg, problems)
+    for key, what, value in (("data.config", "configuration", d.config), ("data.revision", "revision", d.revision)):
+        if value is not None and d.name is None:
+            problems.append(f"{key}: names a {what} of a Hub dataset, but data.name is empty; set data.name or "
+                            f"remove {key}")
     if cfg.pretrain.corpus is not None:
         _check_pretrain(cfg, problems)
     elif d.name is None and d.train is None:

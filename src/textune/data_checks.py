@@ -16,14 +16,17 @@ from textune.data import TaskData, label_counts
 from textune.errors import TextuneError
 
 # A class under this share of the training rows is flagged: with so few examples a classifier can score
-# well overall while never predicting it.
+# well overall while never predicting it...
 MINORITY_SHARE_WARNING = 0.05
+# ... or, with many classes, under this share of its balanced share 1/K (with 25 balanced classes each has
+# 4%: under a fixed 5% every one of them would be "rare"). The lower of the two thresholds applies.
+RARE_SHARE_OF_BALANCED = 0.25
 EXAMPLES_SHOWN = 3
 
 
 @dataclass
 class Finding:
-    kind: str  # empty, duplicate, leakage, conflict, imbalance
+    kind: str  # loading, empty, duplicate, leakage, conflict, imbalance
     count: int
     message: str
     examples: list[str] = field(default_factory=list)
@@ -68,7 +71,8 @@ def check_task_data(data: TaskData) -> DataReport:
         splits["test"] = data.test
     keys = {name: _keys(ds, data.text_column, data.text_pair_column) for name, ds in splits.items()}
     raw_texts = {name: list(ds[data.text_column]) for name, ds in splits.items()}
-    findings: list[Finding] = []
+    # What loading decided for the user (fallback split, labels without rows, unlabelled rows dropped).
+    findings = [Finding("loading", 1, note) for note in data.notes]
 
     for name, ks in keys.items():
         empty = [raw_texts[name][i] for i, k in enumerate(ks) if not k.replace("[PAIR]", "").strip()]
@@ -104,10 +108,11 @@ def check_task_data(data: TaskData) -> DataReport:
 
     balance = {name: label_counts(ds, data.label_names) for name, ds in splits.items()}
     total = sum(balance["train"].values())
-    rare = [f"{label} ({n})" for label, n in balance["train"].items() if total and n / total < MINORITY_SHARE_WARNING]
+    threshold = min(MINORITY_SHARE_WARNING, RARE_SHARE_OF_BALANCED / len(data.label_names))
+    rare = [f"{label} ({n})" for label, n in balance["train"].items() if total and n / total < threshold]
     if rare:
-        findings.append(Finding("imbalance", len(rare), f"train: classes under {MINORITY_SHARE_WARNING:.0%} of "
-                                f"the rows: {', '.join(rare)}; consider macro F1 as train.metric"))
+        findings.append(Finding("imbalance", len(rare), f"train: classes under {threshold * 100:.3g}% of the rows: "
+                                f"{', '.join(rare)}; consider macro F1 as train.metric"))
     return DataReport({k: len(v) for k, v in splits.items()}, balance, findings)
 
 

@@ -1,7 +1,7 @@
 """Diagnose a run from its learning curves: healthy, overfitting, underfitting, unstable or diverged.
 
-Works on RUN/history.jsonl alone (plus, optionally, the label counts from RUN/data_stats.json), so it
-needs no torch and runs on a finished, a running or a copied run folder. Rules are checked from the
+Works on RUN/history.jsonl alone (plus, optionally, the label counts from RUN/data_stats.json and the
+metric that selects the checkpoint from RUN/config.yaml), so it needs no torch and runs on a finished, a running or a copied run folder. Rules are checked from the
 most to the least severe; the first that fires is the verdict, and every rule that could not be judged
 for lack of points says so in the evidence.
 """
@@ -82,7 +82,8 @@ class Diagnosis:
                 "best_epoch": self.best_epoch, "best_step": self.best_step}
 
 
-def diagnose_curves(history_records: list[dict], label_counts: dict[str, int] | None = None) -> Diagnosis:
+def diagnose_curves(history_records: list[dict], label_counts: dict[str, int] | None = None,
+                    metric: str | None = None, greater_is_better: bool = True) -> Diagnosis:
     """Judge a run from its history records (the lines of RUN/history.jsonl).
 
     Args:
@@ -90,6 +91,9 @@ def diagnose_curves(history_records: list[dict], label_counts: dict[str, int] | 
             (`step`, `epoch`, `eval_loss`, `eval_accuracy`, ...), in the order they were logged.
         label_counts: validation label counts `{name: count}`; they give the majority-class accuracy and
             the loss of a model that ignores the text. Without them the starting loss stands in.
+        metric, greater_is_better: the metric that selects the checkpoint (`train.metric`, read from the
+            records' `eval_<metric>`). Rising validation loss is judged against it: while it keeps improving,
+            the rise is overconfidence, not overfitting. Empty or `loss`: the verdict rests on the loss alone.
 
     Returns:
         A `Diagnosis`. Its verdict is one of VERDICTS; "inconclusive" when there are too few points.
@@ -118,7 +122,7 @@ def diagnose_curves(history_records: list[dict], label_counts: dict[str, int] | 
     if len(evals) < MIN_EVALS:
         d.evidence.append(f"only {len(evals)} evaluation(s): overfitting cannot be judged "
                           "(set train.eval_steps to evaluate during an epoch)")
-    elif _overfitting(train, evals, eval_losses, d):
+    elif _overfitting(train, evals, eval_losses, d, _selection(evals, metric), greater_is_better):
         return d
     if _underfitting(losses, evals, eval_losses, label_counts, d):
         return d
@@ -187,7 +191,18 @@ def _unstable(train, losses, d: Diagnosis) -> bool:
     return True
 
 
-def _overfitting(train, evals, eval_losses, d: Diagnosis) -> bool:
+def _selection(evals: list[dict], metric: str | None) -> tuple[str, list[float]] | None:
+    """(name, value per evaluation) of the selection metric, or None where the loss selects (or a record lacks it)."""
+    if metric is None or metric in ("loss", "perplexity"):
+        return None
+    values = [r.get(f"eval_{metric}") for r in evals]
+    if any(v is None or not math.isfinite(v) for v in values):
+        return None
+    return metric, [float(v) for v in values]
+
+
+def _overfitting(train, evals, eval_losses, d: Diagnosis, selection: tuple[str, list[float]] | None = None,
+                 greater_is_better: bool = True) -> bool:
     best = min(range(len(eval_losses)), key=eval_losses.__getitem__)
     after = eval_losses[best + 1:]
     floor = eval_losses[best] * (1 + OVERFIT_MIN_RISE)
@@ -199,11 +214,25 @@ def _overfitting(train, evals, eval_losses, d: Diagnosis) -> bool:
     later = [float(r["loss"]) for r in train if r["step"] > best_step]
     if not at_best or not later or _late(later) >= _late(at_best):
         return False  # validation got worse but training did not get better: not the overfitting shape
+    loss_epoch = evals[best].get("epoch")
+    stop = best
+    if selection is not None:
+        name, values = selection
+        # The first best value, as the loop keeps it (only a strictly better evaluation replaces the checkpoint).
+        chosen = (max if greater_is_better else min)(range(len(values)), key=values.__getitem__)
+        if chosen > best:
+            _overconfident(evals, eval_losses, best, name, values, chosen, d)
+            return False
+        stop = chosen
     d.verdict = "overfitting"
-    epoch = evals[best].get("epoch")
-    d.evidence.append(f"validation loss was lowest at epoch {epoch:g} (step {best_step}, {eval_losses[best]:.4f}) and "
-                      f"rose over the {len(after)} evaluation(s) after it, to {eval_losses[-1]:.4f}")
+    epoch = evals[stop].get("epoch")
+    d.evidence.append(f"validation loss was lowest at epoch {loss_epoch:g} (step {best_step}, {eval_losses[best]:.4f}) "
+                      f"and rose over the {len(after)} evaluation(s) after it, to {eval_losses[-1]:.4f}")
     d.evidence.append(f"training loss kept falling meanwhile: {_late(at_best):.4f} -> {_late(later):.4f}")
+    if selection is not None:
+        worse = "fell" if greater_is_better else "rose"
+        d.evidence.append(f"{name}, which selects the checkpoint, was best at epoch {epoch:g} ({values[stop]:.4f}) and "
+                          f"{worse} to {values[-1]:.4f}")
     accs = [r.get("eval_accuracy") for r in evals]
     if all(a is not None for a in accs):
         d.evidence.append(f"validation accuracy at the best-loss epoch {accs[best]:.4f}, at the end {accs[-1]:.4f}")
@@ -213,6 +242,22 @@ def _overfitting(train, evals, eval_losses, d: Diagnosis) -> bool:
                    "(hidden_dropout_prob in the model's config.json)",
                    "more training data, or fewer epochs / a lower learning rate"]
     return True
+
+
+def _overconfident(evals, eval_losses, best: int, name: str, values: list[float], chosen: int, d: Diagnosis) -> None:
+    """Validation loss rose after its minimum while the selection metric kept improving: note it and advise
+    from the metric. The usual cause is overconfidence (the few wrong predictions grow more confident, and
+    each costs more loss, while more predictions are right), which calibration fixes and stopping does not."""
+    loss_epoch, chosen_epoch = evals[best].get("epoch"), evals[chosen].get("epoch")
+    d.evidence.append(f"validation loss rose after epoch {loss_epoch:g} ({eval_losses[best]:.4f} -> {eval_losses[-1]:.4f}) "
+                      f"while {name}, which selects the checkpoint, kept improving: {values[best]:.4f} at epoch "
+                      f"{loss_epoch:g} -> {values[chosen]:.4f} at epoch {chosen_epoch:g}")
+    d.evidence.append(f"rising loss with an improving {name} is the usual overconfidence of a fine-tuned classifier "
+                      f"(its remaining mistakes grow more confident), not overfitting and not a reason to stop")
+    d.remedies += [f"keep the checkpoint {name} selects (epoch {chosen_epoch:g}, train.load_best_at_end true), not "
+                   f"the lowest-loss one; early stopping should watch {name} (train.metric), not the loss",
+                   "if the probabilities are read as confidences, check their calibration (textune report) and "
+                   "calibrate them, e.g. temperature scaling on validation, rather than stopping early"]
 
 
 def _underfitting(losses, evals, eval_losses, label_counts, d: Diagnosis) -> bool:
@@ -302,8 +347,24 @@ def run_label_counts(run_dir: str | Path) -> dict[str, int] | None:
     return counts.get("validation") or counts.get("train")
 
 
+def selection_from_config(config: dict | None) -> dict:
+    """`metric` and `greater_is_better` for `diagnose_curves` from a run's config mapping (RUN/config.yaml);
+    {} when it has none (the verdict then rests on the validation loss)."""
+    train = (config or {}).get("train") or {}
+    if not train.get("metric"):
+        return {}
+    return {"metric": train["metric"], "greater_is_better": bool(train.get("greater_is_better", True))}
+
+
 def diagnose_run(run_dir: str | Path) -> Diagnosis:
-    return diagnose_curves(load_history(run_dir), run_label_counts(run_dir))
+    """The diagnosis of a run folder: its history, label counts and selection metric (RUN/config.yaml)."""
+    config_path = Path(run_dir) / "config.yaml"
+    config = None
+    if config_path.is_file():
+        import yaml
+
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    return diagnose_curves(load_history(run_dir), run_label_counts(run_dir), **selection_from_config(config))
 
 
 def format_diagnosis(d: Diagnosis) -> str:

@@ -74,3 +74,43 @@ def headline(metrics: dict) -> str:
     keys = ("loss", "perplexity", "accuracy", "f1", "f1_macro")
     parts = [f"{k} {metrics[k]:.4f}" for k in keys if metrics.get(k) is not None]
     return ", ".join(parts)
+
+
+def format_confusion(metrics: dict, width: int, top: int = 10) -> str:
+    """The confusion matrix of `classification_metrics` for a terminal `width` characters wide.
+
+    The whole matrix (rows: true, columns: predicted) where its lines fit; past that (many classes, long
+    names) the `top` largest confusions (true -> predicted, count, share of the true class's rows) and the
+    per-class F1, worst first (at most 2 * `top` classes). Names too long for the width are shortened with "…".
+    The full matrix stays in metrics.json and the report.
+    """
+    names, matrix = metrics["confusion_matrix"]["labels"], np.asarray(metrics["confusion_matrix"]["matrix"])
+    cell = max(8, *(len(n) for n in names)) + 1
+    if cell * (len(names) + 1) <= width:
+        head = "true \\ pred".ljust(cell) + "".join(n.rjust(cell) for n in names)
+        rows = [n.ljust(cell) + "".join(str(v).rjust(cell) for v in row) for n, row in zip(names, matrix)]
+        return "\n".join([head, *rows])
+
+    def fit(name: str, room: int) -> str:
+        room = max(room, 8)
+        return name if len(name) <= room else name[:room - 1] + "…"
+
+    support = matrix.sum(axis=1)
+    confusions = sorted(((int(matrix[i, j]), i, j) for i in range(len(names)) for j in range(len(names))
+                         if i != j and matrix[i, j]), key=lambda c: (-c[0], c[1], c[2]))
+    lines = [fit(f"largest confusions (true -> predicted; all {len(names)} classes in metrics.json)", width)]
+    for count, i, j in confusions[:top]:
+        tail = f": {count} ({count / support[i]:.0%} of its rows)"
+        room = (width - 2 - len(" -> ") - len(tail)) // 2
+        lines.append(f"  {fit(names[i], room)} -> {fit(names[j], room)}{tail}")
+    if not confusions:
+        lines.append("  none: every example was predicted right")
+    per_class = metrics["per_class"]
+    worst = sorted(names, key=lambda n: per_class[n]["f1-score"])[:2 * top]
+    room = width - 2 - len("  0.0000  (support 100000)")
+    shown = [fit(n, room) for n in worst]
+    pad = max(map(len, shown))
+    lines.append("per-class F1, worst first" + (f" ({len(worst)} of {len(names)})" if len(worst) < len(names) else ""))
+    lines += [f"  {s.ljust(pad)}  {per_class[n]['f1-score']:.4f}  (support {int(per_class[n]['support'])})"
+              for s, n in zip(shown, worst)]
+    return "\n".join(lines)

@@ -79,13 +79,28 @@ def _hub_error(name: str, what: str, err: Exception) -> TextuneError:
                         f"Hugging Face Hub{how} ({type(err).__name__})")
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, for_classifier: bool = False):
+    """The tokenizer of a model folder or Hub id.
+
+    `for_classifier`: batches of a classifier are padded, and decoder-only models (GPT-2, Llama, SmolLM2)
+    ship no pad token; the end-of-sequence token then pads (the model reads the last token that is not
+    padding, and attention masks the rest). Language-model pretraining packs blocks and needs none.
+
+    Raises:
+        TextuneError: no tokenizer there; for a classifier, neither a pad nor an end-of-sequence token.
+    """
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         if Path(name_or_path).exists():
             raise TextuneError(f"could not load a tokenizer from {name_or_path}: {str(e).splitlines()[0]}") from None
         raise _hub_error(name_or_path, "tokenizer", e) from None
+    if for_classifier and tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise TextuneError(f"model.name: the tokenizer of {name_or_path} has no padding token and no "
+                               f"end-of-sequence token to pad with; add a pad_token to its tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_classifier(name_or_path: str, label_names: list[str], trust_remote_code: bool = False,
@@ -94,7 +109,8 @@ def load_classifier(name_or_path: str, label_names: list[str], trust_remote_code
     classifier, or a token classifier with `auto_class=AutoModelForTokenClassification`.
 
     The label names go into the model config (`id2label`/`label2id`), so `transformers.pipeline` on the
-    saved folder returns named labels.
+    saved folder returns named labels. A config without `pad_token_id` (decoder-only models) gets the pad
+    token `load_tokenizer(..., for_classifier=True)` chooses: the model finds each text's last token by it.
     """
     id2label = dict(enumerate(label_names))
     try:
@@ -107,6 +123,8 @@ def load_classifier(name_or_path: str, label_names: list[str], trust_remote_code
     same_labels = getattr(config, "id2label", None) == id2label and getattr(config, "num_labels", None) == len(label_names)
     config.num_labels = len(label_names)
     config.id2label = id2label
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = load_tokenizer(name_or_path, trust_remote_code, for_classifier=True).pad_token_id
     config.label2id = {n: i for i, n in id2label.items()}
     try:
         model = auto_class.from_pretrained(
@@ -180,7 +198,9 @@ def set_attention(model: PreTrainedModel, attention: str) -> PreTrainedModel:
 def apply_tuning(model: PreTrainedModel, tuning: TuningConfig) -> PreTrainedModel:
     """Choose what trains; return the model to train (PEFT methods wrap it).
 
-    `full`: everything trains. `head`: freeze the encoder; only the classification head trains.
+    `full`: everything trains. `head`: freeze the encoder; the classification head trains, with BERT's pooler
+    (dense + tanh on [CLS]) that the head reads, as the PEFT methods do (see `adapters.head_modules`):
+    sentence-transformers checkpoints such as the packaged MiniLM ship that pooler untrained.
     `lora`, `prefix`, `ia3`: a PEFT model whose adapter and head train (see textune.adapters).
     """
     method = tuning.method
@@ -200,6 +220,9 @@ def apply_tuning(model: PreTrainedModel, tuning: TuningConfig) -> PreTrainedMode
                                f"of {head_names}; use tuning.method full")
         for n in trainable:
             getattr(model, n).requires_grad_(True)
+        pooler = getattr(getattr(model, model.base_model_prefix, None), "pooler", None)
+        if isinstance(pooler, torch.nn.Module):
+            pooler.requires_grad_(True)
         return model
     raise TextuneError(f"tuning.method {method!r} is not supported here")
 

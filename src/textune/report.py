@@ -26,7 +26,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from textune.curves import figure_png, loss_figure, lr_figure, metrics_figure
-from textune.diagnose import Diagnosis, diagnose_curves, load_history
+from textune.diagnose import Diagnosis, diagnose_curves, load_history, selection_from_config
 from textune.errors import TextuneError
 from textune.tasks import get_task, task_of
 
@@ -399,7 +399,8 @@ def build_report(run_dir: str | Path) -> str:
     stats = _read_json(run / "data_stats.json")
     metrics = _read_json(run / "metrics.json")
     counts = (stats or {}).get("label_counts") or {}
-    diagnosis = diagnose_curves(records, counts.get("validation") or counts.get("train"))
+    diagnosis = diagnose_curves(records, counts.get("validation") or counts.get("train"),
+                                **selection_from_config(config))
     task_cards, task_sections = get_task(task_of(run)).report_sections(run, metrics, stats)
 
     runs = {run.name: records}

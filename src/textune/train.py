@@ -572,7 +572,7 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
         (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     say(f"best       step {state.best_step}: {headline(final_val)}")
     say(f"run        {run}  ({train_seconds / 60:.1f} min, {metrics['train']['samples_per_s']} samples/s)")
-    say(format_diagnosis(diagnose_curves(history.records, inputs.label_counts())))
+    say(format_diagnosis(diagnose_curves(history.records, inputs.label_counts(), t.metric, t.greater_is_better)))
     return run
 
 

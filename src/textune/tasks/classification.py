@@ -14,6 +14,7 @@ calibration and the most confidently wrong examples.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from textune.data import (TaskData, label_counts, length_stats, load_task_data, 
                           tokenize_stream)
 from textune.data_checks import DataReport, check_task_data, enforce
 from textune.errors import TextuneError
-from textune.evaluate import classification_metrics, evaluate_loader
+from textune.evaluate import classification_metrics, evaluate_loader, format_confusion
 from textune.infer import Predictor, read_inputs
 from textune.models import apply_tuning, load_classifier, load_tokenizer, resolve_model, set_attention
 from textune.tasks.base import Task, TaskInputs
@@ -119,7 +120,7 @@ class Classification(Task):
     def load_inputs(self, cfg) -> ClassificationInputs:
         """Model, tokenizer and data: resolved, read, checked (`data.strict`), tokenised, measured, tuned."""
         model_path = resolve_model(cfg.model.name)
-        tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+        tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, for_classifier=True)
         data = self.read_data(cfg)
         data_report = check_task_data(data)
         enforce(data_report, cfg.data.strict)
@@ -162,11 +163,9 @@ class Classification(Task):
         return metrics
 
     def format_metrics(self, metrics: dict) -> str:
-        names, matrix = metrics["confusion_matrix"]["labels"], metrics["confusion_matrix"]["matrix"]
-        width = max(8, *(len(n) for n in names)) + 1
-        head = "true \\ pred".ljust(width) + "".join(n.rjust(width) for n in names)
-        rows = [n.ljust(width) + "".join(str(v).rjust(width) for v in row) for n, row in zip(names, matrix)]
-        return "\n".join([head, *rows])
+        """The confusion matrix where it fits the terminal, else the largest confusions and the worst classes
+        (the whole matrix stays in metrics.json)."""
+        return format_confusion(metrics, shutil.get_terminal_size().columns)
 
     def report_sections(self, run: Path, metrics: dict | None, stats: dict | None):
         from textune import report

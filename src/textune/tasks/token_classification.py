@@ -518,7 +518,7 @@ class TokenClassification(Task):
 
         splits, names = self.read_splits(cfg)
         model_path = resolve_model(cfg.model.name)
-        tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+        tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, for_classifier=True)
         if not getattr(tokenizer, "is_fast", False):
             raise TextuneError(f"model.name: {model_path} has no fast tokenizer, which token classification needs "
                                f"(word ids of sub-tokens)")
