@@ -178,3 +178,21 @@ def test_an_accelerate_config_without_a_process_count_is_refused(setup, capsys):
 
     assert main(["train", str(setup["config"]), "--accelerate-config", "configs/accelerate/cpu-gloo.yaml"]) == 2
     assert "--accelerate-config needs --num-processes" in capsys.readouterr().err
+
+
+def eval_losses(run: Path) -> list[float]:
+    records = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    return [r["eval_loss"] for r in records if r["type"] == "eval"]
+
+
+def test_evaluation_loss_is_reduced_over_the_processes_without_the_padding_rows(two_processes, one_process):
+    # 37 validation rows in batches of 8 split over 2 processes: the last batch has 5 rows, padded to 8 by
+    # repeating rows. Each process must report the loss of all 37 rows once, not of its own share.
+    one, two = eval_losses(one_process), eval_losses(two_processes["run"])
+    assert len(one) == len(two) == 2
+    assert max(abs(a - b) for a, b in zip(one, two)) < TOLERANCE
+    final_one = json.loads((one_process / "metrics.json").read_text())["validation"]
+    final_two = json.loads((two_processes["run"] / "metrics.json").read_text())["validation"]
+    assert abs(final_one["loss"] - final_two["loss"]) < TOLERANCE
+    assert final_two["examples"] == VALIDATION_ROWS and final_one["accuracy"] == final_two["accuracy"]
+
