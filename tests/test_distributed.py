@@ -292,3 +292,33 @@ def test_a_nan_loss_on_one_process_is_skipped_by_every_process_under_a_gradient_
     weights[key] = torch.cat([weights[key][:poisoned], weights[key][poisoned + 1:]])  # NaN since the start
     assert all(torch.isfinite(w).all() for w in weights.values())  # no NaN reached the weights
 
+
+def test_a_deepspeed_launch_without_deepspeed_is_one_clear_line(setup, capsys):
+    from textune.cli import main
+
+    if __import__("importlib").util.find_spec("deepspeed") is not None:
+        pytest.skip("DeepSpeed is installed here")
+    assert main(["train", str(setup["config"]), "--num-processes", "2", "--accelerate-config",
+                 "configs/accelerate/deepspeed-zero2.yaml", "--output_dir", str(setup["dir"] / "deepspeed")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "DeepSpeed is not installed; pip install deepspeed" in err
+
+
+def test_fsdp_config_on_a_machine_without_gpus_is_one_clear_line(setup, capsys, monkeypatch):
+    """Accelerate (1.16) chooses FSDP only for GPU-like devices: on CPU the launch becomes DDP over gloo while
+    fsdp_cpu_ram_efficient_loading leaves the model empty (meta) on all but the main process, and the run
+    crashed in prepare() ("Cannot copy out of meta tensor"). So FSDP cannot be tested here; textune refuses
+    it in one line, before launching and (for `accelerate launch` by hand) in every process."""
+    from accelerate import Accelerator
+
+    from textune.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine can run FSDP")
+    assert main(["train", str(setup["config"]), "--num-processes", "2", "--accelerate-config",
+                 "configs/accelerate/fsdp.yaml", "--output_dir", str(setup["dir"] / "fsdp")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "FSDP runs on GPUs only in Accelerate" in err and "cpu-gloo.yaml" in err
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
+    with pytest.raises(TextuneError, match="FSDP runs on GPUs only in Accelerate"):
+        check_process_count(TrainConfig(), Accelerator(cpu=True))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -37,7 +38,7 @@ from textune.checkpoint import CHECKPOINTS, PREFIX as CHECKPOINT_PREFIX
 from textune.checkpoint import check_checkpoint_matches, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from textune.data_checks import DataReport, check_task_data, enforce
 from textune.errors import TextuneError, TrainingInterrupted
-from textune.launch import batch_split_problem
+from textune.launch import FSDP_WITHOUT_GPU, batch_split_problem
 from textune.evaluate import evaluate_loader, headline
 from textune.augment import Mixup, augment_training_split
 from textune.adapters import is_peft_model, load_adapter_weights, save_adapter_extras
@@ -84,6 +85,10 @@ def check_process_count(t: TrainConfig, accelerator: Accelerator) -> None:
         raise TextuneError(f"{sharded[accelerator.distributed_type]}, but textune's checkpoints and saved model are "
                            f"written by the main process from whole copies; launch with "
                            f"configs/accelerate/multi-gpu-ddp.yaml (DDP) instead")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # fsdp.yaml, but Accelerate chose no FSDP
+        # (On CPU Accelerate makes it DDP, while its fsdp_cpu_ram_efficient_loading has the model loaded empty on
+        # all but the main process: the run would crash in prepare().)
+        raise TextuneError(FSDP_WITHOUT_GPU)
     if t.optimizer == "adamw_8bit" and accelerator.device.type != "cuda":
         raise TextuneError(f"train.optimizer: adamw_8bit (bitsandbytes) is supported on CUDA GPUs only, and this run "
                            f"is on {accelerator.device.type}; use adamw")
