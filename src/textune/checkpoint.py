@@ -169,5 +169,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> dic
     # Each process its own generators. A checkpoint of fewer processes has none for the extra ones: they
     # take the main process's (the run goes on, but no longer exactly as it would have).
     rank = accelerator.process_index if (path / f"rng-{accelerator.process_index}.json").is_file() else 0
-    _set_rng_state(json.loads((path / f"rng-{rank}.json").read_text()), load_file(path / f"rng-{rank}.safetensors"))
+    if (path / f"rng-{rank}.json").is_file():
+        _set_rng_state(json.loads((path / f"rng-{rank}.json").read_text()), load_file(path / f"rng-{rank}.safetensors"))
+    else:  # written before checkpoints held one RNG state per process: the main process's only
+        _set_rng_state(state["rng"], load_file(path / "rng.safetensors"))
     return state
