@@ -168,3 +168,20 @@ def test_skip_nonfinite_steps_skips_then_stops(tiny_model, toy_data, tmp_path, c
         train(load_config(None, over))
     captured = capsys.readouterr()
     assert (captured.out + captured.err).count("skipped step 2") == 2
+
+
+def test_a_checkpoint_with_one_rng_state_for_all_processes_still_resumes(tiny_model, toy_data, tmp_path):
+    """Checkpoints written before they held one RNG state per process (rng.safetensors + state.json's rng)."""
+    over = toy_overrides(tiny_model, toy_data, tmp_path / "run", **{"train.max_steps": 4, "train.checkpoint_steps": 2,
+                                                                    "train.logging_steps": 1})
+    ref = train(load_config(None, over))
+    ref_losses = [json.loads(x)["loss"] for x in (ref / "history.jsonl").read_text().splitlines() if '"train"' in x]
+    checkpoint = list_checkpoints(ref)[0]
+    state = json.loads((checkpoint / "state.json").read_text())
+    state["rng"] = json.loads((checkpoint / "rng-0.json").read_text())
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    (checkpoint / "rng-0.safetensors").rename(checkpoint / "rng.safetensors")
+    (checkpoint / "rng-0.json").unlink()
+    resumed = train(load_config(None, {**over, "output_dir": str(tmp_path / "resumed")}), resume=str(checkpoint))
+    losses = [json.loads(x)["loss"] for x in (resumed / "history.jsonl").read_text().splitlines() if '"train"' in x]
+    assert losses == ref_losses

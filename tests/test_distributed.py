@@ -178,3 +178,147 @@ def test_an_accelerate_config_without_a_process_count_is_refused(setup, capsys):
 
     assert main(["train", str(setup["config"]), "--accelerate-config", "configs/accelerate/cpu-gloo.yaml"]) == 2
     assert "--accelerate-config needs --num-processes" in capsys.readouterr().err
+
+
+def eval_losses(run: Path) -> list[float]:
+    records = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    return [r["eval_loss"] for r in records if r["type"] == "eval"]
+
+
+def test_evaluation_loss_is_reduced_over_the_processes_without_the_padding_rows(two_processes, one_process):
+    # 37 validation rows in batches of 8 split over 2 processes: the last batch has 5 rows, padded to 8 by
+    # repeating rows. Each process must report the loss of all 37 rows once, not of its own share.
+    one, two = eval_losses(one_process), eval_losses(two_processes["run"])
+    assert len(one) == len(two) == 2
+    assert max(abs(a - b) for a, b in zip(one, two)) < TOLERANCE
+    final_one = json.loads((one_process / "metrics.json").read_text())["validation"]
+    final_two = json.loads((two_processes["run"] / "metrics.json").read_text())["validation"]
+    assert abs(final_one["loss"] - final_two["loss"]) < TOLERANCE
+    assert final_two["examples"] == VALIDATION_ROWS and final_one["accuracy"] == final_two["accuracy"]
+
+
+def launch_two(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "textune", "train", *args, "--num-processes", "2"],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def dropout_runs(setup) -> dict:
+    """2 processes with dropout on (each process draws its own masks): one run straight through, one resumed
+    from a checkpoint in the middle of the epoch."""
+    d = setup["dir"]
+    model = build_tiny_bert(d / "dropout-model")  # BERT's default dropout, 0.1
+    cfg = d / "dropout.yaml"
+    config = json.loads(setup["config"].read_text())
+    config["model"]["name"] = str(model)
+    config["train"].update(epochs=1, checkpoint_steps=3)  # 8 steps; step 3 is mid-epoch
+    cfg.write_text(json.dumps(config))
+    straight = launch_two([str(cfg), "--output_dir", str(d / "dropout-straight")])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    checkpoint = d / "dropout-straight" / "checkpoints" / "step-00000003"
+    resumed = launch_two([str(cfg), "--output_dir", str(d / "dropout-resumed"), "--resume", str(checkpoint)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return {"straight": d / "dropout-straight", "resumed": d / "dropout-resumed", "checkpoint": checkpoint}
+
+
+def test_two_process_resume_with_dropout_is_bit_identical(dropout_runs):
+    straight = load_file(dropout_runs["straight"] / "model" / "model.safetensors")
+    resumed = load_file(dropout_runs["resumed"] / "model" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    different = [k for k in straight if not torch.equal(straight[k], resumed[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert losses(dropout_runs["straight"])[3:] == losses(dropout_runs["resumed"])[3:]
+
+
+SCALER_SCRIPT = '''
+"""Run textune.train with a gradient scaler on CPU: Accelerate only keeps one on GPUs (fp16)."""
+import sys
+
+import torch
+from accelerate import Accelerator
+
+import textune.train
+from textune.config import load_config
+
+
+class ScalerAccelerator(Accelerator):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+
+
+textune.train.Accelerator = ScalerAccelerator
+textune.train.train(load_config(sys.argv[1], {"output_dir": sys.argv[2]}))
+'''
+
+
+def test_a_nan_loss_on_one_process_is_skipped_by_every_process_under_a_gradient_scaler(setup):
+    """One training row gives a NaN loss; it lands in one process's half of a batch once per epoch. Under a
+    gradient scaler (fp16) the gradient-norm check is off, so the loss itself must be checked, on every
+    process together: a process that skipped alone would leave the other waiting in a collective (the
+    timeout catches that). Skipping, not stopping, is tested: when one process raises, the launcher kills
+    the other, which would hide whether it stopped by itself."""
+    from conftest import POSITIVE
+    from textune.launch import launcher_command
+
+    d = setup["dir"] / "nan"
+    d.mkdir()
+    model = build_tiny_bert(d / "model")
+    weights = load_file(model / "model.safetensors")
+    poisoned = 5 + POSITIVE.index("superb")  # its id in the tiny vocabulary (5 special tokens first)
+    key = next(k for k in weights if k.endswith("word_embeddings.weight"))
+    weights[key][poisoned] = float("nan")
+    from safetensors.torch import save_file
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    rows = toy_rows(64, seed=1)
+    for r in rows:
+        r["text"] = r["text"].replace("superb", "great")
+    rows[5]["text"] = "superb movie"  # the one row with a NaN loss: it lands in one process's half of a batch
+    config = json.loads(setup["config"].read_text())
+    config["model"]["name"] = str(model)
+    config["data"]["train"] = str(write_csv(d / "train.csv", rows))
+    config["train"].update(epochs=1, checkpoint_steps=None, skip_nonfinite_steps=5)  # 2 steps of 32 rows
+    (d / "nan.yaml").write_text(json.dumps(config))
+    (d / "run_with_scaler.py").write_text(SCALER_SCRIPT)
+    # the launcher's command for `-m textune`, running the script instead
+    cmd = launcher_command(2, [])[:-2] + [str(d / "run_with_scaler.py"), str(d / "nan.yaml"), str(d / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)  # a hang fails here
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the batch with the bad row (the 2nd of epoch 1 with this seed) is skipped by both processes, once
+    assert proc.stdout.count("skipped step 2 (epoch 1, batch 2): non-finite loss") == 2, proc.stdout[-3000:]
+    assert proc.stdout.count("skipped step") == 2
+    weights = load_file(d / "run" / "model" / "model.safetensors")
+    key = next(k for k in weights if k.endswith("word_embeddings.weight"))  # now under bert.
+    weights[key] = torch.cat([weights[key][:poisoned], weights[key][poisoned + 1:]])  # NaN since the start
+    assert all(torch.isfinite(w).all() for w in weights.values())  # no NaN reached the weights
+
+
+def test_a_deepspeed_launch_without_deepspeed_is_one_clear_line(setup, capsys):
+    from textune.cli import main
+
+    if __import__("importlib").util.find_spec("deepspeed") is not None:
+        pytest.skip("DeepSpeed is installed here")
+    assert main(["train", str(setup["config"]), "--num-processes", "2", "--accelerate-config",
+                 "configs/accelerate/deepspeed-zero2.yaml", "--output_dir", str(setup["dir"] / "deepspeed")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "DeepSpeed is not installed; pip install deepspeed" in err
+
+
+def test_fsdp_config_on_a_machine_without_gpus_is_one_clear_line(setup, capsys, monkeypatch):
+    """Accelerate (1.16) chooses FSDP only for GPU-like devices: on CPU the launch becomes DDP over gloo while
+    fsdp_cpu_ram_efficient_loading leaves the model empty (meta) on all but the main process, and the run
+    crashed in prepare() ("Cannot copy out of meta tensor"). So FSDP cannot be tested here; textune refuses
+    it in one line, before launching and (for `accelerate launch` by hand) in every process."""
+    from accelerate import Accelerator
+
+    from textune.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine can run FSDP")
+    assert main(["train", str(setup["config"]), "--num-processes", "2", "--accelerate-config",
+                 "configs/accelerate/fsdp.yaml", "--output_dir", str(setup["dir"] / "fsdp")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "FSDP runs on GPUs only in Accelerate" in err and "cpu-gloo.yaml" in err
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
+    with pytest.raises(TextuneError, match="FSDP runs on GPUs only in Accelerate"):
+        check_process_count(TrainConfig(), Accelerator(cpu=True))

@@ -173,3 +173,118 @@ def test_bf16_training_runs_on_cpu(tiny_model, toy_data, tmp_path):
         "train.max_steps": 3, "train.mixed_precision": "bf16"}))
     run = train(cfg)
     assert all(v.dtype == torch.float32 for v in load_file(run / "model" / "model.safetensors").values())
+
+
+def test_steps_skipped_by_the_gradient_scaler_are_not_counted(tiny_model, toy_data, tmp_path, monkeypatch):
+    """fp16's gradient scaler skips a step whose gradients overflowed; the step count and the schedule must
+    both count only the optimizer steps taken. Accelerate keeps a scaler on GPUs only, so this run gets a
+    CPU one, and the first two backward passes are made to overflow."""
+    from accelerate import Accelerator
+
+    import textune.train
+
+    class OverflowingAccelerator(Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+
+        def prepare(self, *objects):
+            prepared = super().prepare(*objects)
+            if len(objects) > 1:  # the training set-up: model first
+                passes = []
+                weight = next(prepared[0].parameters())
+                weight.register_hook(lambda g: g * float("inf") if len(passes) < 2 and not passes.append(1) else g)
+            return prepared
+
+    monkeypatch.setattr(textune.train, "Accelerator", OverflowingAccelerator)
+    cfg = load_config(None, toy_overrides(tiny_model, toy_data, tmp_path / "r", **{
+        "train.max_steps": 6, "train.logging_steps": 1, "train.warmup_ratio": 0.0, "train.scheduler": "linear"}))
+    run = train(cfg)
+    records = [r for r in read_history(run) if r["type"] == "train"]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[-1]["epoch"] == 0.4  # 8 of the epoch's 20 batches: 2 skipped steps and 6 taken
+    # linear decay from train.lr to 0 over 6 steps: the lr logged after step s is lr * (1 - s / 6)
+    assert [r["lr"] for r in records] == pytest.approx([3e-3 * (1 - s / 6) for s in range(1, 7)])
+    assert json.loads((run / "metrics.json").read_text())["train"]["steps"] == 6
+
+
+def test_a_best_model_that_reloads_partially_is_an_error(tiny_model, toy_data, tmp_path, monkeypatch):
+    import textune.train
+    from safetensors.torch import save_file
+
+    real_save_model = textune.train.save_model
+
+    def save_without_a_layer(model, tokenizer, target):
+        real_save_model(model, tokenizer, target)
+        weights = load_file(target / "model.safetensors")
+        del weights[next(k for k in weights if k.endswith("layer.1.output.dense.weight"))]
+        save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+
+    monkeypatch.setattr(textune.train, "save_model", save_without_a_layer)
+    cfg = load_config(None, toy_overrides(tiny_model, toy_data, tmp_path / "r", **{"train.max_steps": 2}))
+    with pytest.raises(TextuneError, match=r"missing .*layer\.1\.output\.dense\.weight"):
+        train(cfg)
+
+
+@pytest.fixture(scope="module")
+def no_dropout_model(tmp_path_factory):
+    from conftest import build_tiny_bert
+
+    model = build_tiny_bert(tmp_path_factory.mktemp("no-dropout"))
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # same maths for any batch split
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_accumulated_micro_batches_train_like_one_big_batch_with_a_partial_last_window(no_dropout_model, tmp_path):
+    """Batch 48 against 3 accumulated micro-batches of 16, on 312 rows: 6 full steps, then a last window of
+    24 rows, which is 2 micro-batches (16 + 8), not 3. Each example must weigh the same in every step.
+
+    Tolerance 1e-5, as in test_distributed.py: the same arithmetic on the same examples, summed in another
+    order and padded per micro-batch, moves fp32 results by a few eps (1.2e-7); the attention key bias
+    (zero gradient in exact arithmetic, rounding noise amplified by Adam) is not compared. Weighting the
+    last window by micro-batches instead of examples moves the weights by about 1e-3."""
+    data = write_csv(tmp_path / "train.csv", toy_rows(312, seed=4))
+    validation = write_csv(tmp_path / "validation.csv", toy_rows(16, seed=5))
+    runs = {}
+    for name, batch, accumulate in (("big", 48, 1), ("accumulated", 16, 3)):
+        over = {"model.name": str(no_dropout_model), "model.max_length": 32, "data.train": str(data),
+                "data.validation": str(validation), "train.epochs": 1, "train.batch_size": batch,
+                "train.gradient_accumulation_steps": accumulate, "train.lr": 2e-2, "train.logging_steps": 1,
+                "train.group_by_length": False,  # its length buckets depend on the batch size
+                "train.warmup_ratio": 0.0, "train.mixed_precision": "no", "train.load_best_at_end": False,
+                "output_dir": str(tmp_path / name)}
+        runs[name] = train(load_config(None, over))
+    big, accumulated = ([r["loss"] for r in read_history(runs[n]) if r["type"] == "train"] for n in runs)
+    assert len(big) == len(accumulated) == 7
+    assert big == pytest.approx(accumulated, abs=1e-5)
+    a = load_file(runs["big"] / "model" / "model.safetensors")
+    b = load_file(runs["accumulated"] / "model" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a if not k.endswith("attention.self.key.bias")) < 1e-5
+
+
+def test_off_a_terminal_progress_is_one_plain_line_per_logging_step(tiny_model, toy_data, tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.yaml"
+    over = toy_overrides(tiny_model, toy_data, tmp_path / "r", **{"train.max_steps": 6, "train.logging_steps": 2})
+    nested: dict = {}
+    for key, value in over.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    cfg.write_text(json.dumps(nested))
+    with (tmp_path / "stderr.log").open("w") as err:
+        proc = subprocess.run([sys.executable, "-m", "textune", "train", str(cfg)], stdout=subprocess.DEVNULL,
+                              stderr=err, timeout=300)
+    log = (tmp_path / "stderr.log").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    assert "\r" not in log
+    lines = [line for line in log.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"], log[-3000:]
+    for part in ("epoch ", "loss ", "lr ", "samples/s", "left"):
+        assert part in lines[0], lines[0]

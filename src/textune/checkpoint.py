@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `RUN/checkpoints/step-00000120/` holding everything the next step depends on:
 model weights (safetensors), optimizer, scheduler and gradient-scaler state, the RNG states of Python,
-NumPy and PyTorch, the position in the data order, the loop counters and the history so far. It is
+NumPy and PyTorch of every process (`rng-<process>.json` and `.safetensors`: each process draws its own
+dropout masks), the position in the data order, the loop counters and the history so far. It is
 written to a hidden temporary folder and renamed into place, so a crash mid-write leaves the previous
 checkpoint intact and never a half-written one under a real name. Only tensors and plain containers are
 stored, and they are read back with `torch.load(weights_only=True)`: loading a checkpoint runs no code.
@@ -58,13 +59,32 @@ def _set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, accelerator, loop: dict,
                     history: list[dict], keep_last: int | None) -> Path:
-    """Write checkpoint `step` atomically and prune all but the newest `keep_last`."""
+    """Write checkpoint `step` atomically and prune all but the newest `keep_last`.
+
+    Called on every process: each writes its own RNG state, the main process everything else (DDP keeps
+    the weights and optimizer state identical on all of them) and then renames the folder into place.
+    """
     root = run / CHECKPOINTS
-    root.mkdir(exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if accelerator.is_main_process:
+        root.mkdir(exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    plain_rng, tensor_rng = _rng_state()
+    save_file(tensor_rng, tmp / f"rng-{accelerator.process_index}.safetensors")
+    (tmp / f"rng-{accelerator.process_index}.json").write_text(json.dumps(plain_rng))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_main_files(tmp, final, step, model, optimizer, scheduler, accelerator, loop, history, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_main_files(tmp: Path, final: Path, step: int, model, optimizer, scheduler, accelerator, loop: dict,
+                      history: list[dict], keep_last: int | None) -> None:
+    root, run = final.parent, final.parent.parent
     unwrapped = accelerator.unwrap_model(model)
     # contiguous clones: safetensors refuses shared or strided storage (tied embeddings, transposed views)
     save_file({k: v.detach().contiguous().clone() for k, v in unwrapped.state_dict().items()},
@@ -73,9 +93,7 @@ def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, accelerat
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if accelerator.scaler is not None:
         torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-    plain_rng, tensor_rng = _rng_state()
-    save_file(tensor_rng, tmp / "rng.safetensors")
-    state = {"step": step, "loop": loop, "rng": plain_rng, "accelerator_step": accelerator.step,
+    state = {"step": step, "loop": loop, "processes": accelerator.num_processes, "accelerator_step": accelerator.step,
              "model_fingerprint": model_fingerprint(unwrapped), "history": history}
     (tmp / "state.json").write_text(json.dumps(state))
     _fsync_dir(tmp)
@@ -86,7 +104,6 @@ def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, accelerat
     if keep_last:
         for old in list_checkpoints(run)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _fsync_dir(path: Path) -> None:
@@ -149,5 +166,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> dic
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     accelerator.step = state["accelerator_step"]
-    _set_rng_state(state["rng"], load_file(path / "rng.safetensors"))
+    # Each process its own generators. A checkpoint of fewer processes has none for the extra ones: they
+    # take the main process's (the run goes on, but no longer exactly as it would have).
+    rank = accelerator.process_index if (path / f"rng-{accelerator.process_index}.json").is_file() else 0
+    if (path / f"rng-{rank}.json").is_file():
+        _set_rng_state(json.loads((path / f"rng-{rank}.json").read_text()), load_file(path / f"rng-{rank}.safetensors"))
+    else:  # written before checkpoints held one RNG state per process: the main process's only
+        _set_rng_state(state["rng"], load_file(path / "rng.safetensors"))
     return state

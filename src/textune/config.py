@@ -493,7 +493,7 @@ def _check_scale(cfg: Config, problems: list[str]) -> None:
 
 def _check_pretrain(cfg: Config, problems: list[str]) -> None:
     """A pretraining run: corpus instead of labelled data, a language-model metric, objective-specific options."""
-    p, m, t = cfg.pretrain, cfg.model, cfg.train
+    p, m = cfg.pretrain, cfg.model
     if cfg.data.train is not None or cfg.data.name is not None:
         problems.append("pretrain.corpus: set together with data.train/data.name; a run either pretrains on a corpus "
                         "(textune pretrain) or fine-tunes on labelled data (textune train): remove one")

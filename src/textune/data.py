@@ -365,8 +365,8 @@ def _drop_unlabelled(ds: Dataset, split: str, label_col: str, notes: list[str]) 
     key = f"data.{split}"
     if unlabelled == len(ds):
         if split == "train":
-            raise TextuneError(f"data.split_train: every row of the training split is unlabelled (label -1); choose "
-                               f"a labelled split")
+            raise TextuneError("data.split_train: every row of the training split is unlabelled (label -1); choose "
+                               "a labelled split")
         fallback = "it is not evaluated (predict it with textune predict)" if split == "test" else \
             "it is not used; validation is a stratified split of training"
         notes.append(f"{key}: all {len(ds):,} rows are unlabelled (label -1), so {fallback}")

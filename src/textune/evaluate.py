@@ -33,23 +33,44 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, label_names: l
     return out
 
 
+def loss_per_row(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed loss and its number of loss terms, so rows can be gathered without the padding rows
+    and averaged over the whole split.
+
+    For integer labels (one per row, or one per token with -100 ignored) the cross-entropy is recomputed from
+    the logits, and used when its mean reproduces the model's own loss. Otherwise (regression, a custom loss)
+    each row carries the batch mean: exact for every batch but a padded last one.
+    """
+    rows = logits.shape[0]
+    if labels is not None and not labels.is_floating_point() and logits.ndim == labels.ndim + 1:
+        terms = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                  ignore_index=-100, reduction="none").view(rows, -1)
+        counts = (labels != -100).view(rows, -1).sum(1)
+        sums = terms.sum(1)
+        if torch.isclose(sums.sum() / counts.sum().clamp(min=1), loss, rtol=1e-4, atol=1e-6):
+            return sums, counts.float()
+    return loss.expand(rows), torch.ones(rows, device=logits.device)
+
+
 @torch.inference_mode()
 def predict_logits(model, loader, accelerator=None) -> tuple[np.ndarray, np.ndarray | None, float | None]:
     """Run `model` over `loader`; return (logits, labels or None, mean loss or None).
 
-    With Accelerate, predictions from all processes are gathered without the padding duplicates.
+    With Accelerate, predictions from all processes are gathered without the padding duplicates that even
+    sharding adds, and so is the loss: every process returns the same mean over every example once.
     """
     model.eval()
-    logits, labels, loss_sum, n = [], [], 0.0, 0
+    logits, labels, loss_sum, n = [], [], 0.0, 0.0
     for batch in loader:
         out = model(**batch)
         batch_labels = batch.get("labels")
-        if out.loss is not None:
-            loss_sum += out.loss.float().item() * len(out.logits)
-            n += len(out.logits)
         lg = out.logits.float()
+        sums, counts = loss_per_row(out.loss.float(), lg, batch_labels) if out.loss is not None else (None, None)
         if accelerator is not None:
-            lg, batch_labels = accelerator.gather_for_metrics((lg, batch_labels))
+            lg, batch_labels, sums, counts = accelerator.gather_for_metrics((lg, batch_labels, sums, counts))
+        if sums is not None:
+            loss_sum += sums.double().sum().item()
+            n += counts.double().sum().item()
         logits.append(lg.cpu())
         if batch_labels is not None:
             labels.append(batch_labels.cpu())

@@ -49,6 +49,26 @@ def launcher_command(num_processes: int, textune_args: list[str], accelerate_con
     return cmd
 
 
+FSDP_WITHOUT_GPU = ("FSDP runs on GPUs only in Accelerate, and this machine has none; use "
+                    "configs/accelerate/cpu-gloo.yaml (DDP over gloo)")
+
+
+def launcher_config_problem(accelerate_config: str) -> str | None:
+    """Why this launcher config cannot run here, or None: DeepSpeed not installed (Accelerate's launcher would
+    stop with a traceback), or FSDP without a GPU (Accelerate would run DDP on models loaded empty)."""
+    import importlib.util
+
+    import torch
+    import yaml
+
+    kind = (yaml.safe_load(Path(accelerate_config).read_text()) or {}).get("distributed_type")
+    if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        return "DeepSpeed is not installed; pip install deepspeed, or use configs/accelerate/multi-gpu-ddp.yaml"
+    if kind == "FSDP" and not torch.cuda.is_available():
+        return FSDP_WITHOUT_GPU
+    return None
+
+
 def launch(num_processes: int, textune_args: list[str], accelerate_config: str | None = None) -> int:
     """Run the command as N processes and wait for them; return the launcher's exit status.
 
@@ -58,12 +78,16 @@ def launch(num_processes: int, textune_args: list[str], accelerate_config: str |
     would reach them twice, from the terminal and from the launcher, and the second would stop them at once.
 
     Raises:
-        TextuneError: N below 1, or an accelerate config file that does not exist.
+        TextuneError: N below 1, an accelerate config file that does not exist, or a DeepSpeed config
+            without DeepSpeed installed.
     """
     if num_processes < 1:
         raise TextuneError(f"--num-processes must be 1 or more, got {num_processes}")
     if accelerate_config is not None and not Path(accelerate_config).is_file():
         raise TextuneError(f"--accelerate-config {accelerate_config}: file not found (see configs/accelerate/)")
+    problem = launcher_config_problem(accelerate_config) if accelerate_config is not None else None
+    if problem:
+        raise TextuneError(f"--accelerate-config {accelerate_config}: {problem}")
     proc = subprocess.Popen(launcher_command(num_processes, textune_args, accelerate_config), start_new_session=True)
     interrupted = False
 

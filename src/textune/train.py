@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -30,10 +33,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from textune.config import Config, TrainConfig, save_config
 from textune.diagnose import diagnose_curves, format_diagnosis
-from textune.checkpoint import CHECKPOINTS, PREFIX as CHECKPOINT_PREFIX
 from textune.checkpoint import check_checkpoint_matches, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from textune.errors import TextuneError, TrainingInterrupted
-from textune.launch import batch_split_problem
+from textune.launch import FSDP_WITHOUT_GPU, batch_split_problem
 from textune.evaluate import headline
 from textune.augment import Mixup
 from textune.adapters import is_peft_model, load_adapter_weights, save_adapter_extras
@@ -80,6 +82,10 @@ def check_process_count(t: TrainConfig, accelerator: Accelerator) -> None:
         raise TextuneError(f"{sharded[accelerator.distributed_type]}, but textune's checkpoints and saved model are "
                            f"written by the main process from whole copies; launch with "
                            f"configs/accelerate/multi-gpu-ddp.yaml (DDP) instead")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # fsdp.yaml, but Accelerate chose no FSDP
+        # (On CPU Accelerate makes it DDP, while its fsdp_cpu_ram_efficient_loading has the model loaded empty on
+        # all but the main process: the run would crash in prepare().)
+        raise TextuneError(FSDP_WITHOUT_GPU)
     if t.optimizer == "adamw_8bit" and accelerator.device.type != "cuda":
         raise TextuneError(f"train.optimizer: adamw_8bit (bitsandbytes) is supported on CUDA GPUs only, and this run "
                            f"is on {accelerator.device.type}; use adamw")
@@ -249,6 +255,40 @@ def save_model(model, tokenizer, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def progress_line(record: dict, total_steps: int, seconds: float, steps_done: int) -> str:
+    """One logging step as a plain line (for a log file): step, epoch, loss, lr, rate and time left."""
+    left = seconds / max(steps_done, 1) * (total_steps - record["step"])
+    return (f"step {record['step']}/{total_steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | "
+            f"lr {record['lr']:.2e} | {record['samples_per_s']:.1f} samples/s | "
+            f"{timedelta(seconds=round(left))} left")
+
+
+def load_saved_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Load the weights `save_model` wrote into `model`, strictly.
+
+    Every parameter and buffer must be in the file, except one tied to another that is (save_pretrained
+    writes shared weights once, e.g. an LM head tied to the embeddings), and the file may hold nothing else.
+
+    Raises:
+        TextuneError: keys missing or unexpected (the folder holds another model, or a damaged one).
+    """
+    weights = {}
+    for f in sorted(folder.glob("model*.safetensors")):  # one file, or the shards of a large model
+        weights.update(load_file(f))
+    own = model.state_dict(keep_vars=True)
+    names_of_storage: dict[int, set[str]] = {}
+    for name, tensor in own.items():
+        names_of_storage.setdefault(tensor.data_ptr(), set()).add(name)
+    missing = [k for k in own if k not in weights and not names_of_storage[own[k].data_ptr()] & weights.keys()]
+    unexpected = sorted(weights.keys() - own.keys())
+    if missing or unexpected:
+        raise TextuneError(f"{folder} does not fit the model being trained: missing {missing[:5]}"
+                           f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                           f"{' ...' if len(unexpected) > 5 else ''}; it was damaged or written by another run: "
+                           f"delete it and train again")
+    model.load_state_dict(weights, strict=False)  # strict=True would also want the tied copies just accepted
+
+
 def warn_if_config_changed(cfg: Config, saved: Path, say) -> None:
     if not saved.is_file():
         return
@@ -293,7 +333,7 @@ class LoopState:
     samples: int = 0
     tokens: int = 0
     loss_sum: float = 0.0  # loss summed since the last logging step
-    loss_count: int = 0
+    loss_count: int = 0  # examples (on this process) in loss_sum
     nonfinite_skipped: int = 0
     stopped_early: bool = False
 
@@ -344,33 +384,82 @@ def write_run_header(run: Path, cfg: Config, inputs: TaskInputs, resuming: bool)
 # ---------------------------------------------------------------- the training step and loop
 
 
-def train_step(model, batch, optimizer, scheduler, accelerator: Accelerator, max_grad_norm: float | None,
-               loss_fn: Callable | None = None) -> tuple[torch.Tensor, bool]:
-    """Forward, backward and (once enough micro-batches are accumulated) one optimizer step.
+@dataclass
+class AccumulationWindow:
+    """The micro-batches of the optimizer step being accumulated, on this process."""
 
-    Returns (detached loss, finite). A NaN/inf loss or gradient skips the update and returns False. That
-    check reads two scalars per step: free on a CPU, one host sync per step on a GPU, a price worth
-    paying to never write NaN weights. The loss itself is only read (`.item()`) at logging steps.
-    `loss_fn(model, batch)` replaces the model's own loss (mixup).
+    examples: int = 0
+    nonfinite: torch.Tensor | int = 0  # non-finite losses seen, kept on the device (reading it would sync)
+
+    def add(self, examples: int, loss: torch.Tensor) -> None:
+        self.examples += examples
+        self.nonfinite = self.nonfinite + (~torch.isfinite(loss)).int()
+
+    def reset(self) -> None:
+        self.examples, self.nonfinite = 0, 0
+
+    def close(self, model, accelerator: Accelerator) -> bool:
+        """At the window's last micro-batch: turn the summed gradient into the mean over the window's examples,
+        start a new window, and say whether any process saw a non-finite loss (the same answer on each)."""
+        # Accelerate divided by the accumulation steps and DDP averaged over the processes, whose shares are
+        # equal (split_batches): times G / (this process's examples) is the mean over the window's examples.
+        scale = accelerator.gradient_accumulation_steps / self.examples
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        bad = self.nonfinite
+        if accelerator.num_processes > 1:
+            bad = accelerator.reduce(torch.as_tensor(bad, device=accelerator.device).reshape(()), reduction="sum")
+        self.reset()
+        return bool(bad)
+
+
+def train_step(model, batch, optimizer, scheduler, accelerator: Accelerator, max_grad_norm: float | None,
+               loss_fn: Callable | None = None,
+               window: AccumulationWindow | None = None) -> tuple[torch.Tensor, bool, bool]:
+    """Forward, backward and (once the window's micro-batches are accumulated) one optimizer step.
+
+    Every example weighs the same in a step, however the step splits into micro-batches: each micro-batch's
+    loss summed over its examples is back-propagated, and the window's gradient is divided by its number of
+    examples (what transformers' Trainer does with `num_items_in_batch`). So an epoch's last window, with
+    fewer micro-batches or a smaller last batch, is the mean over its examples like every other step.
+
+    Returns (detached loss, finite, stepped). finite is False when a loss or the gradient is NaN/inf on any
+    process: every process skips the update together. That check reads a scalar or two per step: free on a
+    CPU, one host sync per step on a GPU, a price worth paying to never write NaN weights. stepped is True
+    when the optimizer took a step: not while accumulating, and not when fp16's gradient scaler skipped an
+    overflowing step (routine while it finds its scale). `loss_fn(model, batch)` replaces the model's own
+    loss (mixup); `window` carries the accumulation across calls (a fresh one: a window of one micro-batch).
     """
+    window = window if window is not None else AccumulationWindow()
+    examples = len(batch["input_ids"])
     with accelerator.accumulate(model):
         loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
-        # With several processes a NaN loss on one of them must not skip its backward alone (the others would
-        # wait for its gradients forever): there the synced gradient norm below catches it on every process.
+        # One process skips a bad loss's backward at once. With several, every process must run its backward
+        # (the others wait for its gradients), so the loss is checked on all of them when the window closes.
         if accelerator.num_processes == 1 and not torch.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
-            return loss.detach(), False
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
-            # With fp16 the gradient scaler skips overflowing steps itself; inf there is routine.
-            if accelerator.scaler is None and norm is not None and not torch.isfinite(norm):
-                optimizer.zero_grad(set_to_none=True)
-                return loss.detach(), False
+            window.reset()
+            return loss.detach(), False, False
+        window.add(examples, loss)
+        accelerator.backward(loss * examples)
+        if not accelerator.sync_gradients:
+            return loss.detach(), True, False
+        bad_loss = window.close(model, accelerator)
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+        # With fp16 the gradient scaler skips overflowing steps itself; an inf gradient there is routine.
+        if bad_loss or (accelerator.scaler is None and norm is not None and not torch.isfinite(norm)):
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach(), False, False
+        scale_before = accelerator.scaler.get_scale() if accelerator.scaler is not None else None
         optimizer.step()
-        scheduler.step()
+        # The scaler lowers its scale exactly when it skipped the step. (Accelerate's optimizer_step_was_skipped
+        # misses the skips a fused AdamW makes itself from the scaler's found-inf flag.)
+        stepped = scale_before is None or accelerator.scaler.get_scale() >= scale_before
+        if stepped:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), True
+    return loss.detach(), True, stepped
 
 
 def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], None] | None = None,
@@ -468,19 +557,20 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
     tokens = torch.tensor(state.tokens, dtype=torch.long, device=accelerator.device)
 
     def checkpoint_now() -> Path:
+        # Every process takes part: each writes its own RNG state (its dropout masks), the main one the rest.
         loop = {**vars(state), "loss_sum": loss_sum.item(), "tokens": int(tokens)}
-        path = run / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{state.step:08d}"  # where the main process writes it
-        if accelerator.is_main_process:  # DDP keeps every process's weights and optimizer state identical
-            path = save_checkpoint(run, state.step, model, optimizer, scheduler, accelerator, loop, history.records,
-                                   t.keep_last)
-        accelerator.wait_for_everyone()
-        return path
+        return save_checkpoint(run, state.step, model, optimizer, scheduler, accelerator, loop, history.records,
+                               t.keep_last)
 
     if inputs.evaluate_first and state.step == 0:  # where the learning curve starts (pretraining)
         run_evaluation(model, eval_loader, inputs.evaluate, accelerator, tokenizer, run, history, state, t, 0.0)
+    # Off a terminal (a log file, nohup, CI) a bar's carriage returns make one ever-growing line: print one
+    # plain line per logging step there instead.
+    plain_progress = accelerator.is_main_process and not sys.stderr.isatty()
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
-               disable=not accelerator.is_main_process, dynamic_ncols=True)
-    start, samples_at_start = time.perf_counter(), state.samples
+               disable=not accelerator.is_main_process or plain_progress, dynamic_ncols=True)
+    start, samples_at_start, step_at_start = time.perf_counter(), state.samples, state.step
+    window = AccumulationWindow()
     model.train()
     with StopRequest() as stop:
         while state.step < total_steps and not state.stopped_early:
@@ -491,13 +581,14 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
                 state.batch = i + 1
                 state.samples += len(batch["input_ids"]) * accelerator.num_processes  # equal shares (split_batches)
                 tokens += batch["attention_mask"].sum()
-                loss, finite = train_step(model, batch, optimizer, scheduler, accelerator, t.max_grad_norm, loss_fn)
+                loss, finite, stepped = train_step(model, batch, optimizer, scheduler, accelerator, t.max_grad_norm,
+                                                   loss_fn, window)
                 if not finite:
                     handle_nonfinite(state, t, run, float(loss))
                     continue
-                loss_sum += loss
-                state.loss_count += 1
-                if not accelerator.sync_gradients:
+                loss_sum += loss * len(batch["input_ids"])  # the logged loss is a mean over examples too
+                state.loss_count += len(batch["input_ids"])
+                if not stepped:  # accumulating, or fp16's scaler skipped an overflowing step: not a step
                     continue
                 state.step += 1
                 bar.update(1)
@@ -513,6 +604,9 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
                                                      / (time.perf_counter() - start), 2)}
                     history.append(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                    if plain_progress:
+                        print(progress_line(record, total_steps, time.perf_counter() - start,
+                                            state.step - step_at_start), file=sys.stderr, flush=True)
                     loss_sum.zero_()
                     state.loss_count = 0
                 evaluated = (t.eval_steps and state.step % t.eval_steps == 0) or (not t.eval_steps and end_of_epoch) or done
@@ -550,7 +644,7 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
     if best_saved and is_peft_model(unwrapped):
         load_adapter_weights(unwrapped, run / "model")
     elif best_saved:
-        unwrapped.load_state_dict(load_file(run / "model" / "model.safetensors"), strict=False)
+        load_saved_weights(unwrapped, run / "model")
     elif accelerator.is_main_process:
         save_model(unwrapped, tokenizer, run / "model")
     # Evaluate the model being saved once more: exact metrics and probabilities, also after a resume.
