@@ -28,7 +28,7 @@ from __future__ import annotations
 import html
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,10 @@ class Sentences:
     tokens: list[list[str]]
     tags: list[list[str]]
     where: list[str]  # "FILE line N" or "FILE row N"
+
+    def subset(self, indices) -> Sentences:
+        return Sentences([self.tokens[i] for i in indices], [self.tags[i] for i in indices],
+                         [self.where[i] for i in indices])
 
 
 def read_conll(path: str | Path, what: str) -> Sentences:
@@ -140,15 +144,16 @@ def is_conll(path: str | None, fmt: str) -> bool:
     return fmt == "conll" or (fmt == "auto" and str(path or "").lower().endswith(CONLL_EXTENSIONS))
 
 
-def read_sentences(path: str, what: str, data_cfg) -> Sentences:
-    """One file of tagged sentences, CoNLL or table, by `data.format` (auto: by extension)."""
-    if is_conll(path, data_cfg.format):
+def read_sentences(path: str, what: str, fmt: str = "auto", tokens_column: str = "tokens", tags_column: str = "tags",
+                   label_names: list[str] | None = None) -> Sentences:
+    """One file of tagged sentences, CoNLL or table, by `fmt` (`data.format`; auto: by extension)."""
+    if is_conll(path, fmt):
         return read_conll(path, what)
     if not str(path).lower().endswith(TABLE_EXTENSIONS):
         raise TextuneError(f"{what} {path}: a token-classification run reads CoNLL files (.conll, .bio) or "
                            f"tables with list columns (.jsonl, .json, .parquet), not {Path(path).suffix or 'this file'}; "
                            f"a CSV/TSV of sentences with one label each is for task: classification")
-    return read_tagged_table(path, what, data_cfg.tokens_column, data_cfg.tags_column, data_cfg.label_names)
+    return read_tagged_table(path, what, tokens_column, tags_column, label_names)
 
 
 def check_tag(tag: str) -> bool:
@@ -203,7 +208,7 @@ def orphan_inside_tags(tags: list[str]) -> int:
 class TaggedDataReport(DataReport):
     """A DataReport whose label balance counts entities per type, with sentence-length lines beside it."""
 
-    notes: list[str] = None
+    notes: list[str] = field(default_factory=list)
 
     def format(self) -> str:
         return "\n".join([super().format().replace("labels     ", "entities   "), *self.notes])
@@ -442,39 +447,36 @@ class TokenClassification(Task):
     def read_splits(self, cfg) -> tuple[dict, list[str]]:
         """The configured files as sentences, tags checked: (split name -> Sentences, tag names)."""
         d = cfg.data
-        problems = [key for key, on in (("data.name (token classification reads local files; set data.train)",
-                                         d.name is not None and d.train is None),
-                                        ("data.streaming", d.streaming),
-                                        ("data.augment", bool(d.augment.methods) or d.augment.mixup_alpha > 0),
-                                        ("data.text_pair_column", d.text_pair_column is not None)) if on]
-        if problems:
-            raise TextuneError(f"{problems[0]}: not supported for task: token-classification; remove it")
-        train = read_sentences(d.train, "data.train", d)
+        unsupported = {"data.name (token classification reads local files; set data.train)": d.name is not None
+                       and d.train is None, "data.streaming": d.streaming,
+                       "data.augment": bool(d.augment.methods) or d.augment.mixup_alpha > 0,
+                       "data.text_pair_column": d.text_pair_column is not None}
+        for key, used in unsupported.items():
+            if used:
+                raise TextuneError(f"{key}: not supported for task: token-classification; remove it")
+        read = lambda path, what: read_sentences(path, what, d.format, d.tokens_column, d.tags_column,  # noqa: E731
+                                                 d.label_names)
+        train = read(d.train, "data.train")
         names = tag_names(train, d.label_names)
-        splits = {"train": train}
+        rng = np.random.default_rng(cfg.seed)
         if d.validation:
-            splits["validation"] = read_sentences(d.validation, "data.validation", d)
+            splits = {"train": train, "validation": read(d.validation, "data.validation")}
         else:  # a seeded random split by sentence
             if len(train.tokens) < 4:
                 raise TextuneError(f"data.train has {len(train.tokens)} sentences: too few to hold out a validation "
                                    f"split; give data.validation a file")
-            order = np.random.default_rng(cfg.seed).permutation(len(train.tokens))
+            order = rng.permutation(len(train.tokens))
             n_val = max(1, round(d.validation_split * len(order)))
-            pick = lambda idx: Sentences(*([getattr(train, f)[i] for i in idx] for f in ("tokens", "tags", "where")))
-            splits = {"train": pick(order[n_val:]), "validation": pick(order[:n_val])}
+            splits = {"train": train.subset(order[n_val:]), "validation": train.subset(order[:n_val])}
         if d.test:
-            splits["test"] = read_sentences(d.test, "data.test", d)
+            splits["test"] = read(d.test, "data.test")
         for split in ("validation", "test"):
             if split in splits:
                 check_known_tags(splits[split], f"data.{split}", names)
-        rng = np.random.default_rng(cfg.seed)
-        if d.max_train_samples and d.max_train_samples < len(splits["train"].tokens):
-            keep = sorted(rng.choice(len(splits["train"].tokens), d.max_train_samples, replace=False))
-            splits["train"] = Sentences(*([getattr(splits["train"], f)[i] for i in keep] for f in ("tokens", "tags", "where")))
-        if d.max_eval_samples and d.max_eval_samples < len(splits["validation"].tokens):
-            keep = sorted(rng.choice(len(splits["validation"].tokens), d.max_eval_samples, replace=False))
-            v = splits["validation"]
-            splits["validation"] = Sentences(*([getattr(v, f)[i] for i in keep] for f in ("tokens", "tags", "where")))
+        # seeded samples (not the first N sentences: a file sorted by anything would give a biased slice)
+        for split, limit in (("train", d.max_train_samples), ("validation", d.max_eval_samples)):
+            if limit and limit < len(splits[split].tokens):
+                splits[split] = splits[split].subset(sorted(rng.choice(len(splits[split].tokens), limit, replace=False)))
         return splits, names
 
     def data_report(self, splits: dict, words_cut: dict | None = None) -> DataReport:
@@ -555,13 +557,8 @@ class TokenClassification(Task):
 
     def evaluate_file(self, predictor, path: str, columns: dict) -> dict:
         """Entity metrics of `predictor` on a tagged file (words cut by truncation count as predicted O)."""
-        class Columns:  # read_sentences reads these data.* settings
-            format = "conll" if is_conll(path, columns.get("format") or "auto") else "table"
-            tokens_column = columns.get("tokens_column") or "tokens"
-            tags_column = columns.get("tags_column") or "tags"
-            label_names = columns.get("label_names")
-
-        gold = read_sentences(path, "--data", Columns)
+        gold = read_sentences(path, "--data", columns.get("format") or "auto", columns.get("tokens_column") or "tokens",
+                              columns.get("tags_column") or "tags", columns.get("label_names"))
         check_known_tags(gold, "--data", predictor.label_names)
         predicted = [row["tags"] for row in predictor.predict(gold.tokens)]
         return entity_metrics(gold.tags, predicted)
