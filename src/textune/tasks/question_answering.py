@@ -301,10 +301,15 @@ class WindowCollator:
 def best_spans(start_logits, end_logits, offsets: list, max_answer_length: int, n_best: int = N_BEST) -> list[tuple]:
     """Candidate answers of one window: (start logit + end logit, start char, end char) for the `n_best` best
     start and end tokens, spans inside the context only, end not before start, at most `max_answer_length`
-    tokens. As utils_qa.postprocess_qa_predictions."""
-    start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
-    starts = np.argsort(start_logits)[::-1][:n_best]
-    ends = np.argsort(end_logits)[::-1][:n_best]
+    tokens. As utils_qa.postprocess_qa_predictions, except that the n best are drawn from the context's tokens
+    only (utils_qa draws them from the whole window and may find no valid span when an undertrained model's best
+    logits sit on the question)."""
+    outside = np.array([o is None for o in offsets] + [True] * max(0, len(start_logits) - len(offsets)))
+    start_logits = np.where(outside[:len(start_logits)], -np.inf, np.asarray(start_logits, dtype=float))
+    end_logits = np.where(outside[:len(end_logits)], -np.inf, np.asarray(end_logits, dtype=float))
+    n_context = int((~outside[:len(start_logits)]).sum())
+    starts = np.argsort(start_logits)[::-1][:min(n_best, n_context)]
+    ends = np.argsort(end_logits)[::-1][:min(n_best, n_context)]
     out = []
     for s in starts:
         for e in ends:
