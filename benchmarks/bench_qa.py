@@ -147,9 +147,10 @@ def run_trainer(workdir: Path, train_questions: int, eval_questions: int | None,
                                                        remove_columns=["question", "context", "answers", "index"])
     set_seed(SEED)
     model = AutoModelForQuestionAnswering.from_pretrained(model_path)
+    # transformers 5 dropped warmup_ratio: a warmup_steps float below 1 is the ratio
     args = TrainingArguments(
         output_dir=str(workdir / "trainer"), per_device_train_batch_size=BATCH_SIZE, per_device_eval_batch_size=64,
-        num_train_epochs=epochs, learning_rate=LR, warmup_ratio=WARMUP, weight_decay=WEIGHT_DECAY, seed=SEED,
+        num_train_epochs=epochs, learning_rate=LR, warmup_steps=WARMUP, weight_decay=WEIGHT_DECAY, seed=SEED,
         eval_strategy="no", save_strategy="no", report_to="none", logging_steps=50, disable_tqdm=True, use_cpu=True)
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=default_data_collator,
                       processing_class=tokenizer)
