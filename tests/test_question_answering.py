@@ -370,13 +370,17 @@ def test_unanswerable_questions_train_and_choose_a_threshold(tiny_model, tmp_pat
 
 
 def test_lora_question_answering(tiny_model, qa_data, tmp_path):
-    from textune.adapters import merge_adapter
+    from textune.adapters import AdapterPredictor, AdapterRegistry, merge_adapter
     from textune.train import train
 
     run = train(load_config(None, qa_overrides(tiny_model, qa_data, tmp_path / "lora", **{
         "tuning.method": "lora", "tuning.target_modules": ["query", "value"], "train.epochs": 1})))
     assert json.loads((run / "model" / "adapter_config.json").read_text())["task_type"] == "QUESTION_ANS"
     direct = get_task("question-answering").load_predictor(run).predict(["is it"], ["the film was good"])
+    registry = AdapterRegistry(tmp_path / "adapters")
+    registry.add(run, "qa")
+    via_registry = AdapterPredictor(registry.root).predict(["is it"], ["the film was good"], adapter="qa")
+    assert via_registry[0]["answer"] == direct[0]["answer"]
     merged = merge_adapter(run)
     assert task_of(merged) == "question-answering"
     assert get_task("question-answering").load_predictor(merged).predict(["is it"], ["the film was good"]) == direct

@@ -740,7 +740,12 @@ class QuestionAnswering(Task):
                                "(.jsonl, .csv, .parquet), not plain text lines")
         questions, contexts = read_text_inputs(source, question_column, context_column)
         top_k = int(columns.get("top_k") or 1)
-        return (questions, contexts, top_k), [{"question": q} for q in questions]
+        echo = [{"question": q} for q in questions]
+        if top_k == 1:  # (questions, contexts): what every predictor's predict takes, the adapter registry's too
+            return (questions, contexts), echo
+        if not isinstance(predictor, QuestionAnswererPredictor):
+            raise TextuneError("--top-k works with a run or model folder, not with --adapter; leave one out")
+        return (questions, contexts, top_k), echo
 
     def evaluate_file(self, predictor, path: str, columns: dict) -> dict:
         """Exact match and F1 of `predictor` on a labelled file (SQuAD JSON or table)."""
