@@ -63,7 +63,8 @@ def peft_config_for(model: PreTrainedModel, tuning: TuningConfig) -> PeftConfig:
     heads = head_modules(model)
     name = type(model).__name__
     task = (TaskType.CAUSAL_LM if name.endswith(("ForCausalLM", "LMHeadModel"))
-            else TaskType.TOKEN_CLS if name.endswith("ForTokenClassification") else TaskType.SEQ_CLS)
+            else TaskType.TOKEN_CLS if name.endswith("ForTokenClassification")
+            else TaskType.QUESTION_ANS if name.endswith("ForQuestionAnswering") else TaskType.SEQ_CLS)
     if tuning.method == "prefix":
         return PrefixTuningConfig(task_type=task, num_virtual_tokens=tuning.num_virtual_tokens,
                                   modules_to_save=heads)

@@ -139,7 +139,10 @@ def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         task = get_task(task_of(args.run_or_model))
         predictor = task.load_predictor(args.run_or_model, batch_size=args.batch_size, precision=args.quantize or "fp32")
-    inputs, echo = task.read_inputs(args.input, _run_columns(predictor.run_dir, args), predictor)
+    columns = _run_columns(predictor.run_dir, args)
+    if args.top_k is not None:  # question answering: answers per question (the other tasks have no use for it)
+        columns["top_k"] = args.top_k
+    inputs, echo = task.read_inputs(args.input, columns, predictor)
     rows = predictor.predict(*inputs)
     write_jsonl(({**shown, **row} for shown, row in zip(echo, rows)), args.output)
     if args.output and args.output != "-":
@@ -425,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--text-pair-column", help="column of second texts for pair tasks")
     r.add_argument("--tokens-column", help="token classification: column of word lists in a table file "
                                            "(default: the run's data.tokens_column)")
+    r.add_argument("--top-k", type=int, metavar="K", help="question answering: the K best answers per question "
+                                                         "(as `answers`, besides the best)")
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--adapter", metavar="NAME", help="predict with this adapter of --registry on the base model "
                                                      "RUN_OR_MODEL (or the base a run was trained on)")

