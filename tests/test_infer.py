@@ -53,4 +53,17 @@ def test_output_file_is_written_whole(tmp_path):
     out = tmp_path / "preds.jsonl"
     write_predictions([{"a": 1}, {"a": 2}], str(out))
     assert [json.loads(line) for line in out.read_text().splitlines()] == [{"a": 1}, {"a": 2}]
-    assert not (tmp_path / "preds.jsonl.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["preds.jsonl"]
+
+
+def test_an_interrupted_output_file_keeps_the_previous_one(tmp_path):
+    out = tmp_path / "preds.jsonl"
+    write_predictions([{"a": 1}], str(out))
+
+    def rows():
+        yield {"a": 2}
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_predictions(rows(), str(out))
+    assert out.read_text() == '{"a": 1}\n' and [p.name for p in tmp_path.iterdir()] == ["preds.jsonl"]

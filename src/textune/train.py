@@ -34,6 +34,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from textune.config import Config, TrainConfig, save_config
 from textune.diagnose import diagnose_curves, format_diagnosis
 from textune.checkpoint import check_checkpoint_matches, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from textune.atomic import old_copy, replace_atomically
 from textune.errors import TextuneError, TrainingInterrupted
 from textune.launch import FSDP_WITHOUT_GPU, batch_split_problem
 from textune.evaluate import headline
@@ -235,24 +236,17 @@ class History:
         self.records = list(records)
         if not self.write:
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        tmp.replace(self.path)
+        with replace_atomically(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
 def save_model(model, tokenizer, target: Path) -> None:
     """Write the model to a temporary folder, then swap it in, so `target` is never half-written."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # safetensors by default; a PEFT model writes its adapter alone
-    if is_peft_model(model):
-        save_adapter_extras(model, tmp)
-    tokenizer.save_pretrained(tmp)
-    old = target.with_name(target.name + ".old")
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    with replace_atomically(target, folder=True) as tmp:
+        model.save_pretrained(tmp)  # safetensors by default; a PEFT model writes its adapter alone
+        if is_peft_model(model):
+            save_adapter_extras(model, tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def progress_line(record: dict, total_steps: int, seconds: float, steps_done: int) -> str:
@@ -370,8 +364,8 @@ def write_run_header(run: Path, cfg: Config, inputs: TaskInputs, resuming: bool)
     """Create (or, resuming, reuse) the run folder; write the resolved config and the data statistics."""
     if resuming:
         # A kill between save_model's two renames leaves only model.old: put it back.
-        if not (run / "model").exists() and (run / "model.old").exists():
-            (run / "model.old").rename(run / "model")
+        if not (run / "model").exists() and old_copy(run / "model").exists():
+            old_copy(run / "model").rename(run / "model")
         run.mkdir(parents=True, exist_ok=True)  # resuming another run's checkpoint into a new folder
     else:
         if run.exists():
