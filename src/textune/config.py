@@ -501,6 +501,9 @@ def _check_target_keys(cfg: Config, problems: list[str]) -> None:
             problems.append(f"train.threshold: is for task multi-label, not {cfg.task}; remove it")
         elif not 0 < t.threshold < 1:
             problems.append(f"train.threshold: must be between 0 and 1 (a probability), got {t.threshold}")
+    if d.augment.mixup_alpha > 0 and cfg.task not in ("classification", "language-modeling"):
+        problems.append(f"data.augment.mixup_alpha: mixup mixes class labels, which task {cfg.task} does not have; "
+                        f"set it to 0")
     if t.class_weights != "none":
         if cfg.task != "classification":
             problems.append(f"train.class_weights: is for task classification, not {cfg.task}; remove it")
