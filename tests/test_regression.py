@@ -216,3 +216,12 @@ def test_cli_train_evaluate_predict(tiny_model, reg_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(rows) == 64 and isinstance(rows[0]["score"], float) and "text_pair" in rows[0]
+
+
+def test_search_minimises_error_metrics():
+    from textune.search import search_direction
+
+    cfg = load_config(None, {"task": "regression", "data.train": "x.csv", "train.metric": "mse"})
+    assert search_direction(cfg) == ("mse", "minimize")
+    cfg = load_config(None, {"task": "regression", "data.train": "x.csv"})
+    assert search_direction(cfg) == ("pearson", "maximize")

@@ -205,7 +205,7 @@ class SearchConfig:
     space: dict[str, dict] = _f({}, "keys `textune search` tries, e.g. train.lr: {type: loguniform, low: 1e-5, high: 1e-4}; "
                                     "types: uniform/loguniform/int (low, high) and categorical (choices)")
     metric: str | None = _f(None, "validation metric the search optimises (read from each trial's best checkpoint); empty = train.metric")
-    direction: Literal["maximize", "minimize"] | None = _f(None, "empty = minimize for loss, maximize for the others")
+    direction: Literal["maximize", "minimize"] | None = _f(None, "empty = minimize for loss, perplexity, mse, mae and hamming_loss, maximize for the others")
     pruner: Literal["median", "none"] = _f("median", "median: stop a trial whose evaluation is worse than the median of earlier trials at that evaluation")
     startup_trials: int = _f(2, "trials that always run to the end before pruning starts")
     warmup_evals: int = _f(0, "evaluations every trial gets before it can be pruned")

@@ -30,7 +30,7 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, label_names: l
     p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=ids, average="macro", zero_division=0)
     out = {"accuracy": float(accuracy_score(labels, preds)),
            "precision_macro": float(p), "recall_macro": float(r), "f1_macro": float(f),
-           "mcc": float(matthews_corrcoef(labels, preds)) if len(labels) else 0.0,
+           "mcc": matthews(labels, preds),
            "f1_weighted": float(f1_score(labels, preds, labels=ids, average="weighted", zero_division=0))}
     if probs is not None:
         out.update(ranking_metrics(labels, probs))
@@ -48,10 +48,30 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, label_names: l
     return out
 
 
+def matthews(labels: np.ndarray, preds: np.ndarray) -> float:
+    """Matthews correlation; 0.0 where it is undefined (one class in labels and predictions), without sklearn's
+    warning about that case."""
+    import warnings
+
+    if len(labels) == 0:
+        return 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(matthews_corrcoef(labels, preds))
+
+
 def ranking_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
     """ROC-AUC and average precision of class probabilities: the positive class (id 1) for two classes,
     one-vs-rest macro averages with more. NaN where they are undefined (a class without rows, or only one class)."""
+    import warnings
+
     labels = np.asarray(labels)
+    with warnings.catch_warnings():  # an undefined score is NaN here; sklearn would also warn about it
+        warnings.simplefilter("ignore")
+        return _ranking_metrics(labels, probs)
+
+
+def _ranking_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
     try:
         if probs.shape[1] == 2:
             return {"roc_auc": float(roc_auc_score(labels, probs[:, 1])),
