@@ -139,7 +139,6 @@ def test_an_interrupted_conversion_leaves_nothing(tiny_gguf, cache, monkeypatch)
     import textune.gguf as g
 
     def fail(gguf_file, folder):
-        folder.mkdir()
         (folder / "config.json").write_text("{}")
         raise KeyboardInterrupt
 

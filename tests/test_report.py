@@ -73,10 +73,10 @@ def test_report_has_every_section_and_is_self_contained(trained_run):
     text = " ".join(r.text)
     for heading in ("Diagnosis", "Learning curves", "Final validation metrics", "Confusion matrix", "Calibration",
                     "Expected calibration error", "Most confidently wrong", "Label balance", "Token lengths",
-                    "Config"):
+                    "Config", "Precision-recall curve"):
         assert heading in text, heading
     assert "negative" in text and "positive" in text  # label names in the confusion matrix
-    assert len(r.images) == 4  # loss, metrics, lr, reliability
+    assert len(r.images) == 5  # loss, metrics, lr, reliability, precision-recall (a binary classifier)
     for src in r.images:
         assert src.startswith("data:image/png;base64,"), src[:40]
         assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG_MAGIC  # no broken image
@@ -132,4 +132,4 @@ def test_report_renders_in_headless_chromium(trained_run, tmp_path):
                          timeout=120, check=True).stdout
     r = parse(dom)
     assert "Most confidently wrong validation examples" in " ".join(r.text)
-    assert len(r.images) == 4 and all(src.startswith("data:image/png;base64,") for src in r.images)
+    assert len(r.images) == 5 and all(src.startswith("data:image/png;base64,") for src in r.images)

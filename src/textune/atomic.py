@@ -40,8 +40,9 @@ def replace_atomically(target: str | Path, folder: bool = False) -> Iterator[Pat
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # the suffix stays last so writers that pick a format by extension (pandas, datasets) still see it
-    tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}{target.suffix}")
+    # a file's suffix stays last so writers that pick a format by extension (pandas, datasets) still see it
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}" if folder else
+                           f".{target.stem}.tmp-{os.getpid()}{target.suffix}")
     _remove(tmp)
     if folder:
         tmp.mkdir()

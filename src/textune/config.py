@@ -85,6 +85,11 @@ class DataConfig:
     text_pair_column: str | None = _f(None, "column holding the second text of a sentence-pair task (MRPC)")
     label_column: str = _f("label", "column holding the label (ints or strings)")
     label_names: list[str] | None = _f(None, "names for integer labels (or integer tags) 0..K-1, e.g. [negative, positive]")
+    label_scale: list[float] | None = _f(None, "regression: [low, high] of the target; the model learns (y - low) / "
+                                               "(high - low) and predictions come back on your scale; empty = the "
+                                               "training labels' range")
+    label_separator: str = _f("|", "multi-label, CSV/TSV files: the character joining a row's labels in the label "
+                                   "column (\"sports|politics\"); JSONL/Parquet label columns hold lists")
     tokens_column: str = _f("tokens", "token-classification, table files: column holding each sentence's list of words")
     tags_column: str = _f("tags", "token-classification, table files: column holding each sentence's list of tags "
                                   "(BIO/IOB2 strings, or ints named by data.label_names)")
@@ -180,7 +185,12 @@ class TrainConfig:
     logging_steps: int = _f(50, "write training loss and lr to history.jsonl every N optimizer steps")
     metric: str | None = _f(None, "validation metric that picks the best checkpoint and drives early stopping; "
                                   "empty = the task's headline (classification: accuracy, token-classification: "
-                                  "f1, language-modeling: loss)")
+                                  "f1, regression: pearson, multi-label: f1_micro, language-modeling: loss)")
+    class_weights: Literal["none", "balanced"] | dict[str, float] = _f(
+        "none", "classification: weight each class's cross-entropy; balanced: n / (classes * count of the class) "
+                "from the training labels; or {label: weight} (unlisted labels weigh 1); none: plain loss")
+    threshold: float | None = _f(None, "multi-label: one probability threshold for every label; empty = one per "
+                                       "label, chosen on validation at the end of training for the best F1")
     greater_is_better: bool | None = _f(None, "whether a larger metric value is better; empty = false for loss and "
                                               "perplexity, true for the others")
     early_stopping_patience: int | None = _f(None, "stop after N evaluations without improvement; empty = never")
@@ -206,7 +216,7 @@ class SearchConfig:
     space: dict[str, dict] = _f({}, "keys `textune search` tries, e.g. train.lr: {type: loguniform, low: 1e-5, high: 1e-4}; "
                                     "types: uniform/loguniform/int (low, high) and categorical (choices)")
     metric: str | None = _f(None, "validation metric the search optimises (read from each trial's best checkpoint); empty = train.metric")
-    direction: Literal["maximize", "minimize"] | None = _f(None, "empty = minimize for loss, maximize for the others")
+    direction: Literal["maximize", "minimize"] | None = _f(None, "empty = minimize for loss, perplexity, mse, mae and hamming_loss, maximize for the others")
     pruner: Literal["median", "none"] = _f("median", "median: stop a trial whose evaluation is worse than the median of earlier trials at that evaluation")
     startup_trials: int = _f(2, "trials that always run to the end before pruning starts")
     warmup_evals: int = _f(0, "evaluations every trial gets before it can be pruned")
@@ -242,7 +252,7 @@ ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_trai
            "metric_for_best_model": "metric", "load_best_model_at_end": "load_best_at_end",
            "model_name_or_path": "name", "max_seq_length": "max_length", "epoch": "epochs"}
 
-LOWER_IS_BETTER = ("loss", "perplexity")
+LOWER_IS_BETTER = ("loss", "perplexity", "mse", "mae", "hamming_loss")
 
 
 # PyYAML follows YAML 1.1, where `3e-5` (no dot) is a string. Everybody writes learning rates that way,
@@ -359,8 +369,9 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any, str]:
         if value is None and type(None) in args:
             return True, None, ""
         inner = [a for a in args if a is not type(None)]
-        ok, v, exp = _coerce(value, inner[0])
-        return ok, v, exp + " or empty"
+        tried = [_coerce(value, a) for a in inner]
+        ok, v, _ = next((t for t in tried if t[0]), tried[0])
+        return ok, v, " or ".join(exp for _, _, exp in tried) + (" or empty" if type(None) in args else "")
     if origin is Literal:
         allowed = typing.get_args(tp)
         return value in allowed, value, "one of " + ", ".join(map(str, allowed))
@@ -373,6 +384,12 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any, str]:
     if origin is dict or tp is dict:
         # Only str keys are used (search.space); the values' contents are checked where they are used.
         key_tp, value_tp = typing.get_args(tp) or (str, dict)
+        if value_tp is float:  # train.class_weights: {label: weight}, labels may be ids
+            if not isinstance(value, dict):
+                return False, value, "a mapping of label to number"
+            items = [(k, _coerce(v, float)) for k, v in value.items()]
+            ok = all(isinstance(k, (str, int)) and not isinstance(k, bool) and c[0] for k, c in items)
+            return ok, {str(k): c[1] for k, c in items} if ok else value, "a mapping of label to number"
         ok = isinstance(value, dict) and all(isinstance(k, key_tp) and isinstance(v, value_tp) for k, v in value.items())
         return ok, dict(value) if ok else value, f"a mapping of {key_tp.__name__} to {value_tp.__name__}"
     if tp is bool:
@@ -478,10 +495,43 @@ def _resolve_task(cfg: Config, problems: list[str]) -> None:
         hint = f" (did you mean {close[0]}?)" if close else ""
         problems.append(f"train.metric: {t.metric!r} is not a metric of task {cfg.task}{hint}; choose one of "
                         f"{', '.join(spec.metrics)}")
+    _check_target_keys(cfg, problems)
     if t.greater_is_better is None:
         t.greater_is_better = t.metric not in LOWER_IS_BETTER
     elif t.metric in LOWER_IS_BETTER and t.greater_is_better:
         problems.append(f"train.greater_is_better: must be false when train.metric is {t.metric}")
+
+
+def _check_target_keys(cfg: Config, problems: list[str]) -> None:
+    """The keys of one sequence-level task each: label_scale (regression), label_separator and threshold
+    (multi-label), class_weights (classification, not together with mixup)."""
+    d, t = cfg.data, cfg.train
+    if d.label_scale is not None:
+        if cfg.task != "regression":
+            problems.append(f"data.label_scale: is for task regression, not {cfg.task}; remove it")
+        elif len(d.label_scale) != 2 or d.label_scale[0] >= d.label_scale[1]:
+            problems.append(f"data.label_scale: expected [low, high] with low < high, got {d.label_scale}")
+    if not d.label_separator:
+        problems.append("data.label_separator: must be one or more characters, e.g. '|'")
+    if t.threshold is not None:
+        if cfg.task != "multi-label":
+            problems.append(f"train.threshold: is for task multi-label, not {cfg.task}; remove it")
+        elif not 0 < t.threshold < 1:
+            problems.append(f"train.threshold: must be between 0 and 1 (a probability), got {t.threshold}")
+    if d.augment.mixup_alpha > 0 and cfg.task not in ("classification", "language-modeling"):
+        problems.append(f"data.augment.mixup_alpha: mixup mixes class labels, which task {cfg.task} does not have; "
+                        f"set it to 0")
+    if t.class_weights != "none":
+        if cfg.task != "classification":
+            problems.append(f"train.class_weights: is for task classification, not {cfg.task}; remove it")
+        elif d.augment.mixup_alpha > 0:
+            problems.append("train.class_weights: cannot be combined with data.augment.mixup_alpha (mixup mixes the "
+                            "labels the weights are for); turn one of them off")
+        elif isinstance(t.class_weights, dict):
+            bad = {k: v for k, v in t.class_weights.items() if v <= 0}
+            if bad or not t.class_weights:
+                problems.append(f"train.class_weights: weights must be greater than 0 and at least one given, got "
+                                f"{t.class_weights}")
 
 
 def _check_scale(cfg: Config, problems: list[str]) -> None:

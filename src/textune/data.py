@@ -165,10 +165,11 @@ def load_rotten_tomatoes() -> Dataset:
     return Dataset.from_pandas(df, preserve_index=False)
 
 
-def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
-    """Read the configured splits, check columns and labels, encode labels, split off validation if needed."""
-    text_col, pair_col, label_col = cfg.text_column, cfg.text_pair_column, cfg.label_column
-    notes: list[str] = []
+def read_checked_splits(cfg: DataConfig, notes: list[str]) -> tuple[dict[str, Dataset | None], IterableDataset | None]:
+    """The configured splits ({train, validation, test}: None where absent) read from files or a packaged or Hub
+    data set, their columns checked, unlabelled Hub rows dropped (with a note); and data.streaming's stream.
+    Every sequence-level task (classification, regression, multi-label) reads its data through this."""
+    stream = None
     if cfg.name is not None and cfg.train is None:
         if cfg.name in PACKAGED_DATASETS:
             raw_train = load_rotten_tomatoes()
@@ -187,9 +188,16 @@ def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
     splits = {"train": raw_train, "validation": raw_val, "test": raw_test}
     for split, ds in splits.items():
         if ds is not None:
-            splits[split] = _drop_unlabelled(_check_columns(ds, split, text_col, pair_col, label_col), split,
-                                             label_col, notes)
+            splits[split] = _drop_unlabelled(_check_columns(ds, split, cfg.text_column, cfg.text_pair_column,
+                                                            cfg.label_column), split, cfg.label_column, notes)
+    return splits, stream
 
+
+def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
+    """Read the configured splits, check columns and labels, encode labels, split off validation if needed."""
+    text_col, pair_col, label_col = cfg.text_column, cfg.text_pair_column, cfg.label_column
+    notes: list[str] = []
+    splits, stream = read_checked_splits(cfg, notes)
     label_feature = splits["train"].features[label_col]
     # A Hub dataset's ClassLabel names its classes; without them the labels would be "0", "1", ...
     given_names = cfg.label_names or (label_feature.names if isinstance(label_feature, ClassLabel) else None)
@@ -454,6 +462,131 @@ def _encode_labels(ds: Dataset, split: str, label_col: str, label_names: list[st
     ds = ds.map(lambda b: {"labels": [value_to_id[key(v)] for v in b[label_col]]}, batched=True,
                 remove_columns=[label_col], desc=None)
     return ds.cast_column("labels", ClassLabel(names=label_names))
+
+
+# ---------------------------------------------------------------- regression and multi-label targets
+
+
+def load_regression_data(cfg: DataConfig, seed: int) -> TaskData:
+    """The splits of a regression run: the same reading and column checks as classification, the label column
+    parsed into a float `labels` column (on the user's scale), validation a random split of training where no
+    file is given. `label_names` is [data.label_column], the name of the one output."""
+    splits, notes = _read_target_splits(cfg, "regression")
+    for split, ds in splits.items():
+        if ds is not None:
+            values = parse_numeric_labels(list(ds[cfg.label_column]), f"data.{split}", cfg.label_column)
+            splits[split] = ds.remove_columns(cfg.label_column).add_column("labels", values.tolist()) \
+                .cast_column("labels", Value("float32"))
+    return _target_task_data(cfg, seed, splits, [cfg.label_column], notes)
+
+
+def load_multi_label_data(cfg: DataConfig, seed: int) -> TaskData:
+    """The splits of a multi-label run: the label column (a list in JSONL/Parquet, or a string of labels joined
+    by `data.label_separator` in CSV/TSV) parsed into a multi-hot float `labels` column over the label names
+    (`data.label_names`, else every label training holds, sorted). An empty cell is a text with no label."""
+    splits, notes = _read_target_splits(cfg, "multi-label")
+    feature = splits["train"].features[cfg.label_column]
+    inner = getattr(feature, "feature", None)  # a Hub Sequence(ClassLabel) names its ids
+    id_names = inner.names if isinstance(inner, ClassLabel) else None
+    parsed = {split: parse_label_lists(list(ds[cfg.label_column]), f"data.{split}", cfg.label_column,
+                                       cfg.label_separator, id_names)
+              for split, ds in splits.items() if ds is not None}
+    seen = sorted({label for labels in parsed["train"] for label in labels})
+    if not seen:
+        raise TextuneError(f"data.train: no row of column {cfg.label_column!r} holds a label; a multi-label "
+                           f"classifier needs labelled rows (check data.label_column and data.label_separator)")
+    names = list(cfg.label_names) if cfg.label_names else seen
+    index = {n: i for i, n in enumerate(names)}
+    for split, rows in parsed.items():  # train first: data.label_names is checked against it
+        for i, labels in enumerate(rows):
+            unknown = [label for label in labels if label not in index]
+            if unknown:
+                known = "data.label_names" if cfg.label_names else "training"
+                raise TextuneError(f"data.{split} row {i + 1}: label {unknown[0]!r} is not one {known} has "
+                                   f"(labels: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}); fix the "
+                                   f"row, or add training rows with it" + (" or add it to data.label_names"
+                                                                           if cfg.label_names else ""))
+        hot = np.zeros((len(rows), len(names)), dtype=np.float32)
+        for i, labels in enumerate(rows):
+            hot[i, [index[label] for label in labels]] = 1.0
+        splits[split] = splits[split].remove_columns(cfg.label_column).add_column("labels", hot.tolist()) \
+            .cast_column("labels", datasets.Sequence(Value("float32")))
+    absent = [n for n in names if n not in seen]
+    if absent:
+        notes.append(f"data.label_names: {', '.join(map(repr, absent))} never occur in training; the model cannot "
+                     f"learn to predict {'it' if len(absent) == 1 else 'them'}")
+    return _target_task_data(cfg, seed, splits, names, notes)
+
+
+def _read_target_splits(cfg: DataConfig, task: str) -> tuple[dict[str, Dataset | None], list[str]]:
+    if cfg.streaming:
+        raise TextuneError(f"data.streaming: task {task} reads its training file whole; set data.streaming: false")
+    notes: list[str] = []
+    splits, _ = read_checked_splits(cfg, notes)
+    return splits, notes
+
+
+def _target_task_data(cfg: DataConfig, seed: int, splits: dict, label_names: list[str], notes: list[str]) -> TaskData:
+    """Shuffle, hold out a random validation split where no file is given (numbers and label sets cannot be
+    stratified like classes), cut to data.max_train_samples / a seeded sample of data.max_eval_samples."""
+    train, validation = splits["train"].shuffle(seed=seed), splits["validation"]
+    if validation is None:
+        if len(train) < 4:
+            raise TextuneError(f"only {len(train)} training rows: too few to hold out a validation split; give "
+                               f"data.validation a file")
+        parts = train.train_test_split(test_size=cfg.validation_split, seed=seed)
+        train, validation = parts["train"], parts["test"]
+    if cfg.max_train_samples:
+        train = train.select(range(min(cfg.max_train_samples, len(train))))
+    if cfg.max_eval_samples and cfg.max_eval_samples < len(validation):
+        validation = validation.shuffle(seed=seed).select(range(cfg.max_eval_samples))
+    return TaskData(train, validation, splits["test"], label_names, cfg.text_column, cfg.text_pair_column, None, notes)
+
+
+def parse_numeric_labels(values: list, split: str, label_col: str) -> np.ndarray:
+    """Regression targets as float64: numbers, or text that reads as one ("0.75", " 3 "). The first value that is
+    not a finite number stops the run with its row (1 = the first data row)."""
+    out = np.empty(len(values), dtype=np.float64)
+    for i, v in enumerate(values):
+        x = None
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            x = float(v)
+        elif isinstance(v, str):
+            try:
+                x = float(v.strip())
+            except ValueError:
+                pass
+        if x is None or not math.isfinite(x):
+            what = "is empty" if v is None or v == "" else f"holds {v!r}, not a number"
+            hint = ("; class names belong to task: classification" if isinstance(v, str) and v.strip() else "")
+            raise TextuneError(f"{split} row {i + 1}: label column {label_col!r} {what}; a regression target must "
+                               f"be a finite number in every row: fix or remove the row{hint}")
+        out[i] = x
+    return out
+
+
+def parse_label_lists(values: list, split: str, label_col: str, separator: str,
+                      id_names: list[str] | None = None) -> list[list[str]]:
+    """Each row's label set as a list of names, duplicates dropped, in order of appearance. A cell is a list
+    (JSONL, Parquet; integer ids are named by `id_names` where given) or a string split at `separator` (CSV,
+    TSV); an empty cell or list is a row without labels. An empty label ("a||b", "a|") stops the run."""
+    out = []
+    for i, v in enumerate(values):
+        if v is None:
+            items = []
+        elif isinstance(v, (list, tuple)):
+            items = [id_names[x] if id_names is not None and isinstance(x, int) else
+                     ("" if x is None else str(x).strip()) for x in v]
+        elif isinstance(v, str):
+            items = [x.strip() for x in v.split(separator)] if v.strip() else []
+        else:
+            items = [str(v)]
+        if any(x == "" for x in items):
+            raise TextuneError(f"{split} row {i + 1}: label column {label_col!r} holds an empty label in {v!r}; "
+                               f"write the labels joined by data.label_separator {separator!r} with none empty "
+                               f"(e.g. 'a{separator}b'), or leave the cell empty for a text without labels")
+        out.append(list(dict.fromkeys(items)))
+    return out
 
 
 def _text_columns(data: TaskData) -> list[str]:

@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 from optuna.trial import TrialState
 
-from textune.config import Config, with_overrides
+from textune.config import LOWER_IS_BETTER, Config, with_overrides
 from textune.errors import TextuneError, TrainingInterrupted
 
 STUDY_NAME = "textune-search"
@@ -34,7 +34,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 def search_direction(cfg: Config) -> tuple[str, str]:
     """(metric, "maximize" | "minimize") of the search."""
     metric = cfg.search.metric or cfg.train.metric
-    return metric, cfg.search.direction or ("minimize" if metric == "loss" else "maximize")
+    return metric, cfg.search.direction or ("minimize" if metric in LOWER_IS_BETTER else "maximize")
 
 
 def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict[str, Any]:

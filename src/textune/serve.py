@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -82,10 +82,27 @@ class Prediction(BaseModel):
     probabilities: dict[str, float]
 
 
+class Score(BaseModel):
+    score: float = Field(description="regression: the predicted value, on the scale of the training labels")
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float = Field(description="probability of the label")
+
+
+class LabelSet(BaseModel):
+    labels: list[LabelScore] = Field(description="multi-label: every label at or above its threshold, most "
+                                                 "probable first (empty when none is)")
+    probabilities: dict[str, float]
+
+
 class ClassifyResponse(BaseModel):
     model: str
     adapter: str | None
-    results: list[Prediction] = Field(description="one per input text, in the input order")
+    # A classifier's label, a regression model's score or a multi-label model's label set; tried in that order.
+    results: list[Annotated[Prediction | Score | LabelSet, Field(union_mode="left_to_right")]] = Field(
+        description="one per input text, in the input order")
 
 
 class EntitiesRequest(BaseModel):

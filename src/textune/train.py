@@ -38,7 +38,6 @@ from textune.atomic import old_copy, replace_atomically
 from textune.errors import TextuneError, TrainingInterrupted
 from textune.launch import FSDP_WITHOUT_GPU, batch_split_problem
 from textune.evaluate import headline
-from textune.augment import Mixup
 from textune.adapters import is_peft_model, load_adapter_weights, save_adapter_extras
 from textune.models import HEAD_MODULE_NAMES, count_parameters
 from textune.tasks import get_task
@@ -457,7 +456,7 @@ def train_step(model, batch, optimizer, scheduler, accelerator: Accelerator, max
 
 
 def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], None] | None = None,
-          resume: str | None = None) -> Path:
+          resume: str | None = None, compute_metrics: Callable[..., dict] | None = None) -> Path:
     """Fine-tune `cfg.model` on `cfg.data`; return the run folder. See the module docstring.
 
     Args:
@@ -465,6 +464,8 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
         on_evaluate: called with each evaluation record (step, epoch, eval_* metrics) as it is made;
             a hyper-parameter search uses it to prune a trial by raising.
         resume: `latest` or a checkpoint folder: continue that run exactly where it stopped.
+        compute_metrics: `(predictions, labels) -> dict` merged into every evaluation's metrics, history and
+            metrics.json (see `TaskInputs.compute_metrics`); train.metric still selects among the task's own.
 
     Raises:
         TextuneError: bad config, data or model; non-finite loss beyond `train.skip_nonfinite_steps`.
@@ -497,6 +498,7 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
     # 1. Everything that can fail because of user input happens before the run folder exists. The task
     # (textune.tasks) reads and checks its data, tokenises it and loads the model with its head.
     inputs = get_task(cfg.task).load_inputs(cfg)
+    inputs.compute_metrics = compute_metrics
     model, tokenizer, tokenized = inputs.model, inputs.tokenizer, inputs.tokenized
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -530,7 +532,7 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
     optimizer = build_optimizer(model, t)
-    loss_fn = Mixup(cfg.data.augment.mixup_alpha) if cfg.data.augment.mixup_alpha > 0 else None
+    loss_fn = inputs.loss_fn  # the task's choice (mixup, class weights), None = the model's own loss
     scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
                               num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(

@@ -28,8 +28,10 @@ class TaskSpec:
     pipeline_tag: str  # transformers' pipeline task name for the saved model
 
 
+# GLUE's metrics: mcc (CoLA), accuracy and f1 (MRPC, QQP), accuracy (the rest); STS-B is task regression.
+# roc_auc and average_precision read the positive class's probability (one-vs-rest macro with more classes).
 CLASSIFICATION_METRICS = ("accuracy", "f1", "f1_macro", "precision", "recall", "precision_macro", "recall_macro",
-                          "loss")
+                          "mcc", "f1_weighted", "roc_auc", "average_precision", "loss")
 TASKS = {
     "classification": TaskSpec("textune.tasks.classification", CLASSIFICATION_METRICS, "accuracy",
                                "text-classification"),
@@ -39,6 +41,10 @@ TASKS = {
                                    "question-answering"),
     "language-modeling": TaskSpec("textune.tasks.language_modeling", ("loss", "perplexity"), "loss",
                                   "text-generation"),
+    "regression": TaskSpec("textune.tasks.regression", ("pearson", "spearman", "mse", "mae", "loss"), "pearson",
+                           "text-classification"),
+    "multi-label": TaskSpec("textune.tasks.multi_label", ("f1_micro", "f1_macro", "subset_accuracy", "hamming_loss",
+                                                          "loss"), "f1_micro", "text-classification"),
 }
 
 
@@ -47,7 +53,9 @@ def get_task(name: str) -> Task:
     return importlib.import_module(TASKS[name].module).TASK
 
 
-# Model classes' name endings -> task, for model folders that were not written by a textune run.
+# A sequence classifier's config.problem_type -> task, and model classes' name endings -> task, for model
+# folders that were not written by a textune run.
+PROBLEM_TYPE_TASKS = {"regression": "regression", "multi_label_classification": "multi-label"}
 ARCHITECTURE_TASKS = (("ForTokenClassification", "token-classification"), ("ForQuestionAnswering", "question-answering"),
                       ("ForSequenceClassification", "classification"))
 
@@ -69,7 +77,10 @@ def task_of(run_or_model: str | Path) -> str:
             return "language-modeling" if (saved.get("pretrain") or {}).get("corpus") else "classification"
     model_config = path / "model" / "config.json" if (path / "model").is_dir() else path / "config.json"
     if model_config.is_file():
-        architectures = json.loads(model_config.read_text()).get("architectures") or []
+        saved = json.loads(model_config.read_text())
+        if saved.get("problem_type") in PROBLEM_TYPE_TASKS:
+            return PROBLEM_TYPE_TASKS[saved["problem_type"]]
+        architectures = saved.get("architectures") or []
         for suffix, task in ARCHITECTURE_TASKS:
             if any(a.endswith(suffix) for a in architectures):
                 return task

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from textune.errors import TextuneError
 
@@ -24,12 +24,36 @@ class TaskInputs(ABC):
     (split name -> tokenised `datasets.Dataset`, with a `length` column where batches may be grouped by
     length), `train_data` (what the training loader reads: `tokenized["train"]` or a lazily tokenised stream)
     and `evaluate_first` (evaluate at step 0 too, where the curve's starting point matters).
+
+    `loss_fn`: the training loss `train_step` calls as `loss_fn(model, batch)`, or None for the model's own loss
+    (`outputs.loss`). The task chooses it (classification: mixup or class-weighted cross-entropy), so the loop
+    never asks which task it runs. Evaluation always reports the model's own loss.
+
+    `compute_metrics`: the user's hook, `compute_metrics(predictions, labels) -> dict`, set by
+    `textune.train.train(cfg, compute_metrics=...)`; tasks that support it call `extra_metrics` in `evaluate`
+    and merge the result into their metrics (what each task passes as predictions is in its docstring).
     """
 
     model: Any
     tokenizer: Any
     tokenized: dict
     evaluate_first: ClassVar[bool] = False
+    loss_fn: Callable | None = None
+    compute_metrics: Callable | None = None
+
+    def extra_metrics(self, predictions, labels) -> dict:
+        """What the user's `compute_metrics` hook returns for these predictions ({} without a hook).
+
+        Raises:
+            TextuneError: the hook did not return a mapping of metric names.
+        """
+        if self.compute_metrics is None:
+            return {}
+        out = self.compute_metrics(predictions, labels)
+        if not isinstance(out, dict) or not all(isinstance(k, str) for k in out):
+            raise TextuneError(f"compute_metrics must return a dict of metric name -> value, got "
+                               f"{type(out).__name__}")
+        return out
 
     @property
     def train_data(self):

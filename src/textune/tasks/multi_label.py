@@ -1,0 +1,272 @@
+"""Multi-label classification: the `task: multi-label` of textune, each text (or pair) with any number of labels
+(topics, tags, emotions).
+
+Reading: the table of `classification` (same files, columns, pairs and checks, `textune.data`), the label column a
+list (JSONL/Parquet) or a string of labels joined by `data.label_separator` (CSV/TSV), parsed by
+`data.parse_label_lists` into a multi-hot vector over the label names; an empty label ("a||b") or a label training
+never saw stops the run naming the row. Model: `AutoModelForSequenceClassification` with one output per label and
+`problem_type: multi_label_classification` (its own loss is binary cross-entropy over sigmoid outputs; `pipeline(
+"text-classification", top_k=None)` gives every label's probability). Thresholds: during training each label is
+predicted where its probability reaches `train.threshold` (0.5 when empty), which is what picks the best
+checkpoint; at the end, unless `train.threshold` is set, one threshold per label is chosen on validation for the
+best F1 (`evaluate.best_thresholds`) and saved as RUN/model/thresholds.json, which predict, evaluate and serve use.
+Metrics: micro and macro F1, subset accuracy, Hamming loss and a per-label table. Prediction: every label at or
+above its threshold with its probability, and all probabilities. Serving: POST /v1/classify answers label sets.
+Report: the per-label table with thresholds, and the validation rows with the most wrong label decisions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import DataCollatorWithPadding
+
+from textune.data import TaskData, length_stats, load_multi_label_data, parse_label_lists, tokenize_splits
+from textune.data_checks import DataReport, enforce
+from textune.errors import TextuneError
+from textune.evaluate import best_thresholds, multi_label_metrics, predict_logits
+from textune.infer import ModelPredictor
+from textune.models import load_tokenizer, resolve_model, resolve_run_model
+from textune.tasks.base import Task, TaskInputs
+from textune.tasks.classification import (load_sequence_model, read_labelled_file, read_sequence_inputs,
+                                          sequence_logits, target_data_report)
+
+THRESHOLDS_FILE = "thresholds.json"
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def label_balance(data: TaskData) -> dict[str, dict[str, int]]:
+    """Rows holding each label, per split."""
+    return {k: {n: int(c) for n, c in zip(data.label_names, np.asarray(getattr(data, k)["labels"]).sum(0))}
+            for k in ("train", "validation", "test") if getattr(data, k) is not None}
+
+
+@dataclass
+class MultiLabelInputs(TaskInputs):
+    """What a multi-label run trains on, all loaded and checked before anything is written."""
+
+    model_path: str
+    tokenizer: object
+    data: TaskData
+    data_report: DataReport
+    tokenized: dict
+    stats: dict
+    model: torch.nn.Module
+    threshold: float | None  # train.threshold: one for all labels, kept at the end; None = chosen per label
+
+    def summary(self, cfg) -> str:
+        d, s = self.data, self.stats["train"]
+        counts = label_balance(d)["train"]
+        per_row = float(np.asarray(d.train["labels"]).sum(1).mean())
+        shown = ", ".join(f"{k}={v}" for k, v in list(counts.items())[:12]) + (" ..." if len(counts) > 12 else "")
+        lines = [f"model      {cfg.model.name or self.model_path} ({type(self.model).__name__}, {len(d.label_names)} "
+                 f"labels, multi-label)",
+                 f"data       train {len(d.train):,} | validation {len(d.validation):,}"
+                 + (f" | test {len(d.test):,}" if d.test is not None else "")
+                 + f" | {per_row:.2f} labels per row | rows per label {shown}",
+                 "threshold  " + (f"{self.threshold:g} for every label (train.threshold)" if self.threshold is not None
+                                  else "0.5 while training; one per label chosen on validation at the end")]
+        lines += [f"warning    {finding.message}" for finding in self.data_report.findings]
+        lines.append(f"tokens     mean {s['mean']} | p95 {s['p95']} | max {s['max']} | "
+                     f"truncated at {cfg.model.max_length}: {s['truncated_share']:.1%}")
+        return "\n".join(lines)
+
+    def data_stats(self, cfg) -> dict:
+        return {"sizes": {k: len(v) for k, v in self.tokenized.items()},
+                "label_names": self.data.label_names,
+                "label_counts": label_balance(self.data),
+                "token_lengths": self.stats,
+                "checks": [{"kind": f.kind, "count": f.count, "message": f.message} for f in self.data_report.findings],
+                "max_length": cfg.model.max_length}
+
+    def collator(self, split: str):
+        return DataCollatorWithPadding(self.tokenizer)
+
+    def evaluate(self, model, loader, accelerator=None):
+        """(metrics at train.threshold or 0.5, (probabilities, multi-hot labels)). The `compute_metrics` hook
+        gets the label probabilities (N x labels) and the multi-hot labels."""
+        logits, labels, loss = predict_logits(model, loader, accelerator)
+        probs = sigmoid(logits)
+        cut = np.full(probs.shape[1], 0.5 if self.threshold is None else self.threshold)
+        metrics = multi_label_metrics(probs, labels, cut, self.data.label_names)
+        metrics["loss"] = loss
+        metrics.update(self.extra_metrics(probs, labels))
+        return metrics, (probs, labels)
+
+    def write_predictions(self, predictions, path: Path) -> None:
+        """Choose the thresholds (unless train.threshold is set) on these final validation predictions of the
+        saved model and write them to RUN/model/thresholds.json, then the validation rows with the labels
+        predicted at them. Training calls this once, at the end, on the main process."""
+        probs, labels = predictions
+        names = self.data.label_names
+        cut = best_thresholds(probs, labels) if self.threshold is None else np.full(len(names), self.threshold)
+        tuned = multi_label_metrics(probs, labels, cut, names)
+        model_dir = path.parent / "model"
+        if model_dir.is_dir():
+            save_thresholds(model_dir, names, cut, "validation F1 per label" if self.threshold is None
+                            else "train.threshold", {k: tuned[k] for k in ("f1_micro", "f1_macro", "subset_accuracy",
+                                                                          "hamming_loss")})
+        d = self.data
+        texts = list(d.validation[d.text_column])
+        pairs = list(d.validation[d.text_pair_column]) if d.text_pair_column else None
+        with path.open("w", encoding="utf-8") as f:
+            for i, (p, y) in enumerate(zip(probs, labels)):
+                row = {"text": texts[i], "labels": [n for n, v in zip(names, y) if v],
+                       "pred": [n for n, x, c in zip(names, p, cut) if x >= c], "probs": [round(float(x), 5) for x in p]}
+                if pairs is not None:
+                    row["text_pair"] = pairs[i]
+                f.write(json.dumps(row) + "\n")
+
+
+def save_thresholds(model_dir: Path, names: list[str], thresholds, chosen_by: str, validation: dict) -> None:
+    (model_dir / THRESHOLDS_FILE).write_text(json.dumps(
+        {"thresholds": {n: float(t) for n, t in zip(names, thresholds)}, "chosen_by": chosen_by,
+         "validation_at_thresholds": validation}, indent=2))
+
+
+def load_thresholds(model_dir: Path, names: list[str]) -> np.ndarray:
+    """The saved per-label thresholds of a model folder; 0.5 for a label (or a folder) without one."""
+    path = Path(model_dir) / THRESHOLDS_FILE
+    saved = json.loads(path.read_text()).get("thresholds", {}) if path.is_file() else {}
+    return np.array([float(saved.get(n, 0.5)) for n in names])
+
+
+class MultiLabelPredictor(ModelPredictor):
+    """A loaded multi-label classifier with its thresholds: `predict(texts)` -> [{"labels": [{"label", "score"},
+    ...] (every label at or above its threshold, most probable first), "probabilities": {label: p}}]."""
+
+    def __init__(self, run_or_model, batch_size: int = 64, max_length: int | None = None, device: str | None = None,
+                 precision: str = "fp32"):
+        super().__init__(run_or_model, batch_size, max_length, device, precision)
+        self.thresholds = load_thresholds(resolve_run_model(run_or_model)[0], self.label_names)
+
+    def _setup(self, *args) -> None:
+        super()._setup(*args)
+        self.thresholds = np.full(len(self.label_names), 0.5)  # `around`: a model in memory has no saved ones
+
+    def predict_proba(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:
+        return sigmoid(sequence_logits(self, texts, text_pairs))
+
+    def predict(self, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
+        out = []
+        for p in self.predict_proba(texts, text_pairs):
+            above = sorted((i for i in range(len(p)) if p[i] >= self.thresholds[i]), key=lambda i: -p[i])
+            out.append({"labels": [{"label": self.label_names[i], "score": round(float(p[i]), 6)} for i in above],
+                        "probabilities": {n: round(float(x), 6) for n, x in zip(self.label_names, p)}})
+        return out
+
+
+class MultiLabel(Task):
+    name = "multi-label"
+    serve_endpoint = "classify"
+    serve_description = "Multi-label text classification: the set of labels of each text"
+    predictor_class = MultiLabelPredictor
+
+    def check_data(self, cfg) -> DataReport:
+        data = load_multi_label_data(cfg.data, cfg.seed)
+        return target_data_report(data, label_balance(data))
+
+    def load_inputs(self, cfg) -> MultiLabelInputs:
+        """Model, tokenizer and data: resolved, read, checked (`data.strict`), tokenised, measured, tuned."""
+        model_path = resolve_model(cfg.model.name)
+        tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, for_classifier=True)
+        data = load_multi_label_data(cfg.data, cfg.seed)
+        report = target_data_report(data, label_balance(data))
+        enforce(report, cfg.data.strict)
+        tokenized = tokenize_splits(data, tokenizer, cfg.model.max_length, cache=cfg.data.cache)
+        stats = {split: length_stats(ds["length"], cfg.model.max_length) for split, ds in tokenized.items()}
+        model = load_sequence_model(cfg, model_path, data.label_names, "multi_label_classification")
+        return MultiLabelInputs(model_path, tokenizer, data, report, tokenized, stats, model, cfg.train.threshold)
+
+    def read_inputs(self, source: str, columns: dict, predictor):
+        return read_sequence_inputs(source, columns)
+
+    def evaluate_file(self, predictor, path: str, columns: dict) -> dict:
+        ds, texts, pairs, label_col = read_labelled_file(path, columns)
+        rows = parse_label_lists(list(ds[label_col]), path, label_col, columns.get("label_separator") or "|")
+        index = {n: i for i, n in enumerate(predictor.label_names)}
+        labels = np.zeros((len(rows), len(index)), dtype=np.float32)
+        for i, row in enumerate(rows):
+            unknown = [label for label in row if label not in index]
+            if unknown:
+                raise TextuneError(f"{path} row {i + 1}: label {unknown[0]!r} is not one the model was trained on; "
+                                   f"it knows {', '.join(predictor.label_names)}")
+            labels[i, [index[label] for label in row]] = 1.0
+        probs = predictor.predict_proba(texts, pairs)
+        metrics = multi_label_metrics(probs, labels, predictor.thresholds, predictor.label_names)
+        clipped = np.clip(probs, 1e-7, 1 - 1e-7)
+        metrics["loss"] = float(-(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped)).mean())
+        return metrics
+
+    def format_metrics(self, metrics: dict) -> str:
+        return per_label_text(metrics.get("per_label") or {})
+
+    def report_sections(self, run: Path, metrics: dict | None, stats: dict | None):
+        from textune import report
+
+        v = (metrics or {}).get("validation") or {}
+        saved = run / "model" / THRESHOLDS_FILE
+        tuned = json.loads(saved.read_text()) if saved.is_file() else None
+        at = (tuned or {}).get("validation_at_thresholds") or {}
+        cards = [("micro F1", report.fmt(at.get("f1_micro", v.get("f1_micro")))),
+                 ("macro F1", report.fmt(at.get("f1_macro", v.get("f1_macro")))),
+                 ("subset accuracy", report.fmt(at.get("subset_accuracy", v.get("subset_accuracy")))),
+                 ("Hamming loss", report.fmt(at.get("hamming_loss", v.get("hamming_loss"))))]
+        rows = report.read_predictions(run / "validation_predictions.jsonl")
+        return cards, per_label_html(v, tuned) + wrong_sets_html(rows)
+
+
+def per_label_text(per_label: dict) -> str:
+    width = max([len(n) for n in per_label] + [5])
+    lines = [f"{'label'.ljust(width)}  precision  recall      F1  support  threshold"]
+    lines += [f"{n.ljust(width)}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:6.4f}  {r['support']:7,}  "
+              f"{r['threshold']:9.2f}" for n, r in sorted(per_label.items(), key=lambda kv: kv[1]["f1"])]
+    return "\n".join(lines)
+
+
+def per_label_html(validation: dict, tuned: dict | None) -> str:
+    from textune import report
+
+    out = ['<section id="per-label"><h2>Per label (validation)</h2>']
+    per_label = validation.get("per_label")
+    if not per_label:
+        return "".join(out) + report.missing_html("per-label table", "metrics.json is missing") + "</section>"
+    thresholds = (tuned or {}).get("thresholds") or {}
+    out.append('<p class="muted">Precision, recall and F1 of each label at the threshold training used (train.threshold '
+               "or 0.5), worst first; the last column is the threshold saved with the model "
+               f"({report.esc((tuned or {}).get('chosen_by', 'none saved'))}), which predict and serve use.</p>")
+    out.append('<table><tr><th class="l">label</th><th>precision</th><th>recall</th><th>F1</th><th>support</th>'
+               "<th>saved threshold</th></tr>")
+    for name, r in sorted(per_label.items(), key=lambda kv: kv[1]["f1"]):
+        out.append(f'<tr><td class="l">{report.esc(name)}</td><td>{r["precision"]:.3f}</td><td>{r["recall"]:.3f}</td>'
+                   f'<td>{r["f1"]:.3f}</td><td>{r["support"]:,}</td><td>{report.fmt(thresholds.get(name), 2)}</td></tr>')
+    return "".join(out) + "</table></section>"
+
+
+def wrong_sets_html(rows: list[dict], shown: int = 12) -> str:
+    from textune import report
+
+    wrong = [r for r in rows if set(r["labels"]) != set(r["pred"])]
+    if not rows:
+        return ""
+    wrong.sort(key=lambda r: -len(set(r["labels"]) ^ set(r["pred"])))
+    out = ['<section id="errors"><h2>Validation rows with the most wrong label decisions</h2>',
+           f'<p class="muted">{len(wrong):,} of {len(rows):,} rows have a label set that is not exactly right.</p>',
+           '<table class="wrong"><tr><th class="l">text</th><th class="l">true</th><th class="l">predicted</th></tr>']
+    for r in wrong[:shown]:
+        text = report.esc(report.clip(r.get("text", "")))
+        if r.get("text_pair") is not None:
+            text += f'<span class="pair">{report.esc(report.clip(r["text_pair"]))}</span>'
+        out.append(f'<tr><td class="text">{text}</td><td class="l">{report.esc(", ".join(r["labels"]))}</td>'
+                   f'<td class="l">{report.esc(", ".join(r["pred"]))}</td></tr>')
+    return "".join(out) + "</table></section>"
+
+
+TASK = MultiLabel()

@@ -1,0 +1,235 @@
+"""Regression on texts and text pairs: the `task: regression` of textune (STS-B in `run_glue.py`, document
+similarity, ratings).
+
+Reading: the table of `classification` (same files, columns, pairs and checks, `textune.data`), the label column
+parsed as numbers (`data.parse_numeric_labels`: a cell that is not a number stops the run naming its row);
+validation is a random split of training unless a file is given. Scale: the model learns
+(y - low) / (high - low), with [low, high] from `data.label_scale` or the training labels' range, saved in the
+model's config.json as `label_scale`, so predictions come back on the user's scale and a target of 0-5 or
+0-100 trains with the same learning rate as one of 0-1. Model: `AutoModelForSequenceClassification` with one
+output and `problem_type: regression` (its own loss is MSE, on the normalised scale; `pipeline(
+"text-classification", function_to_apply="none")` returns the normalised score). Metrics: Pearson and Spearman
+correlation, MSE and MAE on the user's scale, and `loss` (MSE on the normalised scale). Prediction: one number
+per text (`{"score": ...}`). Serving: POST /v1/classify answers scores. Report: predicted against true, and
+the largest errors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import DataCollatorWithPadding
+
+from textune.data import TaskData, length_stats, load_regression_data, parse_numeric_labels, tokenize_splits
+from textune.data_checks import DataReport, enforce
+from textune.errors import TextuneError
+from textune.evaluate import predict_logits, regression_metrics
+from textune.infer import ModelPredictor
+from textune.models import load_tokenizer, resolve_model
+from textune.tasks.base import Task, TaskInputs
+from textune.tasks.classification import (load_sequence_model, read_labelled_file, read_sequence_inputs,
+                                          sequence_logits, target_data_report)
+
+
+def target_scale(cfg, train_labels) -> tuple[float, float]:
+    """[low, high] the model's target is normalised by: data.label_scale, else the training labels' range.
+
+    Raises:
+        TextuneError: every training label is the same number (nothing to learn, nothing to scale by).
+    """
+    if cfg.data.label_scale is not None:
+        return float(cfg.data.label_scale[0]), float(cfg.data.label_scale[1])
+    low, high = float(np.min(train_labels)), float(np.max(train_labels))
+    if low == high:
+        raise TextuneError(f"data.train: every training label is {low:g}; regression needs targets that vary (check "
+                           f"data.label_column {cfg.data.label_column!r})")
+    return low, high
+
+
+def target_stats(values) -> dict:
+    arr = np.asarray(values, dtype=np.float64)
+    return {"min": float(arr.min()), "max": float(arr.max()), "mean": round(float(arr.mean()), 4),
+            "std": round(float(arr.std()), 4), "examples": int(arr.size)}
+
+
+@dataclass
+class RegressionInputs(TaskInputs):
+    """What a regression run trains on, all loaded and checked before anything is written."""
+
+    model_path: str
+    tokenizer: object
+    data: TaskData
+    data_report: DataReport
+    tokenized: dict  # labels normalised to [0, 1] by `scale`
+    stats: dict
+    model: torch.nn.Module
+    scale: tuple[float, float]
+
+    def summary(self, cfg) -> str:
+        d, s, t = self.data, self.stats["train"], target_stats(self.data.train["labels"])
+        low, high = self.scale
+        lines = [f"model      {cfg.model.name or self.model_path} ({type(self.model).__name__}, 1 output, regression)",
+                 f"data       train {len(d.train):,} | validation {len(d.validation):,}"
+                 + (f" | test {len(d.test):,}" if d.test is not None else "")
+                 + f" | {d.label_names[0]}: mean {t['mean']:g}, std {t['std']:g}, range {t['min']:g} to {t['max']:g}",
+                 f"target     learnt as (y - {low:g}) / {high - low:g}, "
+                 f"{'data.label_scale' if cfg.data.label_scale else 'the training range'}; predictions on your scale"]
+        lines += [f"warning    {finding.message}" for finding in self.data_report.findings]
+        lines.append(f"tokens     mean {s['mean']} | p95 {s['p95']} | max {s['max']} | "
+                     f"truncated at {cfg.model.max_length}: {s['truncated_share']:.1%}")
+        return "\n".join(lines)
+
+    def data_stats(self, cfg) -> dict:
+        return {"sizes": {k: len(v) for k, v in self.tokenized.items()},
+                "label_names": self.data.label_names,
+                "label_stats": {k: target_stats(getattr(self.data, k)["labels"]) for k in self.tokenized},
+                "label_scale": list(self.scale),
+                "token_lengths": self.stats,
+                "checks": [{"kind": f.kind, "count": f.count, "message": f.message} for f in self.data_report.findings],
+                "max_length": cfg.model.max_length}
+
+    def collator(self, split: str):
+        return DataCollatorWithPadding(self.tokenizer)
+
+    def evaluate(self, model, loader, accelerator=None):
+        """(metrics, (predictions, labels)) on the user's scale; `loss` is the training loss (MSE of the
+        normalised target). The `compute_metrics` hook gets the predictions and labels on the user's scale."""
+        outputs, labels, loss = predict_logits(model, loader, accelerator)
+        low, high = self.scale
+        preds, labels = low + outputs[:, 0] * (high - low), low + labels * (high - low)
+        metrics = regression_metrics(preds, labels)
+        metrics["loss"] = loss
+        metrics.update(self.extra_metrics(preds, labels))
+        return metrics, (preds, labels)
+
+    def write_predictions(self, predictions, path: Path) -> None:
+        preds, labels = predictions
+        d = self.data
+        texts = list(d.validation[d.text_column])
+        pairs = list(d.validation[d.text_pair_column]) if d.text_pair_column else None
+        with path.open("w", encoding="utf-8") as f:
+            for i, (p, y) in enumerate(zip(preds, labels)):
+                row = {"text": texts[i], "label": round(float(y), 6), "pred": round(float(p), 6)}
+                if pairs is not None:
+                    row["text_pair"] = pairs[i]
+                f.write(json.dumps(row) + "\n")
+
+
+class RegressionPredictor(ModelPredictor):
+    """A loaded regression model: `predict(texts, pairs)` -> [{"score": number on the training labels' scale}]."""
+
+    def _setup(self, *args) -> None:
+        super()._setup(*args)
+        scale = getattr(self.model.config, "label_scale", None)
+        if scale is None and self.run_dir is not None:  # an adapter's base config does not carry it
+            stats = self.run_dir / "data_stats.json"
+            scale = json.loads(stats.read_text()).get("label_scale") if stats.is_file() else None
+        self.scale = tuple(scale) if scale else (0.0, 1.0)
+
+    def predict_scores(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:
+        low, high = self.scale
+        return low + sequence_logits(self, texts, text_pairs)[:, 0] * (high - low)
+
+    def predict(self, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
+        return [{"score": round(float(s), 6)} for s in self.predict_scores(texts, text_pairs)]
+
+
+class Regression(Task):
+    name = "regression"
+    serve_endpoint = "classify"
+    serve_description = "Text regression: one score per text"
+    predictor_class = RegressionPredictor
+
+    def check_data(self, cfg) -> DataReport:
+        return target_data_report(load_regression_data(cfg.data, cfg.seed), {})
+
+    def load_inputs(self, cfg) -> RegressionInputs:
+        """Model, tokenizer and data: resolved, read, checked (`data.strict`), tokenised with normalised targets."""
+        model_path = resolve_model(cfg.model.name)
+        tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, for_classifier=True)
+        data = load_regression_data(cfg.data, cfg.seed)
+        report = target_data_report(data, {})
+        enforce(report, cfg.data.strict)
+        low, high = target_scale(cfg, data.train["labels"])
+        tokenized = tokenize_splits(data, tokenizer, cfg.model.max_length, cache=cfg.data.cache)
+        tokenized = {k: ds.map(lambda b: {"labels": [(y - low) / (high - low) for y in b["labels"]]}, batched=True,
+                               load_from_cache_file=cfg.data.cache) for k, ds in tokenized.items()}
+        stats = {split: length_stats(ds["length"], cfg.model.max_length) for split, ds in tokenized.items()}
+        model = load_sequence_model(cfg, model_path, data.label_names, "regression")
+        model.config.label_scale = [low, high]  # saved in config.json: predictions are scaled back with it
+        return RegressionInputs(model_path, tokenizer, data, report, tokenized, stats, model, (low, high))
+
+    def read_inputs(self, source: str, columns: dict, predictor):
+        return read_sequence_inputs(source, columns)
+
+    def evaluate_file(self, predictor, path: str, columns: dict) -> dict:
+        ds, texts, pairs, label_col = read_labelled_file(path, columns)
+        labels = parse_numeric_labels(list(ds[label_col]), path, label_col)
+        preds = predictor.predict_scores(texts, pairs)
+        metrics = regression_metrics(preds, labels)
+        low, high = predictor.scale
+        metrics["loss"] = float((((preds - labels) / (high - low)) ** 2).mean())
+        return metrics
+
+    def format_metrics(self, metrics: dict) -> str:
+        return (f"pearson {metrics['pearson']:.4f} | spearman {metrics['spearman']:.4f} | mse {metrics['mse']:.4g} | "
+                f"mae {metrics['mae']:.4g} | {metrics['examples']:,} examples")
+
+    def report_sections(self, run: Path, metrics: dict | None, stats: dict | None):
+        from textune import report
+
+        v = (metrics or {}).get("validation") or {}
+        cards = [("Pearson", report.fmt(v.get("pearson"))), ("Spearman", report.fmt(v.get("spearman"))),
+                 ("MSE", report.fmt(v.get("mse"))), ("MAE", report.fmt(v.get("mae")))]
+        rows = report.read_predictions(run / "validation_predictions.jsonl")
+        return cards, scatter_html(rows, v) + largest_errors_html(rows)
+
+
+def scatter_html(rows: list[dict], metrics: dict) -> str:
+    """Predicted against true on the validation rows, with the diagonal a perfect model would lie on."""
+    from matplotlib.figure import Figure
+
+    from textune import report
+
+    out = ['<section id="regression"><h2>Predicted against true (validation)</h2>']
+    if not rows:
+        return "".join(out) + report.missing_html("scatter plot", "validation_predictions.jsonl is missing") + "</section>"
+    true, pred = np.array([r["label"] for r in rows]), np.array([r["pred"] for r in rows])
+    fig = Figure(figsize=(4.6, 4.2))
+    ax = fig.subplots()
+    ax.scatter(true, pred, s=12, alpha=0.6, color="#1f77b4")
+    lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
+    ax.plot([lo, hi], [lo, hi], color="#cf222e", lw=1, label="predicted = true")
+    ax.set(xlabel="true", ylabel="predicted")
+    ax.legend(loc="upper left", fontsize=8)
+    bias = float((pred - true).mean())
+    out.append('<div class="grid2"><div>' + report.img_html(fig, "predicted against true") + "</div>")
+    out.append(f"<div><p>{len(rows):,} validation examples: Pearson <b>{report.fmt(metrics.get('pearson'), 3)}</b>, "
+               f"Spearman <b>{report.fmt(metrics.get('spearman'), 3)}</b>, MAE {report.fmt(metrics.get('mae'), 3)}. "
+               f"Mean error (predicted - true) {bias:+.3f}.</p><p class=\"muted\">Points on the red line are exact. A "
+               "cloud flatter than the line (predictions bunched near the mean) is a model that has not learnt to "
+               "tell the examples apart yet; a shifted cloud is a bias.</p></div></div></section>")
+    return "".join(out)
+
+
+def largest_errors_html(rows: list[dict], shown: int = 12) -> str:
+    from textune import report
+
+    if not rows:
+        return ""
+    worst = sorted(rows, key=lambda r: -abs(r["pred"] - r["label"]))[:shown]
+    out = ['<section id="errors"><h2>Largest validation errors</h2><table class="wrong"><tr><th class="l">text</th>'
+           "<th>true</th><th>predicted</th></tr>"]
+    for r in worst:
+        text = report.esc(report.clip(r.get("text", "")))
+        if r.get("text_pair") is not None:
+            text += f'<span class="pair">{report.esc(report.clip(r["text_pair"]))}</span>'
+        out.append(f'<tr><td class="text">{text}</td><td>{r["label"]:.3f}</td><td>{r["pred"]:.3f}</td></tr>')
+    return "".join(out) + "</table></section>"
+
+
+TASK = Regression()
