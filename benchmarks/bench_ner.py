@@ -262,6 +262,8 @@ def main() -> None:
     t, tr = summary.get("textune", {}), summary.get("trainer", {})
     targets = {
         "entity F1 within 1 point of the Trainer's (means)": bool(t and tr) and abs(t["f1"] - tr["f1"]) <= 0.01,
+        # the issue asks for equal quality: a higher F1 than the Trainer's misses "within" but not this one
+        "entity F1 at most 1 point below the Trainer's (means)": bool(t and tr) and t["f1"] >= tr["f1"] - 0.01,
         "training samples/s >= 1.5x the Trainer's defaults": bool(t and tr)
             and t["samples_per_s"] >= 1.5 * tr["samples_per_s"],
         "prediction (fp32, exact) >= 2x pipeline": prediction.get("textune", {}).get("speedup", 0) >= 2,
