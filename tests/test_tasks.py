@@ -7,7 +7,7 @@ import json
 import pytest
 
 from textune.config import load_config
-from textune.errors import ConfigError
+from textune.errors import ConfigError, TextuneError
 from textune.tasks import TASKS, get_task, task_of
 from textune.tasks.base import Task
 
@@ -56,3 +56,11 @@ def test_task_of_reads_the_run_config_then_the_architecture(tmp_path, trained_ru
     (run / "model").mkdir(parents=True)
     (run / "config.yaml").write_text("task: token-classification\n")
     assert task_of(run) == task_of(run / "model") == "token-classification"
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "multi-label"])
+@pytest.mark.parametrize("source, where", [("-", "standard input"), ("texts.txt", "a .txt file")])
+def test_a_pair_model_refuses_one_text_per_line(task, source, where):
+    # a .txt line or stdin carries one text: predicting on it would silently drop the second text of the pair
+    with pytest.raises(TextuneError, match=f"reads pairs of texts \\(columns 'q' and 'a'\\).* not {where}"):
+        get_task(task).read_inputs(source, {"text_column": "q", "text_pair_column": "a"}, predictor=None)
