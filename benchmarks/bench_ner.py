@@ -40,11 +40,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from arms import measure, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 WNUT = ROOT.parent / "shared" / "data" / "wnut16"
@@ -169,21 +170,6 @@ def run_predict(arm: str, model_dir: str, n: int, repeats: int) -> dict:
     return out
 
 
-def measure(args: list[str], out: Path) -> dict:
-    cmd = [sys.executable, __file__, *args, "--arm-output", str(out)]
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        return {"error": f"exit {code}"}
-    return {**json.loads(out.read_text()), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
@@ -214,7 +200,7 @@ def main() -> None:
             for arm in runs:
                 workdir = tmp / f"{arm}-{seed}"
                 workdir.mkdir()
-                result = measure(["--arm", arm, "--seed", str(seed), "--epochs", str(args.epochs),
+                result = measure(__file__, ["--arm", arm, "--seed", str(seed), "--epochs", str(args.epochs),
                                   "--workdir", str(workdir)], tmp / f"{arm}-{seed}.json")
                 runs[arm].append({"seed": seed, **result})
         ok = [r for r in runs["textune"] if "error" not in r]
@@ -222,7 +208,7 @@ def main() -> None:
         predict = {}
         if best_model:
             for arm in PREDICT_ARMS:
-                predict[arm] = measure(["--arm", arm, "--model", best_model, "--predict-sentences",
+                predict[arm] = measure(__file__, ["--arm", arm, "--model", best_model, "--predict-sentences",
                                         str(args.predict_sentences), "--repeats", str(args.repeats)],
                                        tmp / f"{arm}.json")
     summary = {}

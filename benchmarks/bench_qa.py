@@ -40,11 +40,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from arms import measure
 
 ROOT = Path(__file__).resolve().parents[1]
 SQUAD = ROOT.parent / "shared" / "data" / "squad"
@@ -223,17 +224,6 @@ def run_predict(arm: str, model_dir: str, eval_questions: int | None) -> dict:
     return {"seconds": time.perf_counter() - start, "load_seconds": load_seconds, "answers": answers}
 
 
-def measure(args: list[str], out: Path) -> dict:
-    cmd = [sys.executable, __file__, *args, "--arm-output", str(out)]
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        return {"error": f"exit {code}"}
-    return {**json.loads(out.read_text()), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-questions", type=int, default=2000, help="seeded slice of the 8,310 training questions")
@@ -260,7 +250,7 @@ def main() -> None:
         for arm in ("trainer", "textune"):
             workdir = tmp / arm
             workdir.mkdir()
-            runs[arm] = measure(["--arm", arm, "--train-questions", str(args.train_questions), "--epochs",
+            runs[arm] = measure(__file__, ["--arm", arm, "--train-questions", str(args.train_questions), "--epochs",
                                  str(args.epochs), "--workdir", str(workdir)]
                                 + (["--eval-questions", str(args.eval_questions)] if args.eval_questions else []),
                                 tmp / f"{arm}.json")
@@ -268,7 +258,7 @@ def main() -> None:
         if "error" not in runs["textune"]:
             model = str(Path(runs["textune"]["model"]) / "model")
             for arm in ("pipeline", "predictor"):
-                predict[arm] = measure(["--arm", arm, "--model", model]
+                predict[arm] = measure(__file__, ["--arm", arm, "--model", model]
                                        + (["--eval-questions", str(args.eval_questions)] if args.eval_questions else []),
                                        tmp / f"{arm}.json")
     prediction = {}

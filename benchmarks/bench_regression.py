@@ -33,11 +33,11 @@ import argparse
 import json
 import os
 import random
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from arms import measure, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -207,21 +207,6 @@ HEADLINES = {"lee": ("pearson", "spearman"), "multi-label": ("f1_micro", "f1_mac
              "class-weights": ("f1_macro", "positive_recall")}
 
 
-def measure(args: list[str], out: Path) -> dict:
-    cmd = [sys.executable, __file__, *args, "--arm-output", str(out)]
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        return {"error": f"exit {code}"}
-    return {**json.loads(out.read_text()), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
@@ -253,7 +238,7 @@ def main() -> None:
                 for arm in ARMS[part]:
                     workdir = tmp / f"{part}-{arm}-{seed}"
                     workdir.mkdir()
-                    result = measure(["--part", part, "--arm", arm, "--seed", str(seed), "--epochs", str(epochs),
+                    result = measure(__file__, ["--part", part, "--arm", arm, "--seed", str(seed), "--epochs", str(epochs),
                                       "--rows", str(args.rows), "--workdir", str(workdir)], workdir / "result.json")
                     runs[part][arm].append({"seed": seed, **result})
     summary: dict[str, dict] = {}

@@ -10,6 +10,8 @@ import csv
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,12 @@ def toy_rows(n: int, seed: int) -> list[dict]:
         positive = rng.random() < 0.5
         rows.append({"text": toy_sentence(rng, positive), "label": "positive" if positive else "negative"})
     return rows
+
+
+def run_textune(*args) -> subprocess.CompletedProcess:
+    """textune in a subprocess, as a user runs it: exit code and captured text output."""
+    return subprocess.run([sys.executable, "-m", "textune", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
 
 
 def write_csv(path: Path, rows: list[dict], delimiter: str = ",") -> Path:

@@ -1,19 +1,16 @@
 """The real `textune` command: sub-commands on the tiny model, and one clear line for user mistakes."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import toy_rows, write_csv
+from conftest import run_textune, toy_rows, write_csv
 from textune.cli import main
 
 
 def run_cli(*args):
     """Run textune in a subprocess, as a user would; return (exit code, stdout, stderr)."""
-    proc = subprocess.run([sys.executable, "-m", "textune", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    proc = run_textune(*args)
     return proc.returncode, proc.stdout, proc.stderr
 
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import FILLER, write_csv, write_jsonl
+from conftest import FILLER, run_textune, write_csv, write_jsonl
 from textune.config import load_config
 from textune.data import load_multi_label_data, parse_label_lists
 from textune.errors import ConfigError, TextuneError
@@ -227,20 +225,16 @@ def test_cli_train_evaluate_predict(tiny_model, ml_data, tmp_path):
                                         "label_column": "labels"},
                                "train": {"epochs": 1, "batch_size": 16, "mixed_precision": "no"}}))
 
-    def textune(*args):
-        return subprocess.run([sys.executable, "-m", "textune", *map(str, args)], capture_output=True, text=True,
-                              timeout=300)
-
-    proc = textune("train", cfg)
+    proc = run_textune("train", cfg)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "one per label chosen on validation" in proc.stdout and "f1_micro" in proc.stdout
     run = tmp_path / "run"
-    proc = textune("evaluate", run, "--data", ml_data["validation"], "--output", tmp_path / "m.json")
+    proc = run_textune("evaluate", run, "--data", ml_data["validation"], "--output", tmp_path / "m.json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "threshold" in proc.stdout and "per_label" in json.loads((tmp_path / "m.json").read_text())
     texts = tmp_path / "in.txt"
     texts.write_text("good story\nbad acting\n")
-    proc = textune("predict", run, "--input", texts, "--output", tmp_path / "p.jsonl")
+    proc = run_textune("predict", run, "--input", texts, "--output", tmp_path / "p.jsonl")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert rows[0]["text"] == "good story" and isinstance(rows[0]["labels"], list) and "probabilities" in rows[0]

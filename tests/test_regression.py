@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FILLER, NEGATIVE, POSITIVE, write_csv, write_jsonl
+from conftest import FILLER, NEGATIVE, POSITIVE, run_textune, write_csv, write_jsonl
 from textune.config import load_config
 from textune.data import parse_numeric_labels
 from textune.errors import ConfigError, TextuneError
@@ -191,9 +191,6 @@ def test_non_numeric_cell_in_validation_names_split_and_row(tiny_model, reg_data
 
 
 def test_cli_train_evaluate_predict(tiny_model, reg_data, tmp_path):
-    import subprocess
-    import sys
-
     cfg = tmp_path / "reg.yaml"
     cfg.write_text(json.dumps({"task": "regression", "output_dir": str(tmp_path / "run"),
                                "model": {"name": str(tiny_model), "max_length": 32},
@@ -201,18 +198,14 @@ def test_cli_train_evaluate_predict(tiny_model, reg_data, tmp_path):
                                         "text_pair_column": "text_b", "label_column": "score", "label_scale": [0, 5]},
                                "train": {"epochs": 1, "batch_size": 16, "mixed_precision": "no"}}))
 
-    def textune(*args):
-        return subprocess.run([sys.executable, "-m", "textune", *map(str, args)], capture_output=True, text=True,
-                              timeout=300)
-
-    proc = textune("train", cfg)
+    proc = run_textune("train", cfg)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "learnt as (y - 0) / 5" in proc.stdout and "pearson" in proc.stdout
     run = tmp_path / "run"
-    proc = textune("evaluate", run, "--data", reg_data["validation"], "--output", tmp_path / "m.json")
+    proc = run_textune("evaluate", run, "--data", reg_data["validation"], "--output", tmp_path / "m.json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "spearman" in proc.stdout and {"pearson", "mse", "mae"} <= set(json.loads((tmp_path / "m.json").read_text()))
-    proc = textune("predict", run, "--input", reg_data["validation"], "--output", tmp_path / "p.jsonl")
+    proc = run_textune("predict", run, "--input", reg_data["validation"], "--output", tmp_path / "p.jsonl")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(rows) == 64 and isinstance(rows[0]["score"], float) and "text_pair" in rows[0]

@@ -41,8 +41,10 @@ from textune.tasks.base import Task, TaskInputs
 
 
 @dataclass
-class ClassificationInputs(TaskInputs):
-    """What a classification run trains on, all loaded and checked before anything is written."""
+class SequenceInputs(TaskInputs):
+    """What the sequence-level tasks (classification, regression, multi-label) share: one text or pair per row,
+    tokenised to `model.max_length` and padded per batch, validation rows written with their texts. A subclass
+    says what its labels are (`label_stats`, the label part of `summary`) and how it scores them."""
 
     model_path: str
     tokenizer: object
@@ -51,6 +53,44 @@ class ClassificationInputs(TaskInputs):
     tokenized: dict
     stats: dict  # token-length statistics per split
     model: torch.nn.Module
+
+    def label_stats(self) -> dict:
+        """The labels' part of data.json (counts per split, or a numeric target's statistics)."""
+        raise NotImplementedError
+
+    def data_stats(self, cfg) -> dict:
+        return {"sizes": {k: len(v) for k, v in self.tokenized.items()}, "label_names": self.data.label_names,
+                **self.label_stats(), "token_lengths": self.stats,
+                "checks": [{"kind": f.kind, "count": f.count, "message": f.message} for f in self.data_report.findings],
+                "max_length": cfg.model.max_length}
+
+    def summary_footer(self, cfg) -> list[str]:
+        """The data checks' warnings and the training split's token lengths: the last lines of `summary`."""
+        s = self.stats["train"]
+        return [*(f"warning    {finding.message}" for finding in self.data_report.findings),
+                f"tokens     mean {s['mean']} | p95 {s['p95']} | max {s['max']} | "
+                f"truncated at {cfg.model.max_length}: {s['truncated_share']:.1%}"]
+
+    def collator(self, split: str):
+        return DataCollatorWithPadding(self.tokenizer)
+
+    def write_validation_rows(self, rows, path: Path) -> None:
+        """JSONL of the validation rows, in order: each of `rows` (labels and predictions) with its text and pair."""
+        d = self.data
+        texts = list(d.validation[d.text_column])
+        pairs = list(d.validation[d.text_pair_column]) if d.text_pair_column else None
+        with path.open("w", encoding="utf-8") as f:
+            for i, row in enumerate(rows):
+                row = {"text": texts[i], **row}
+                if pairs is not None:
+                    row["text_pair"] = pairs[i]
+                f.write(json.dumps(row) + "\n")
+
+
+@dataclass
+class ClassificationInputs(SequenceInputs):
+    """What a classification run trains on, all loaded and checked before anything is written."""
+
     train_stream: object = None  # data.streaming: the training file, tokenised lazily as the loader reads it
     loss_fn: object = None  # Mixup, ClassWeightedLoss or None (the model's own cross-entropy)
 
@@ -59,7 +99,7 @@ class ClassificationInputs(TaskInputs):
         return self.train_stream if self.train_stream is not None else self.tokenized["train"]
 
     def summary(self, cfg) -> str:
-        d, s = self.data, self.stats["train"]
+        d = self.data
         lines = [f"model      {cfg.model.name or self.model_path} ({type(self.model).__name__})",
                  f"data       train {len(d.train):,} | validation {len(d.validation):,}"
                  + (f" | test {len(d.test):,}" if d.test is not None else "")
@@ -71,25 +111,13 @@ class ClassificationInputs(TaskInputs):
                 lines.append("note       train.group_by_length is off for streamed data (it needs every row's "
                              "length up front)")
         if isinstance(self.loss_fn, ClassWeightedLoss):
-            weights = self.loss_fn.weights.tolist()
-            lines.append(f"loss       cross-entropy weighted by class ({cfg.train.class_weights if isinstance(cfg.train.class_weights, str) else 'given'}): "
+            weights, setting = self.loss_fn.weights.tolist(), cfg.train.class_weights
+            lines.append(f"loss       cross-entropy weighted by class ({setting if isinstance(setting, str) else 'given'}): "
                          + ", ".join(f"{n}={w:.3g}" for n, w in zip(self.data.label_names, weights)))
-        lines += [f"warning    {finding.message}" for finding in self.data_report.findings]
-        lines.append(f"tokens     mean {s['mean']} | p95 {s['p95']} | max {s['max']} | "
-                     f"truncated at {cfg.model.max_length}: {s['truncated_share']:.1%}")
-        return "\n".join(lines)
+        return "\n".join(lines + self.summary_footer(cfg))
 
-    def data_stats(self, cfg) -> dict:
-        data, tokenized = self.data, self.tokenized
-        return {"sizes": {k: len(v) for k, v in tokenized.items()},
-                "label_names": data.label_names,
-                "label_counts": {k: label_counts(getattr(data, k), data.label_names) for k in tokenized},
-                "token_lengths": self.stats,
-                "checks": [{"kind": f.kind, "count": f.count, "message": f.message} for f in self.data_report.findings],
-                "max_length": cfg.model.max_length}
-
-    def collator(self, split: str):
-        return DataCollatorWithPadding(self.tokenizer)
+    def label_stats(self) -> dict:
+        return {"label_counts": {k: label_counts(getattr(self.data, k), self.data.label_names) for k in self.tokenized}}
 
     def evaluate(self, model, loader, accelerator=None):
         """(metrics, (class probabilities, labels)) over a labelled loader. The `compute_metrics` hook gets the
@@ -101,16 +129,9 @@ class ClassificationInputs(TaskInputs):
     def write_predictions(self, predictions, path: Path) -> None:
         """Text, true label, predicted label and probabilities of every validation example (for the report)."""
         probs, labels = predictions
-        data = self.data
-        texts = list(data.validation[data.text_column])
-        pairs = list(data.validation[data.text_pair_column]) if data.text_pair_column else None
-        with path.open("w", encoding="utf-8") as f:
-            for i, (p, y) in enumerate(zip(probs, labels)):
-                row = {"text": texts[i], "label": data.label_names[y], "pred": data.label_names[int(p.argmax())],
-                       "probs": [round(float(x), 5) for x in p]}
-                if pairs is not None:
-                    row["text_pair"] = pairs[i]
-                f.write(json.dumps(row) + "\n")
+        names = self.data.label_names
+        self.write_validation_rows(({"label": names[y], "pred": names[int(p.argmax())],
+                                     "probs": [round(float(x), 5) for x in p]} for p, y in zip(probs, labels)), path)
 
     def label_counts(self) -> dict[str, int]:
         return label_counts(self.data.validation, self.data.label_names)

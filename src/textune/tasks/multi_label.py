@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from transformers import DataCollatorWithPadding
 
 from textune.data import TaskData, length_stats, load_multi_label_data, parse_label_lists, tokenize_splits
 from textune.data_checks import DataReport, enforce
@@ -31,8 +29,8 @@ from textune.errors import TextuneError
 from textune.evaluate import best_thresholds, multi_label_metrics, predict_logits
 from textune.infer import ModelPredictor
 from textune.models import load_tokenizer, resolve_model, resolve_run_model
-from textune.tasks.base import Task, TaskInputs
-from textune.tasks.classification import (load_sequence_model, read_labelled_file, read_sequence_inputs,
+from textune.tasks.base import Task
+from textune.tasks.classification import (SequenceInputs, load_sequence_model, read_labelled_file, read_sequence_inputs,
                                           sequence_logits, target_data_report)
 
 THRESHOLDS_FILE = "thresholds.json"
@@ -49,20 +47,13 @@ def label_balance(data: TaskData) -> dict[str, dict[str, int]]:
 
 
 @dataclass
-class MultiLabelInputs(TaskInputs):
+class MultiLabelInputs(SequenceInputs):
     """What a multi-label run trains on, all loaded and checked before anything is written."""
 
-    model_path: str
-    tokenizer: object
-    data: TaskData
-    data_report: DataReport
-    tokenized: dict
-    stats: dict
-    model: torch.nn.Module
     threshold: float | None  # train.threshold: one for all labels, kept at the end; None = chosen per label
 
     def summary(self, cfg) -> str:
-        d, s = self.data, self.stats["train"]
+        d = self.data
         counts = label_balance(d)["train"]
         per_row = float(np.asarray(d.train["labels"]).sum(1).mean())
         shown = ", ".join(f"{k}={v}" for k, v in list(counts.items())[:12]) + (" ..." if len(counts) > 12 else "")
@@ -73,21 +64,10 @@ class MultiLabelInputs(TaskInputs):
                  + f" | {per_row:.2f} labels per row | rows per label {shown}",
                  "threshold  " + (f"{self.threshold:g} for every label (train.threshold)" if self.threshold is not None
                                   else "0.5 while training; one per label chosen on validation at the end")]
-        lines += [f"warning    {finding.message}" for finding in self.data_report.findings]
-        lines.append(f"tokens     mean {s['mean']} | p95 {s['p95']} | max {s['max']} | "
-                     f"truncated at {cfg.model.max_length}: {s['truncated_share']:.1%}")
-        return "\n".join(lines)
+        return "\n".join(lines + self.summary_footer(cfg))
 
-    def data_stats(self, cfg) -> dict:
-        return {"sizes": {k: len(v) for k, v in self.tokenized.items()},
-                "label_names": self.data.label_names,
-                "label_counts": label_balance(self.data),
-                "token_lengths": self.stats,
-                "checks": [{"kind": f.kind, "count": f.count, "message": f.message} for f in self.data_report.findings],
-                "max_length": cfg.model.max_length}
-
-    def collator(self, split: str):
-        return DataCollatorWithPadding(self.tokenizer)
+    def label_stats(self) -> dict:
+        return {"label_counts": label_balance(self.data)}
 
     def evaluate(self, model, loader, accelerator=None):
         """(metrics at train.threshold or 0.5, (probabilities, multi-hot labels)). The `compute_metrics` hook
@@ -113,16 +93,9 @@ class MultiLabelInputs(TaskInputs):
             save_thresholds(model_dir, names, cut, "validation F1 per label" if self.threshold is None
                             else "train.threshold", {k: tuned[k] for k in ("f1_micro", "f1_macro", "subset_accuracy",
                                                                           "hamming_loss")})
-        d = self.data
-        texts = list(d.validation[d.text_column])
-        pairs = list(d.validation[d.text_pair_column]) if d.text_pair_column else None
-        with path.open("w", encoding="utf-8") as f:
-            for i, (p, y) in enumerate(zip(probs, labels)):
-                row = {"text": texts[i], "labels": [n for n, v in zip(names, y) if v],
-                       "pred": [n for n, x, c in zip(names, p, cut) if x >= c], "probs": [round(float(x), 5) for x in p]}
-                if pairs is not None:
-                    row["text_pair"] = pairs[i]
-                f.write(json.dumps(row) + "\n")
+        self.write_validation_rows(({"labels": [n for n, v in zip(names, y) if v],
+                                     "pred": [n for n, x, c in zip(names, p, cut) if x >= c],
+                                     "probs": [round(float(x), 5) for x in p]} for p, y in zip(probs, labels)), path)
 
 
 def save_thresholds(model_dir: Path, names: list[str], thresholds, chosen_by: str, validation: dict) -> None:

@@ -21,17 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from transformers import DataCollatorWithPadding
 
-from textune.data import TaskData, length_stats, load_regression_data, parse_numeric_labels, tokenize_splits
+from textune.data import length_stats, load_regression_data, parse_numeric_labels, tokenize_splits
 from textune.data_checks import DataReport, enforce
 from textune.errors import TextuneError
 from textune.evaluate import predict_logits, regression_metrics
 from textune.infer import ModelPredictor
 from textune.models import load_tokenizer, resolve_model
-from textune.tasks.base import Task, TaskInputs
-from textune.tasks.classification import (load_sequence_model, read_labelled_file, read_sequence_inputs,
+from textune.tasks.base import Task
+from textune.tasks.classification import (SequenceInputs, load_sequence_model, read_labelled_file, read_sequence_inputs,
                                           sequence_logits, target_data_report)
 
 
@@ -57,20 +55,14 @@ def target_stats(values) -> dict:
 
 
 @dataclass
-class RegressionInputs(TaskInputs):
-    """What a regression run trains on, all loaded and checked before anything is written."""
+class RegressionInputs(SequenceInputs):
+    """What a regression run trains on, all loaded and checked before anything is written. Its `tokenized`
+    labels are normalised to [0, 1] by `scale`."""
 
-    model_path: str
-    tokenizer: object
-    data: TaskData
-    data_report: DataReport
-    tokenized: dict  # labels normalised to [0, 1] by `scale`
-    stats: dict
-    model: torch.nn.Module
     scale: tuple[float, float]
 
     def summary(self, cfg) -> str:
-        d, s, t = self.data, self.stats["train"], target_stats(self.data.train["labels"])
+        d, t = self.data, target_stats(self.data.train["labels"])
         low, high = self.scale
         lines = [f"model      {cfg.model.name or self.model_path} ({type(self.model).__name__}, 1 output, regression)",
                  f"data       train {len(d.train):,} | validation {len(d.validation):,}"
@@ -78,22 +70,11 @@ class RegressionInputs(TaskInputs):
                  + f" | {d.label_names[0]}: mean {t['mean']:g}, std {t['std']:g}, range {t['min']:g} to {t['max']:g}",
                  f"target     learnt as (y - {low:g}) / {high - low:g}, "
                  f"{'data.label_scale' if cfg.data.label_scale else 'the training range'}; predictions on your scale"]
-        lines += [f"warning    {finding.message}" for finding in self.data_report.findings]
-        lines.append(f"tokens     mean {s['mean']} | p95 {s['p95']} | max {s['max']} | "
-                     f"truncated at {cfg.model.max_length}: {s['truncated_share']:.1%}")
-        return "\n".join(lines)
+        return "\n".join(lines + self.summary_footer(cfg))
 
-    def data_stats(self, cfg) -> dict:
-        return {"sizes": {k: len(v) for k, v in self.tokenized.items()},
-                "label_names": self.data.label_names,
-                "label_stats": {k: target_stats(getattr(self.data, k)["labels"]) for k in self.tokenized},
-                "label_scale": list(self.scale),
-                "token_lengths": self.stats,
-                "checks": [{"kind": f.kind, "count": f.count, "message": f.message} for f in self.data_report.findings],
-                "max_length": cfg.model.max_length}
-
-    def collator(self, split: str):
-        return DataCollatorWithPadding(self.tokenizer)
+    def label_stats(self) -> dict:
+        return {"label_stats": {k: target_stats(getattr(self.data, k)["labels"]) for k in self.tokenized},
+                "label_scale": list(self.scale)}
 
     def evaluate(self, model, loader, accelerator=None):
         """(metrics, (predictions, labels)) on the user's scale; `loss` is the training loss (MSE of the
@@ -108,15 +89,8 @@ class RegressionInputs(TaskInputs):
 
     def write_predictions(self, predictions, path: Path) -> None:
         preds, labels = predictions
-        d = self.data
-        texts = list(d.validation[d.text_column])
-        pairs = list(d.validation[d.text_pair_column]) if d.text_pair_column else None
-        with path.open("w", encoding="utf-8") as f:
-            for i, (p, y) in enumerate(zip(preds, labels)):
-                row = {"text": texts[i], "label": round(float(y), 6), "pred": round(float(p), 6)}
-                if pairs is not None:
-                    row["text_pair"] = pairs[i]
-                f.write(json.dumps(row) + "\n")
+        self.write_validation_rows(({"label": round(float(y), 6), "pred": round(float(p), 6)}
+                                    for p, y in zip(preds, labels)), path)
 
 
 class RegressionPredictor(ModelPredictor):
