@@ -31,8 +31,8 @@ from transformers.pytorch_utils import Conv1D
 from textune.atomic import replace_atomically
 from textune.config import TuningConfig
 from textune.errors import TextuneError
-from textune.models import (HEAD_MODULE_NAMES, head_class, load_classifier, load_tokenizer, resolve_model,
-                            resolve_run_model, saved_run_config)
+from textune.models import (HEAD_MODULE_NAMES, head_class, inference_device, inference_max_length, load_classifier,
+                            load_tokenizer, resolve_model, resolve_run_model, saved_run_config)
 
 PEFT_METHODS = ("lora", "prefix", "ia3")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -393,7 +393,7 @@ class AdapterPredictor:
             raise TextuneError(f"adapter registry {self.registry.root} is empty or missing; add an adapter with: "
                                f"textune adapters add RUN --name NAME --registry {self.registry.root}")
         self.run_dir = None
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = inference_device(device)
         self.batch_size = batch_size
         self.requested_max_length = max_length
         self.tokenizer = load_tokenizer(resolve_model(self.registry.base_model), for_classifier=True)
@@ -402,7 +402,7 @@ class AdapterPredictor:
         self.predictor = None  # the active adapter's task predictor
         self.task = self.registry.entry(self.registry.names()[0]).get("task", "classification")
         self.label_names: list[str] = []
-        self.max_length = max_length or min(self.tokenizer.model_max_length, 512)
+        self.max_length = inference_max_length(self.tokenizer, max_length)
 
     def check_base(self, run_or_model: str | Path) -> None:
         """Refuse a base model (or a run trained on one) other than the registry's."""
@@ -440,7 +440,7 @@ class AdapterPredictor:
         self.model.to(self.device).eval()
         self.adapter, self.label_names = name, entry["labels"]
         self.task = entry.get("task", "classification")
-        self.max_length = self.requested_max_length or entry.get("max_length") or min(self.tokenizer.model_max_length, 512)
+        self.max_length = inference_max_length(self.tokenizer, self.requested_max_length, entry.get("max_length"))
         predictor_class = type(get_task(self.task)).predictor_class
         self.predictor = predictor_class.around(self.model, self.tokenizer, self.batch_size, self.max_length, self.device)
         self.predictor.label_names = entry["labels"]  # the active adapter's head, not the first one's config

@@ -13,7 +13,8 @@ import torch
 from textune.data import read_table, read_text_lines
 from textune.atomic import replace_atomically
 from textune.errors import TextuneError
-from textune.models import load_saved_model, resolve_model, resolve_run_model, saved_run_config
+from textune.models import (inference_device, inference_max_length, load_saved_model, resolve_model,
+                            resolve_run_model, saved_run_config)
 
 
 class ModelPredictor:
@@ -42,9 +43,9 @@ class ModelPredictor:
 
     def _setup(self, model, tokenizer, run_dir, batch_size, max_length, device, precision) -> None:
         self.run_dir, self.tokenizer, self.batch_size, self.precision = run_dir, tokenizer, batch_size, precision
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = inference_device(device)
         self.model = with_precision(model.to(self.device), precision, self.device)
-        self.max_length = max_length or min(tokenizer.model_max_length, 512)
+        self.max_length = inference_max_length(tokenizer, max_length)
         self.label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
 
 

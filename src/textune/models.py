@@ -149,6 +149,17 @@ def head_class(architectures: list[str] | None):
     return AutoModelForSequenceClassification
 
 
+def inference_device(device: str | None = None):
+    """Where predictions run: the device asked for, else the GPU when there is one, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def inference_max_length(tokenizer, *preferred: int | None) -> int:
+    """The first length given (the --max-length flag, then the run's model.max_length), else the tokenizer's
+    limit capped at 512: tokenizers without one report a huge number, and BERT's position table holds 512."""
+    return next((n for n in preferred if n), min(tokenizer.model_max_length, 512))
+
+
 def load_saved_model(model_dir: str | Path) -> tuple[PreTrainedModel, object]:
     """A fine-tuned full model (sequence or token classifier, by its saved architecture) and its tokenizer."""
     tokenizer = load_tokenizer(str(model_dir))
