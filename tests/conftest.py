@@ -97,6 +97,45 @@ def build_tiny_lm(folder: Path, kind: str) -> Path:
     return folder
 
 
+# ChatML, as SmolLM2-Instruct and Qwen write it, without their default system prompt.
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                      "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHAT_WORDS = "you are a helpful assistant answer the question what is two plus three five yes no translate hello"
+
+
+def build_tiny_chat_lm(folder: Path, kind: str = "llama", chat_template: str | None = TINY_CHAT_TEMPLATE) -> Path:
+    """A random 2-layer, 32-wide causal LM ("llama" or "gpt2") with a byte-level BPE tokenizer trained here on
+    a few words (so any text round-trips through encode/decode), ChatML special tokens and, unless
+    `chat_template` is None, a small chat template; saved as a model folder."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([CHAT_WORDS, CHAT_WORDS.upper(), "system user assistant 0123456789 ?!.,:"],
+                            vocab_size=400, min_frequency=1, special_tokens=specials, show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                        additional_special_tokens=specials[1:])
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                             max_position_embeddings=256, **ids))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2,
+                                           n_positions=256, **ids))
+    model.generation_config.update(**ids)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
