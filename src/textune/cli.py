@@ -109,7 +109,7 @@ def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.evaluate import headline
     from textune.tasks import get_task, task_of
 
-    task = get_task(task_of(args.run_or_model))
+    task = get_task(args.task or task_of(args.run_or_model))
     predictor = task.load_predictor(args.run_or_model, batch_size=args.batch_size)
     metrics = task.evaluate_file(predictor, args.data, _run_columns(predictor.run_dir, args))
     out = Path(args.output) if args.output else (predictor.run_dir or Path(".")) / f"eval-{Path(args.data).stem}" / "metrics.json"
@@ -347,6 +347,8 @@ def _usage(msg: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from textune.tasks import TASKS  # the registry imports no ML library: cheap at start-up
+
     p = argparse.ArgumentParser(prog="textune", description="Fine-tune, evaluate and use pretrained Transformers on text.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     p.add_argument("--online", action="store_true", help="allow downloads from the Hugging Face Hub (off by default)")
@@ -415,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "the run's data.tokens_column)")
     e.add_argument("--tags-column", help="token classification, table files: column of tag lists (default: "
                                          "the run's data.tags_column)")
+    e.add_argument("--task", choices=list(TASKS), help="what the model does, for a model folder that does not say "
+                                                      "(e.g. --task instruction for a base chat model); default: "
+                                                      "the run's task, else read from the model")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--output", help="where to write metrics.json (default: RUN/eval-<data name>/metrics.json)")
     e.set_defaults(func=cmd_evaluate)

@@ -43,6 +43,8 @@ class ModelConfig:
     layers: int = _f(4, "model.init scratch: number of Transformer layers")
     heads: int = _f(4, "model.init scratch: attention heads per layer (must divide model.hidden_size)")
     hidden_size: int = _f(256, "model.init scratch: width of the hidden states")
+    chat_template: str | None = _f(None, "instruction: a Jinja chat template (the text, or a .jinja/.txt file) for a "
+                                         "model whose tokenizer has none, or to replace its own; saved with the model")
 
 
 AUGMENT_METHODS = ("synonym", "insert", "swap", "delete", "eda", "backtranslate")
@@ -78,9 +80,11 @@ class DataConfig:
     train: str | None = _f(None, "training file: .csv, .tsv, .jsonl/.json or .parquet")
     validation: str | None = _f(None, "validation file; empty = a stratified split of the training data")
     test: str | None = _f(None, "optional test file, evaluated once with the best model at the end")
-    format: Literal["auto", "table", "conll"] = _f(
-        "auto", "auto: by extension (.conll/.bio: CoNLL token-per-line files, else a table); table: "
-                ".csv/.tsv/.jsonl/.json/.parquet; conll: one `token TAG` per line, a blank line between sentences")
+    format: Literal["auto", "table", "conll", "alpaca", "chat", "sharegpt"] = _f(
+        "auto", "auto: by extension (.conll/.bio: CoNLL token-per-line files, else a table; instruction: from the "
+                "columns); table: .csv/.tsv/.jsonl/.json/.parquet; conll: one `token TAG` per line, a blank line "
+                "between sentences; instruction: alpaca (instruction, input, output), chat (messages: [{role, "
+                "content}]) or sharegpt (conversations: [{from, value}])")
     text_column: str = _f("text", "column holding the text (the first text for pair tasks)")
     text_pair_column: str | None = _f(None, "column holding the second text of a sentence-pair task (MRPC)")
     label_column: str = _f("label", "column holding the label (ints or strings)")
@@ -106,6 +110,15 @@ class DataConfig:
                                          "the model learns to point at [CLS] and a null threshold is chosen on validation")
     fix_answer_starts: bool = _f(False, "question-answering: an answer whose text is not at its answer_start is moved "
                                         "to the nearest exact occurrence (counted) instead of being an error")
+    instruction_column: str = _f("instruction", "instruction, alpaca rows: column holding the instruction")
+    input_column: str = _f("input", "instruction, alpaca rows: column holding the optional input, appended to the "
+                                    "instruction after a blank line")
+    output_column: str = _f("output", "instruction, alpaca rows: column holding the response")
+    messages_column: str = _f("messages", "instruction, chat rows: column holding [{role, content}] turns")
+    conversations_column: str = _f("conversations", "instruction, sharegpt rows: column holding [{from, value}] turns")
+    system_prompt: str | None = _f(None, "instruction: a system turn put first in every conversation that has none")
+    packing: bool = _f(False, "instruction: several short examples per sequence of model.max_length tokens, each "
+                              "attending only to itself (refused where the model's attention cannot separate them)")
     validation_split: float = _f(0.1, "share of training rows held out when no validation file is given")
     max_train_samples: int | None = _f(None, "use only the first N training rows (after shuffling with the seed)")
     max_eval_samples: int | None = _f(None, "evaluate on a seeded sample of N validation rows, stratified by label")
@@ -185,12 +198,16 @@ class TrainConfig:
     logging_steps: int = _f(50, "write training loss and lr to history.jsonl every N optimizer steps")
     metric: str | None = _f(None, "validation metric that picks the best checkpoint and drives early stopping; "
                                   "empty = the task's headline (classification: accuracy, token-classification: "
-                                  "f1, regression: pearson, multi-label: f1_micro, language-modeling: loss)")
+                                  "f1, regression: pearson, multi-label: f1_micro, language-modeling: loss, "
+                                  "question-answering: f1, instruction: loss)")
     class_weights: Literal["none", "balanced"] | dict[str, float] = _f(
         "none", "classification: weight each class's cross-entropy; balanced: n / (classes * count of the class) "
                 "from the training labels; or {label: weight} (unlisted labels weigh 1); none: plain loss")
     threshold: float | None = _f(None, "multi-label: one probability threshold for every label; empty = one per "
                                        "label, chosen on validation at the end of training for the best F1")
+    loss_on: Literal["assistant", "all"] = _f("assistant", "instruction: assistant = the loss counts the "
+                                                           "assistant turns only; all = every token of the "
+                                                           "conversation")
     greater_is_better: bool | None = _f(None, "whether a larger metric value is better; empty = false for loss and "
                                               "perplexity, true for the others")
     early_stopping_patience: int | None = _f(None, "stop after N evaluations without improvement; empty = never")
@@ -223,6 +240,13 @@ class SearchConfig:
 
 
 @dataclass
+class EvalConfig:
+    generate_samples: int = _f(32, "instruction: validation prompts (a fixed, seeded sample) answered greedily at "
+                                   "every evaluation for exact match and ROUGE-L; 0 = loss only")
+    max_new_tokens: int = _f(64, "instruction: longest answer generated at evaluation, in tokens")
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = _f(False, "also write losses, lr and eval metrics to RUN/tensorboard for TensorBoard "
                                   "(needs: pip install 'textune[tensorboard]')")
@@ -240,6 +264,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -496,6 +521,7 @@ def _resolve_task(cfg: Config, problems: list[str]) -> None:
         problems.append(f"train.metric: {t.metric!r} is not a metric of task {cfg.task}{hint}; choose one of "
                         f"{', '.join(spec.metrics)}")
     _check_target_keys(cfg, problems)
+    _check_instruction_keys(cfg, problems)
     if t.greater_is_better is None:
         t.greater_is_better = t.metric not in LOWER_IS_BETTER
     elif t.metric in LOWER_IS_BETTER and t.greater_is_better:
@@ -532,6 +558,30 @@ def _check_target_keys(cfg: Config, problems: list[str]) -> None:
             if bad or not t.class_weights:
                 problems.append(f"train.class_weights: weights must be greater than 0 and at least one given, got "
                                 f"{t.class_weights}")
+
+
+def _check_instruction_keys(cfg: Config, problems: list[str]) -> None:
+    """The keys of instruction tuning: only for that task, and sizes that make sense."""
+    d, e = cfg.data, cfg.eval
+    instruction = cfg.task == "instruction"
+    if d.format in ("alpaca", "chat", "sharegpt") and not instruction:
+        problems.append(f"data.format: {d.format} is a format of instruction data, not of task {cfg.task}; "
+                        f"set task: instruction or data.format: auto")
+    if d.format == "conll" and instruction:
+        problems.append("data.format: conll is for token classification; instruction data is alpaca, chat or "
+                        "sharegpt (auto detects them from the columns)")
+    for key, value, default in (("data.packing", d.packing, False), ("train.loss_on", cfg.train.loss_on, "assistant"),
+                                ("model.chat_template", cfg.model.chat_template, None),
+                                ("data.system_prompt", d.system_prompt, None)):
+        if value != default and not instruction:
+            problems.append(f"{key}: is for task instruction, not {cfg.task}; remove it")
+    if e.generate_samples < 0:
+        problems.append(f"eval.generate_samples: must be 0 or more, got {e.generate_samples}")
+    if e.max_new_tokens < 1:
+        problems.append(f"eval.max_new_tokens: must be 1 or more, got {e.max_new_tokens}")
+    if instruction and cfg.tuning.method == "head":
+        problems.append("tuning.method: head trains a classification head, which a causal LM does not have; use "
+                        "lora (the usual choice for instruction tuning) or full")
 
 
 def _check_scale(cfg: Config, problems: list[str]) -> None:

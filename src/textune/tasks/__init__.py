@@ -45,6 +45,9 @@ TASKS = {
                            "text-classification"),
     "multi-label": TaskSpec("textune.tasks.multi_label", ("f1_micro", "f1_macro", "subset_accuracy", "hamming_loss",
                                                           "loss"), "f1_micro", "text-classification"),
+    # Held-out loss picks the best checkpoint: exact match and ROUGE-L come from a small generated sample.
+    "instruction": TaskSpec("textune.tasks.instruction", ("loss", "perplexity", "rougeL", "exact_match"), "loss",
+                            "text-generation"),
 }
 
 
