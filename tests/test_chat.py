@@ -1,0 +1,170 @@
+"""Chat on a tiny random Llama with a ChatML template (conftest.build_tiny_chat_lm): the conversation API of
+generate.py, `textune chat` and `generate --chat`, and `/v1/chat/completions` called with OpenAI's own client
+against a server in a background thread."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from conftest import build_tiny_chat_lm
+from textune.cli import main
+from textune.errors import TextuneError
+from textune.generate import (ChatSession, ConversationTooLong, StopStringFilter, chat_completion, chat_prompt_ids,
+                              check_messages, generate_text, load_causal_lm)
+
+TOKEN = "chat-test-token"
+QUESTION = [{"role": "user", "content": "what is two plus three"}]
+SERVER_LIMITS = {"max_new_tokens": 16, "max_texts": 4, "max_chars": 1000}
+
+
+@pytest.fixture(scope="session")
+def chat_dir(tmp_path_factory):
+    return build_tiny_chat_lm(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.fixture(scope="session")
+def no_template_dir(chat_dir, tmp_path_factory):
+    """The same model without its chat template (as a base model is)."""
+    folder = tmp_path_factory.mktemp("no-template") / "model"
+    shutil.copytree(chat_dir, folder)
+    (folder / "chat_template.jinja").unlink()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def lm(chat_dir):
+    return load_causal_lm(chat_dir)
+
+
+# ---------------------------------------------------------------- conversations and stop strings
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([], "messages is empty"),
+    ([{"role": "tool", "content": "x"}], r"messages\[0\]\.role is 'tool', expected one of system, user, assistant"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}],
+     r"messages\[1\] is a system message; only the first message may be one"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+     "the last message is from the assistant; end with a user message"),
+    ([{"role": "user", "content": 3}], r"messages\[0\]\.content is int, expected a string"),
+    (["hello"], r"messages\[0\] is a str, expected an object with role and content"),
+])
+def test_malformed_conversations_are_refused_naming_the_problem(messages, message):
+    with pytest.raises(TextuneError, match=message):
+        check_messages(messages)
+
+
+def test_a_valid_conversation_keeps_role_and_content_only():
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u", "name": "ada"},
+                {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}]
+    assert check_messages(messages) == [{k: m[k] for k in ("role", "content")} for m in messages]
+
+
+@pytest.mark.parametrize("pieces, stops, want", [
+    (["hello ", "world"], [], ["hello ", "world"]),
+    (["hello ", "wor", "ld"], ["world"], ["hello "]),  # split over pieces: held back, then dropped
+    (["ab", "c", "d"], ["cx"], ["ab", "cd"]),  # held back while it might begin a stop string, then released
+    (["one\n", "\ntwo"], ["\n\n", "two"], ["one"]),  # the earliest stop string wins
+    (["xa", "b"], ["ab", "b"], ["x"]),  # overlapping stop strings: cut at the first position
+    (["abc"], ["c"], ["ab"]),
+    (["ab"], ["bz"], ["a", "b"]),  # the stream ended: what was held back is released
+])
+def test_stop_string_filter_streams_the_text_cut_before_the_first_stop(pieces, stops, want):
+    got = []
+    out = StopStringFilter(stops, got.append)
+    for piece in pieces:
+        out.feed(piece)
+    out.finish()
+    assert got == want
+
+
+def test_chat_completion_greedy_counts_tokens_and_streams_the_same_text(lm):
+    model, tokenizer = lm
+    reply = chat_completion(model, tokenizer, QUESTION, max_new_tokens=12)
+    assert reply == chat_completion(model, tokenizer, QUESTION, max_new_tokens=12)  # greedy: deterministic
+    assert reply.prompt_tokens == chat_prompt_ids(tokenizer, QUESTION).shape[1]
+    assert (reply.finish_reason, reply.completion_tokens) == ("length", 12)  # a random model never says eos
+    pieces = []
+    assert chat_completion(model, tokenizer, QUESTION, max_new_tokens=12, on_text=pieces.append) == reply
+    assert len(pieces) > 1 and "".join(pieces) == reply.text
+    cancel = threading.Event()
+    cancel.set()  # as a streaming client that went away: generation stops at the next token
+    assert chat_completion(model, tokenizer, QUESTION, max_new_tokens=12, cancel=cancel).completion_tokens == 1
+
+
+def test_chat_completion_ends_at_a_stop_string_or_the_end_of_sequence_token(lm):
+    model, tokenizer = lm
+    text = chat_completion(model, tokenizer, QUESTION, max_new_tokens=12).text
+    stop = text[4:7]
+    pieces = []
+    reply = chat_completion(model, tokenizer, QUESTION, max_new_tokens=12, stop=["never", stop], on_text=pieces.append)
+    assert reply.text == text[:text.index(stop)] == "".join(pieces)
+    assert reply.finish_reason == "stop" and reply.completion_tokens < 12  # generation stopped there too
+    with torch.no_grad():
+        first = model(chat_prompt_ids(tokenizer, QUESTION)).logits[0, -1].argmax().item()
+    eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = first
+    try:  # make the model's first greedy token its end of sequence
+        reply = chat_completion(model, tokenizer, QUESTION, max_new_tokens=12)
+    finally:
+        model.generation_config.eos_token_id = eos
+    assert (reply.finish_reason, reply.completion_tokens) == ("stop", 1)
+
+
+def test_sampling_is_reproducible_with_a_seed(lm):
+    model, tokenizer = lm
+    draw = lambda seed: chat_completion(model, tokenizer, QUESTION, max_new_tokens=10, temperature=1.0, seed=seed)
+    assert draw(1) == draw(1)
+    assert draw(1).text != draw(2).text or draw(1).text != draw(3).text
+
+
+def test_a_conversation_longer_than_the_context_is_refused_and_answers_are_capped_by_it(lm):
+    model, tokenizer = lm
+    with pytest.raises(ConversationTooLong, match=r"the conversation is \d+ tokens once formatted, and .* reads at "
+                                                  r"most 256 \(its answer included\)"):
+        chat_completion(model, tokenizer, [{"role": "user", "content": "~" * 300}])
+    prompt = [{"role": "user", "content": "~" * 240}]
+    room = 256 - chat_prompt_ids(tokenizer, prompt).shape[1]
+    reply = chat_completion(model, tokenizer, prompt, max_new_tokens=200)
+    assert (reply.completion_tokens, reply.finish_reason) == (room, "length")
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"max_new_tokens": 0}, "--max-new-tokens must be at least 1, got 0"),
+    ({"temperature": -1}, r"--temperature must be 0 \(greedy decoding\) or more, got -1"),
+    ({"top_p": 0}, r"--top-p must be in \(0, 1\], got 0"),
+    ({"stop": [""]}, "stop strings must be non-empty strings"),
+])
+def test_chat_completion_refuses_bad_settings(lm, settings, message):
+    with pytest.raises(TextuneError, match=message):
+        chat_completion(*lm, QUESTION, **settings)
+
+
+def test_a_tokenizer_without_a_chat_template_is_one_clear_error(no_template_dir):
+    model, tokenizer = load_causal_lm(no_template_dir)
+    with pytest.raises(TextuneError, match="has no chat template, so it cannot format a conversation; train it with "
+                                           "model.chat_template set, or use a model whose tokenizer has one"):
+        chat_completion(model, tokenizer, QUESTION)
+    with pytest.raises(TextuneError, match="has no chat template"):
+        ChatSession(model, tokenizer)
+
+
+def test_a_chat_session_keeps_the_history_and_resets_it(lm):
+    session = ChatSession(*lm, max_new_tokens=6)
+    first = session.send("what is two plus three")
+    second = session.send("yes")
+    assert [m["role"] for m in session.history] == ["user", "assistant"] * 2
+    assert session.history[1]["content"] == first.text
+    assert second.prompt_tokens > first.prompt_tokens + first.completion_tokens - 1  # the history was sent
+    session.reset("you are a helpful assistant")
+    assert session.history == [] and session.send("what is two plus three").prompt_tokens > first.prompt_tokens
