@@ -2,9 +2,7 @@
 generate.py, `textune chat` and `generate --chat`, and `/v1/chat/completions` called with OpenAI's own client
 against a server in a background thread."""
 
-import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -168,3 +166,57 @@ def test_a_chat_session_keeps_the_history_and_resets_it(lm):
     assert second.prompt_tokens > first.prompt_tokens + first.completion_tokens - 1  # the history was sent
     session.reset("you are a helpful assistant")
     assert session.history == [] and session.send("what is two plus three").prompt_tokens > first.prompt_tokens
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def chat_script_answers(lm) -> list[str]:
+    """What `textune chat --max-new-tokens 6` answers to SCRIPT, computed in this process."""
+    session = ChatSession(*lm, max_new_tokens=6)
+    answers = [session.send("what is two plus three").text, session.send("yes").text]
+    session.reset()
+    answers.append(session.send("yes").text)
+    session.reset("you are a helpful assistant")
+    answers.append(session.send("yes").text)
+    return answers
+
+
+SCRIPT = "what is two plus three\nyes\n/reset\nyes\n\n/system you are a helpful assistant\n/help\n/nope\nyes\n"
+
+
+def test_cli_chat_streams_answers_keeps_history_and_leaves_at_eof(chat_dir, lm):
+    proc = subprocess.run([sys.executable, "-m", "textune", "chat", str(chat_dir), "--max-new-tokens", "6"],
+                          input=SCRIPT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 0, proc.stderr
+    answers = chat_script_answers(lm)
+    assert proc.stdout == "".join(a + "\n" for a in answers)  # each answer, then a line break
+    # With history, "yes" is answered differently from "yes" alone: the conversation was kept, then cleared.
+    assert answers[1] != answers[2]
+    for note in ("(conversation cleared)", "(system prompt set; conversation cleared)", "/system TEXT",
+                 "unknown command /nope; /help lists them", "(cut at 6 tokens: --max-new-tokens)"):
+        assert note in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["chat", "{plain}"], "has no chat template, so it cannot format a conversation"),
+    (["chat", "{missing}"], "model folder not found"),
+    (["chat", "{chat}", "--temperature", "-1"], "--temperature must be 0 (greedy decoding) or more"),
+    (["generate", "{plain}", "--chat", "hello"], "has no chat template"),
+    (["generate", "{chat}", "a film", "--chat", "hello"], "--chat TEXT is the prompt, so generate takes only [MODEL]"),
+    (["generate"], "generate needs a PROMPT (or --chat TEXT)"),
+])
+def test_cli_chat_mistakes_are_one_line_and_exit_2(argv, message, chat_dir, no_template_dir, tmp_path, capsys):
+    paths = {"chat": chat_dir, "plain": no_template_dir, "missing": tmp_path / "nope"}
+    assert main([a.format(**paths) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("textune: error: ") and message in err, err
+
+
+def test_cli_generate_chat_text_prints_the_answer(chat_dir, lm, capsys):
+    (want,) = generate_text(*lm, "hello", max_new_tokens=5, chat=True)
+    assert main(["generate", str(chat_dir), "--chat", "hello", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    assert main(["generate", str(chat_dir), "hello", "--chat", "--max-new-tokens", "5"]) == 0  # the older form
+    assert capsys.readouterr().out == want + "\n"
