@@ -220,3 +220,120 @@ def test_cli_generate_chat_text_prints_the_answer(chat_dir, lm, capsys):
     assert capsys.readouterr().out == want + "\n"
     assert main(["generate", str(chat_dir), "hello", "--chat", "--max-new-tokens", "5"]) == 0  # the older form
     assert capsys.readouterr().out == want + "\n"
+
+
+# ---------------------------------------------------------------- /v1/chat/completions with OpenAI's client
+
+
+@pytest.fixture(scope="module")
+def server(chat_dir):
+    """Base URL of the tiny chat model served (token required) by uvicorn in a background thread."""
+    import uvicorn
+
+    from textune.generate import LanguageModel
+    from textune.serve import ServeSettings, create_app
+
+    app = create_app(LanguageModel(chat_dir), ServeSettings(token=TOKEN, **SERVER_LIMITS), "tiny-chat")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=TOKEN, max_retries=0, timeout=60)
+
+
+def test_openai_client_gets_a_chat_completion(client, lm):
+    want = chat_completion(*lm, QUESTION, max_new_tokens=8)
+    # Fields this server ignores, as OpenAI clients send them, are accepted.
+    r = client.chat.completions.create(model="anything", messages=QUESTION, max_tokens=8, temperature=0,
+                                       frequency_penalty=0.5, user="ada", logprobs=False)
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion" and r.model == "tiny-chat"
+    (choice,) = r.choices
+    assert choice.message.role == "assistant" and choice.message.content == want.text
+    assert choice.finish_reason == want.finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (want.prompt_tokens, 8)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    r = client.chat.completions.create(model="m", messages=QUESTION, max_completion_tokens=8, temperature=0,
+                                       stop=want.text[2:5])
+    assert r.choices[0].message.content == want.text[:want.text.index(want.text[2:5])]
+    assert r.choices[0].finish_reason == "stop"
+    sampled = [client.chat.completions.create(model="m", messages=QUESTION, max_tokens=8, seed=5).choices[0]
+               .message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_openai_client_streams_the_same_answer_in_chunks(client, lm):
+    want = chat_completion(*lm, QUESTION, max_new_tokens=12)
+    chunks = list(client.chat.completions.create(model="m", messages=QUESTION, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # in pieces, not at once
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == want.prompt_tokens
+
+
+def test_openai_client_lists_the_served_model(client, server):
+    (model,) = client.models.list().data
+    assert model.id == "tiny-chat" and model.owned_by == "textune"
+    body = httpx.get(f"{server}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert body["task"] == "text-generation" and body["base"] == "tiny-chat"  # textune's own keys stay
+
+
+@pytest.mark.parametrize("request_, param, message", [
+    ({"messages": []}, "messages", "messages is empty"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages", "messages[0].role is 'tool', expected one of"),
+    ({"messages": QUESTION + [{"role": "assistant", "content": "5"}]}, "messages",
+     "the last message is from the assistant; end with a user message"),
+    ({"max_tokens": 17}, "max_tokens", "max_tokens 17 is over the server's limit of 16 (--max-new-tokens)"),
+    ({"n": 2}, "n", "n is 2: one answer per request is supported"),
+    ({"messages": QUESTION * 5}, "messages", "got 5 messages, at most 4 per request"),
+    ({"messages": [{"role": "user", "content": "x" * 1001}]}, "messages",
+     "messages[0].content has 1001 characters, at most 1000"),
+    ({"messages": [{"role": "user", "content": "~" * 600}]}, "messages", "the conversation is"),
+    ({"messages": [{"role": "user", "content": "~" * 600}], "stream": True}, "messages", "reads at most 256"),
+    ({"temperature": 3}, "temperature", "temperature: Input should be less than or equal to 2"),
+])
+def test_bad_chat_requests_raise_bad_request_with_our_message(client, request_, param, message):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(**{"model": "m", "messages": QUESTION, "max_tokens": 4, **request_})
+    assert message in caught.value.body["message"]
+    assert caught.value.param == param and caught.value.type == "invalid_request_error"
+    if "600" in str(request_):
+        assert caught.value.code == "context_length_exceeded"
+
+
+def test_chat_errors_take_openais_shape_for_any_client(server):
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": "m"}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 400
+    assert r.json() == {"error": {"message": "messages: Field required", "type": "invalid_request_error",
+                                  "param": "messages", "code": None}}
+
+
+def test_a_wrong_key_raises_authentication_error(server):
+    import openai
+
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        bad.chat.completions.create(model="m", messages=QUESTION, max_tokens=2)
+    assert "bearer token" in caught.value.body["message"] and caught.value.code == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
