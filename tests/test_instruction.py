@@ -95,6 +95,17 @@ def test_packing_gives_the_loss_of_the_unpacked_examples(chat_lm):
     assert together.item() == pytest.approx(plain.item(), rel=1e-5)
 
 
+def test_the_loss_from_answer_logits_alone_is_the_models_own_loss(chat_lm):
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+
+    tokenizer = tokenizer_of(chat_lm)
+    model = AutoModelForCausalLM.from_pretrained(chat_lm).eval()
+    ds, _ = tokenize_conversations([CHAT, CHAT[1:3]], tokenizer, 256, "assistant")
+    batch = dict(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)(list(ds.remove_columns(["length"]))))
+    with torch.no_grad():
+        assert answer_loss(model, batch).item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+
+
 def test_packing_is_refused_where_the_attention_crosses_examples():
     class Leaky(torch.nn.Module):
         """Ignores position ids: every token sees all before it (a running mean), as a kernel that cannot

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
@@ -49,7 +50,6 @@ from textune.data import length_stats, read_table, read_text_lines
 from textune.errors import TextuneError
 from textune.models import apply_tuning, load_tokenizer, safetensors_only, saved_run_config, set_attention
 from textune.tasks.base import Task, TaskInputs
-from textune.tasks.language_modeling import evaluate_language_model
 
 FORMATS = ("alpaca", "chat", "sharegpt")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -232,7 +232,7 @@ def pack(examples: Dataset, max_length: int) -> Dataset:
     greedy finds; the training loader shuffles the rows each epoch). Each row holds `input_ids`, `labels`
     (each example's first label set to -100: in a packed row it would be predicted from the previous
     example's last token, which unpacked training never does), `position_ids` restarting at 0 per example,
-    `attention_mask` (ones: the loop counts tokens with it; the loss leaves it out, see `answer_loss`) and
+    `attention_mask` (ones: the loop counts tokens with it; the loss leaves it out, see `answer_logits`) and
     `length`."""
     order = sorted(range(len(examples)), key=lambda i: -examples[i]["length"])
     rows: list[list[int]] = []
@@ -271,13 +271,48 @@ class PackedCollator:
         return {k: torch.tensor([r[k] + [v] * (width - len(r[k])) for r in rows]) for k, v in fill.items()}
 
 
+def answer_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits at the positions that predict a labelled token, those tokens), both flattened.
+
+    Only those positions go through the LM head (transformers' `logits_to_keep` with a boolean mask): with a
+    vocabulary of 49,152 (SmolLM2) the head's logits for every position of a batch of 8 x 700 tokens are 1.1 GB
+    in fp32 (and as much again for their gradient), while the answers are a few percent of the tokens. The loss
+    is the one the model computes from all logits: the same tokens, the same predictions.
+
+    A packed batch (it has position ids) goes in without its attention mask, which is what makes transformers
+    separate the examples by their restarting position ids; and no key/value cache (with one, transformers
+    would not separate them, and training has no use for it)."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels" and not (k == "attention_mask" and "position_ids" in batch)}
+    targets = labels[:, 1:]  # the logits at position t predict the token at t + 1
+    wanted = torch.zeros_like(labels, dtype=torch.bool)
+    wanted[:, :-1] = targets != -100
+    logits = model(**inputs, use_cache=False, logits_to_keep=wanted).logits
+    return logits.reshape(-1, logits.shape[-1]), targets[targets != -100]
+
+
 def answer_loss(model, batch: dict) -> torch.Tensor:
-    """The training loss: the model's own (mean per labelled token). A packed batch (it has position ids) goes
-    in without its attention mask, which is what makes transformers separate the examples by their restarting
-    position ids; no key/value cache in training (with one, transformers would not separate them)."""
-    if "position_ids" in batch:
-        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
-    return model(**batch, use_cache=False).loss
+    """The training loss: mean cross-entropy per labelled token, as the model's own loss."""
+    logits, targets = answer_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits.float(), targets)
+
+
+@torch.inference_mode()
+def evaluate_answer_loss(model, loader, accelerator=None) -> dict:
+    """Mean loss per labelled (answer) token over a loader, its perplexity and the token count, summed over
+    processes: every token weighs the same, whatever batch it is in."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    for batch in loader:
+        logits, targets = answer_logits(model, batch)
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+        row = torch.stack([loss, torch.tensor(float(targets.numel()), device=loss.device)])
+        if accelerator is not None:
+            row = accelerator.reduce(row, reduction="sum")
+        totals += row.double().cpu()
+    model.train()
+    loss = (totals[0] / totals[1]).item() if totals[1] else float("nan")
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(totals[1])}
 
 
 @torch.no_grad()
@@ -502,7 +537,7 @@ class InstructionInputs(TaskInputs):
 
     def evaluate(self, model, loader, accelerator=None):
         """(loss, perplexity, exact_match, rougeL, ...; one row per answered prompt)."""
-        metrics = evaluate_language_model(model, loader, accelerator, causal=True)
+        metrics = evaluate_answer_loss(model, loader, accelerator)
         if not self.samples:
             return metrics, None
         scores, rows = evaluate_answers(model, self.tokenizer, self.samples, self.max_new_tokens, accelerator)
@@ -680,7 +715,7 @@ class Instruction(Task):
         loader = [{k: v.to(predictor.device) for k, v in collate(list(b)).items()}
                   for b in DataLoader(ds.remove_columns(["length"]), batch_size=predictor.batch_size,
                                       collate_fn=lambda x: x)]
-        metrics = evaluate_language_model(predictor.model, loader, causal=True)
+        metrics = evaluate_answer_loss(predictor.model, loader)
         predictor.model.eval()
         prompts, references = zip(*map(prompt_and_reference, conversations))
         generated = generate_answers(predictor.model, predictor.tokenizer, list(prompts), predictor.max_new_tokens,
