@@ -407,9 +407,10 @@ class _UntilSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer) -> list[int]:
-    # The generation config's end-of-sequence ids, and the tokenizer's: a chat template's end-of-turn token
-    # (ChatML's <|im_end|>) is often the tokenizer's eos while a base model's generation config names another.
+def stop_token_ids(model: PreTrainedModel, tokenizer) -> list[int]:
+    """Where generation stops: the generation config's end-of-sequence ids, and the tokenizer's: a chat
+    template's end-of-turn token (ChatML's <|im_end|>) is often the tokenizer's eos while a base model's
+    generation config names another."""
     eos = model.generation_config.eos_token_id
     ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -445,7 +446,7 @@ def chat_completion(model: PreTrainedModel, tokenizer, messages: list[dict], max
                                       f"{tokenizer.name_or_path} reads at most {context} (its answer included); "
                                       f"shorten it or drop earlier turns")
         max_new_tokens = min(max_new_tokens, context - ids.shape[1])
-    eos = _eos_ids(model, tokenizer)
+    eos = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {}
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, eos_token_id=eos,

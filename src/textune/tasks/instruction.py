@@ -341,19 +341,13 @@ def check_packing(model) -> None:
 # ---------------------------------------------------------------- generating and scoring answers
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """Where generation stops: the model's end-of-sequence tokens and the tokenizer's (a chat template
-    ends an answer with the tokenizer's, e.g. <|im_end|>, which the model's config may not list)."""
-    eos = model.generation_config.eos_token_id
-    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
-    return sorted({*ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
-
-
 @torch.inference_mode()
 def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int,
                      batch_size: int = GENERATE_BATCH) -> list[str]:
     """Greedy answers to each prompt (a conversation ending with the user's turn), in input order. Prompts of
     similar length are batched together, left-padded."""
+    from textune.generate import stop_token_ids
+
     texts = [chat_text(tokenizer, p, generation_prompt=True) for p in prompts]
     stop = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
@@ -622,7 +616,7 @@ class InstructionPredictor:
     task = "instruction"
 
     def __init__(self, run_or_model: str | Path | None, batch_size: int = GENERATE_BATCH, precision: str = "fp32"):
-        from textune.generate import load_causal_lm
+        from textune.generate import load_causal_lm, require_chat_template
         from textune.infer import with_precision
         from textune.models import inference_device
 
@@ -630,9 +624,7 @@ class InstructionPredictor:
         path = Path(run_or_model) if run_or_model is not None else None
         self.run_dir = path if path is not None and (path / "model").is_dir() else None
         saved = saved_run_config(self.run_dir)
-        if not self.tokenizer.chat_template:
-            raise TextuneError(f"{run_or_model}: its tokenizer has no chat template; train it with "
-                               f"model.chat_template set, or use a chat model")
+        require_chat_template(self.tokenizer)
         self.device = inference_device(None)
         self.model = with_precision(self.model.to(self.device), precision, self.device)
         self.batch_size = batch_size
