@@ -388,10 +388,15 @@ def score_rows(prompts: list[list[dict]], references: list[str], generated: list
         system = next((m["content"] for m in prompt if m["role"] == "system"), None)
         rows.append({"system": system, "prompt": prompt[-1]["content"], "reference": reference, "generated": answer,
                      "exact_match": em, "rougeL": round(rouge, 6)})
+    return answer_means(rows), rows
+
+
+def answer_means(rows: list[dict]) -> dict:
+    """The mean exact_match and rougeL of scored rows and their count ({} for none)."""
     if not rows:
-        return {}, rows
+        return {}
     return {"exact_match": float(np.mean([r["exact_match"] for r in rows])),
-            "rougeL": float(np.mean([r["rougeL"] for r in rows])), "generated": len(rows)}, rows
+            "rougeL": float(np.mean([r["rougeL"] for r in rows])), "generated": len(rows)}
 
 
 def evaluate_answers(model, tokenizer, samples: list[list[dict]], max_new_tokens: int, accelerator=None
@@ -411,9 +416,7 @@ def evaluate_answers(model, tokenizer, samples: list[list[dict]], max_new_tokens
         from accelerate.utils import gather_object
 
         rows = gather_object(rows)
-    metrics = {"exact_match": float(np.mean([r["exact_match"] for r in rows])),
-               "rougeL": float(np.mean([r["rougeL"] for r in rows])), "generated": len(rows)} if rows else {}
-    return metrics, rows
+    return answer_means(rows), rows  # over all processes' rows, not this process's share
 
 
 # ---------------------------------------------------------------- model and tokenizer
