@@ -246,10 +246,19 @@ class EvalConfig:
     max_new_tokens: int = _f(64, "instruction: longest answer generated at evaluation, in tokens")
 
 
+# Experiment trackers `logging.report_to` may name (Accelerate's trackers) -> (package, how to install it).
+TRACKERS = {"tensorboard": ("tensorboard", "pip install 'textune[tensorboard]'"),
+            "mlflow": ("mlflow", "pip install 'textune[mlflow]'"),
+            "wandb": ("wandb", "pip install wandb")}
+
+
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = _f(False, "also write losses, lr and eval metrics to RUN/tensorboard for TensorBoard "
-                                  "(needs: pip install 'textune[tensorboard]')")
+    report_to: list[str] = _f([], "experiment trackers that also get the config, every training and evaluation record "
+                                  "and the final metrics: tensorboard (RUN/tensorboard), mlflow (RUN/mlflow.db, or "
+                                  "MLFLOW_TRACKING_URI), wandb (offline unless WANDB_MODE is set); empty = "
+                                  "history.jsonl only")
+    tensorboard: bool = _f(False, "deprecated: true is the same as report_to: [tensorboard]")
 
 
 @dataclass
@@ -489,11 +498,7 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
                         "pretrained weights, so use pretrained")
     if m.max_length > 8192:
         problems.append(f"model.max_length: {m.max_length} is beyond any supported encoder; use 512 or less for BERT-family models")
-    import importlib.util
-
-    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        problems.append("logging.tensorboard: true needs the tensorboard package, which is not installed; "
-                        "pip install 'textune[tensorboard]' or set it to false")
+    _check_logging(cfg, problems)
     _check_scale(cfg, problems)
     _check_search(cfg, problems)
 
@@ -582,6 +587,29 @@ def _check_instruction_keys(cfg: Config, problems: list[str]) -> None:
     if instruction and cfg.tuning.method == "head":
         problems.append("tuning.method: head trains a classification head, which a causal LM does not have; use "
                         "lora (the usual choice for instruction tuning) or full")
+
+
+def _check_logging(cfg: Config, problems: list[str]) -> None:
+    """logging.report_to: known trackers whose packages are installed; the deprecated logging.tensorboard: true
+    is folded into it (so the saved config.yaml says what ran)."""
+    import importlib.util
+
+    lg = cfg.logging
+    if lg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        problems.append("logging.tensorboard: true needs the tensorboard package, which is not installed; "
+                        "pip install 'textune[tensorboard]' or set it to false")
+        return
+    if lg.tensorboard and "tensorboard" not in lg.report_to:
+        lg.report_to.append("tensorboard")
+    for name in lg.report_to:
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(str(name), TRACKERS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"logging.report_to: {name!r} is not a tracker{hint}; choose from {', '.join(TRACKERS)}")
+        elif importlib.util.find_spec(TRACKERS[name][0]) is None:
+            problems.append(f"logging.report_to: {name} needs the {TRACKERS[name][0]} package, which is not "
+                            f"installed; {TRACKERS[name][1]} or remove it from logging.report_to")
+    lg.report_to = list(dict.fromkeys(lg.report_to))  # a tracker named twice logs once
 
 
 def _check_scale(cfg: Config, problems: list[str]) -> None:

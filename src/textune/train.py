@@ -42,6 +42,7 @@ from textune.adapters import is_peft_model, load_adapter_weights, save_adapter_e
 from textune.models import HEAD_MODULE_NAMES, count_parameters
 from textune.tasks import get_task
 from textune.tasks.base import TaskInputs
+from textune.tracking import PROJECT, build_trackers, final_values, finish_trackers, flat_config, record_values
 
 RUN_MARKERS = ("config.yaml", "history.jsonl")
 
@@ -206,17 +207,14 @@ def reseed_loader(loader: DataLoader, seed: int, epoch: int) -> None:
 
 
 class History:
-    """Appends one JSON line per logging step and per evaluation to RUN/history.jsonl."""
+    """Appends one JSON line per logging step and per evaluation to RUN/history.jsonl, and hands each record to
+    `log(values, step=)` (`Accelerator.log`: the experiment trackers of logging.report_to, if any)."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None, write: bool = True):
+    def __init__(self, path: Path, write: bool = True, log: Callable[..., None] | None = None):
         self.path = path
         self.write = write  # False on all but the main process: they keep the records, the file is main's
+        self.log = log
         self.records: list[dict] = []
-        self.tensorboard = None
-        if tensorboard_dir is not None:  # logging.tensorboard; config validation checked the package is there
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(tensorboard_dir))
 
     def append(self, record: dict) -> None:
         self.records.append(record)
@@ -224,11 +222,8 @@ class History:
             return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tensorboard is not None:  # train/loss, train/lr, eval/accuracy, ... against the step
-            for key, value in record.items():
-                if key not in ("type", "step", "epoch") and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"{record['type']}/{key.removeprefix('eval_')}", value, record["step"])
-            self.tensorboard.flush()
+        if self.log is not None:  # train/loss, train/lr, eval/accuracy, ... against the step
+            self.log(record_values(record), step=record["step"])
 
     def rewrite(self, records: list[dict]) -> None:
         """Replace the file with `records` (a resumed run continues from its checkpoint's history)."""
@@ -471,6 +466,18 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
         TextuneError: bad config, data or model; non-finite loss beyond `train.skip_nonfinite_steps`.
         TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was written first.
     """
+    # The trackers are closed however the run ends (an error, a search pruning this trial by raising), so a
+    # later run in this process starts its own MLflow run instead of finding this one still active.
+    trackers = build_trackers(cfg.logging.report_to, Path(cfg.output_dir).expanduser().resolve())
+    try:
+        return _train(cfg, trackers, overwrite, on_evaluate, resume, compute_metrics)
+    finally:
+        finish_trackers(trackers)
+
+
+def _train(cfg: Config, trackers: list, overwrite: bool, on_evaluate: Callable[[dict], None] | None,
+           resume: str | None, compute_metrics: Callable[..., dict] | None) -> Path:
+    """`train`'s body, logging to `trackers` (Accelerate tracker objects, started once the run folder exists)."""
     t = cfg.train
     if resume:
         run = Path(cfg.output_dir).expanduser().resolve()
@@ -490,7 +497,8 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
     on_cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available()
                                    and not torch.backends.mps.is_available())
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
-                              cpu=on_cpu, dataloader_config=DataLoaderConfiguration(split_batches=True))
+                              cpu=on_cpu, dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              log_with=trackers or None)
     check_process_count(t, accelerator)
     say = accelerator.print
     set_seed(cfg.seed)
@@ -516,9 +524,8 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
     accelerator.wait_for_everyone()  # every process has checked the run folder before the main one writes it
     if accelerator.is_main_process:
         write_run_header(run, cfg, inputs, resuming=bool(resume))
-    history = History(run / "history.jsonl",
-                      run / "tensorboard" if cfg.logging.tensorboard and accelerator.is_main_process else None,
-                      write=accelerator.is_main_process)
+    accelerator.init_trackers(PROJECT, config=flat_config(cfg))  # main process only, like every tracker call
+    history = History(run / "history.jsonl", write=accelerator.is_main_process, log=accelerator.log)
 
     train_data = inputs.train_data
     streaming = isinstance(train_data, IterableDataset)
@@ -660,6 +667,7 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
         if predictions is not None:  # a language model has none
             inputs.write_predictions(predictions, run / "validation_predictions.jsonl")
         (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    accelerator.log(final_values(metrics), step=state.step)
     say(f"best       step {state.best_step}: {headline(final_val)}")
     say(f"run        {run}  ({train_seconds / 60:.1f} min, {metrics['train']['samples_per_s']} samples/s)")
     say(format_diagnosis(diagnose_curves(history.records, inputs.label_counts(), t.metric, t.greater_is_better)))
