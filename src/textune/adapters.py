@@ -31,6 +31,7 @@ from transformers.pytorch_utils import Conv1D
 from textune.atomic import replace_atomically
 from textune.config import TuningConfig
 from textune.errors import TextuneError
+from textune.model_card import write_model_card
 from textune.models import (HEAD_MODULE_NAMES, head_class, inference_device, inference_max_length, load_classifier,
                             load_tokenizer, resolve_model, resolve_run_model, saved_run_config)
 
@@ -240,6 +241,8 @@ def merge_adapter(run_or_model: str | Path, output: str | Path | None = None, ov
     with replace_atomically(target, folder=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if run is not None:  # a bare adapter folder has no run files to describe it with
+            write_model_card(run, tmp)
     return target
 
 

@@ -39,6 +39,7 @@ from textune.errors import TextuneError, TrainingInterrupted
 from textune.launch import FSDP_WITHOUT_GPU, batch_split_problem
 from textune.evaluate import headline
 from textune.adapters import is_peft_model, load_adapter_weights, save_adapter_extras
+from textune.model_card import write_model_card
 from textune.models import HEAD_MODULE_NAMES, count_parameters
 from textune.tasks import get_task
 from textune.tasks.base import TaskInputs
@@ -667,6 +668,7 @@ def _train(cfg: Config, trackers: list, overwrite: bool, on_evaluate: Callable[[
         if predictions is not None:  # a language model has none
             inputs.write_predictions(predictions, run / "validation_predictions.jsonl")
         (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_model_card(run)  # RUN/model/README.md, from the files just written
     accelerator.log(final_values(metrics), step=state.step)
     say(f"best       step {state.best_step}: {headline(final_val)}")
     say(f"run        {run}  ({train_seconds / 60:.1f} min, {metrics['train']['samples_per_s']} samples/s)")
