@@ -361,6 +361,14 @@ def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace, extra: list[str]) -> int:
+    from textune.publish import push_run
+
+    url = push_run(args.run, args.repo, private=args.private)
+    print(f"pushed {Path(args.run) / 'model'} (with its model card) to {url}")
+    return 0
+
+
 def cmd_adapters(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.adapters import AdapterRegistry
 
@@ -622,6 +630,15 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--output", help="folder to write (default: RUN/merged)")
     mg.add_argument("--overwrite", action="store_true", help="replace an existing merged model folder")
     mg.set_defaults(func=cmd_merge)
+
+    pu = sub.add_parser("push", help="upload a run's model and its model card to a Hugging Face Hub repository "
+                                     "(needs HF_TOKEN or `hf auth login`)")
+    pu.add_argument("run", help="a run folder (its model/ folder is uploaded, README.md model card included)")
+    pu.add_argument("--repo", required=True, metavar="USER/NAME", help="the model repository, created if missing")
+    pu.add_argument("--private", action="store_true", help="create the repository private (an existing one keeps "
+                                                          "its visibility)")
+    # Uploading is what push is for: it goes online without --online (HF_ENDPOINT picks another Hub).
+    pu.set_defaults(func=cmd_push, online=True)
 
     ad = sub.add_parser("adapters", help="a registry of adapters trained on one base model: add, list, remove")
     ad_sub = ad.add_subparsers(dest="action", required=True, metavar="ACTION")
