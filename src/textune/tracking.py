@@ -25,7 +25,7 @@ class RunFolderMLflowTracker(MLflowTracker):
     names another. (MLflow 3 refuses the plain-folder `file:` store, so the local store is SQLite.)"""
 
     def __init__(self, run: Path):
-        super().__init__(experiment_name=PROJECT, logging_dir=str(run / "mlartifacts"), run_name=run.name)
+        super().__init__(experiment_name=PROJECT, run_name=run.name)
         self.run_dir = run
 
     @on_main_process
@@ -34,6 +34,8 @@ class RunFolderMLflowTracker(MLflowTracker):
 
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             mlflow.set_tracking_uri(f"sqlite:///{self.run_dir / 'mlflow.db'}")
+            # The experiment's artifact folder, beside its store (a tracking server keeps its own default).
+            self.logging_dir = str(self.run_dir / "mlartifacts")
         super().start()
 
 
