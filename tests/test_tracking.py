@@ -83,17 +83,22 @@ def test_mlflow_gets_the_config_every_record_and_the_final_metrics(tiny_model, t
     assert found.data.metrics["final/validation_loss"] == metrics["validation"]["loss"]
 
 
-def test_a_run_stopped_by_an_error_ends_its_mlflow_run(tiny_model, toy_data, tmp_path, mlflow_client):
+def test_a_run_stopped_by_an_error_ends_its_mlflow_run_in_the_store_the_environment_names(
+        tiny_model, toy_data, tmp_path, mlflow_client, monkeypatch):
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     def prune(record):  # what a hyper-parameter search does to a bad trial
         raise RuntimeError("pruned")
 
+    store = f"sqlite:///{tmp_path / 'shared.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     cfg = load_config(None, toy_overrides(tiny_model, toy_data, tmp_path / "run", **{
         "train.max_steps": 2, "train.eval_steps": 2, "logging.report_to": ["mlflow"]}))
     with pytest.raises(RuntimeError, match="pruned"):
         train(cfg, on_evaluate=prune)
     assert mlflow.active_run() is None  # the next run in this process can start its own
-    client = mlflow_client(tmp_path / "run")
+    assert not (tmp_path / "run" / "mlflow.db").exists()
+    client = MlflowClient(store)
     (found,) = client.search_runs([client.get_experiment_by_name("textune").experiment_id])
     assert found.info.status != "RUNNING"

@@ -32,9 +32,11 @@ class RunFolderMLflowTracker(MLflowTracker):
     def start(self):
         import mlflow
 
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            mlflow.set_tracking_uri(f"sqlite:///{self.run_dir / 'mlflow.db'}")
-            # The experiment's artifact folder, beside its store (a tracking server keeps its own default).
+        # Set every time, also to the environment's URI: an earlier run in this process set its own store, which
+        # MLflow would otherwise keep using.
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(uri or f"sqlite:///{self.run_dir / 'mlflow.db'}")
+        if not uri:  # the experiment's artifact folder, beside its store (a server keeps its own default)
             self.logging_dir = str(self.run_dir / "mlartifacts")
         super().start()
 
