@@ -78,3 +78,16 @@ def test_a_lora_run_card_says_peft_and_its_merge_says_transformers(tiny_model, t
     assert "A lora adapter" in body
     merged, _ = front_matter(merge_adapter(run) / "README.md")
     assert merged["library_name"] == "transformers" and merged["model-index"] == meta["model-index"]
+
+
+def test_an_unfinished_masked_lm_run_gets_a_fill_mask_card(tmp_path):
+    run = tmp_path / "mlm"
+    (run / "model").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "task": "language-modeling", "model": {"name": "bert-base-uncased"},
+        "pretrain": {"corpus": str(tmp_path / "corpus.txt")}, "train": {"metric": "loss", "greater_is_better": False}}))
+    (run / "model" / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
+    meta, body = front_matter(write_model_card(run))
+    assert meta["pipeline_tag"] == "fill-mask" and meta["base_model"] == "bert-base-uncased"
+    assert meta["datasets"] == ["corpus.txt"] and "model-index" not in meta
+    assert "the run did not finish" in body and "- corpus `corpus.txt`" in body

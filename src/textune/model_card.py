@@ -45,11 +45,13 @@ def scalar_metrics(results: dict) -> dict[str, float]:
     return {k: v for k, v in (results or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def data_sources(data: dict) -> list[str]:
-    """What the run trained and was evaluated on: the Hub/named data set, or the data files' names."""
+def data_sources(config: dict) -> list[str]:
+    """What the run trained and was evaluated on: the Hub/named data set, or the data (or corpus) files' names."""
+    data, pretrain = config.get("data") or {}, config.get("pretrain") or {}
     if data.get("name"):
         return [data["name"]]
-    return [Path(data[k]).name for k in ("train", "validation", "test") if data.get(k)]
+    files = [data.get(k) for k in ("train", "validation", "test")] + [pretrain.get(k) for k in ("corpus", "validation")]
+    return [Path(f).name for f in files if f]
 
 
 def pipeline_tag(task: str, model_dir: Path) -> str:
@@ -64,7 +66,7 @@ def pipeline_tag(task: str, model_dir: Path) -> str:
 def card_data(config: dict, metrics: dict, model_dir: Path, name: str) -> ModelCardData:
     """The YAML metadata block: base model, library, pipeline tag, tags, data and a model-index of the results."""
     task, tag = config["task"], pipeline_tag(config["task"], model_dir)
-    sources = data_sources(config.get("data") or {})
+    sources = data_sources(config)
     method = (config.get("tuning") or {}).get("method", "full")
     adapter = (model_dir / ADAPTER_CONFIG).is_file()
     # The model-index holds the task's metrics (what train.metric may select), not counts like `examples`.
@@ -101,11 +103,20 @@ def _data_section(config: dict, stats: dict) -> list[str]:
     sizes = stats.get("sizes") or {}
     if data.get("name"):
         lines.append(f"- data set `{data['name']}`" + (f" ({data['config']})" if data.get("config") else ""))
+    corpus = (config.get("pretrain") or {}).get("corpus")
+    if corpus:
+        lines.append(f"- corpus `{Path(corpus).name}` (language modelling)")
     for split in ("train", "validation", "test"):
-        source = data.get(split) and f"`{Path(data[split]).name}`"
-        if source or split in sizes:
-            rows = f": {sizes[split]:,} rows" if split in sizes else ""
-            lines.append(f"- {split}: {source or 'split of ' + (data.get('name') or 'the training file')}{rows}")
+        if not (data.get(split) or isinstance(sizes.get(split), int)):
+            continue
+        if data.get(split):
+            source = f"`{Path(data[split]).name}`"
+        elif data.get("name"):
+            source = f"split of `{data['name']}`"
+        else:
+            source = "held out of the training data" if split == "validation" else "the training data"
+        rows = f": {sizes[split]:,} rows" if isinstance(sizes.get(split), int) else ""
+        lines.append(f"- {split}: {source}{rows}")
     if stats.get("label_names"):
         lines.append(f"- labels: {', '.join(map(str, stats['label_names']))}")
     for split, counts in (stats.get("label_counts") or {}).items():
