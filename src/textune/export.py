@@ -140,7 +140,7 @@ def export_onnx(run_or_model: str | Path, output: str | Path | None = None, quan
     model_dir, run_dir = resolve_run_model(run_or_model)
     task = task_of(run_or_model)
     if task not in EXPORTABLE_TASKS:
-        raise TextuneError(f"{run_or_model} is a {task} run; ONNX export covers the encoder tasks "
+        raise TextuneError(f"{run_or_model} holds a {task} model; ONNX export covers the encoder tasks "
                            f"({', '.join(EXPORTABLE_TASKS)}), not language models")
     architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
     if architectures and not any(a.endswith(HEAD_SUFFIXES) for a in architectures):
