@@ -186,7 +186,7 @@ def test_language_models_are_refused(tmp_path):
     run = tmp_path / "sft"
     shutil.copytree(lm, run / "model")
     (run / "config.yaml").write_text("task: instruction\n")
-    with pytest.raises(TextuneError, match=r"holds a instruction model; ONNX export covers the encoder tasks"):
+    with pytest.raises(TextuneError, match=r"holds a language model \(task: instruction\); ONNX export covers the encoder tasks"):
         export_onnx(run)
     assert not (run / "onnx").exists()
 

@@ -4,6 +4,9 @@ The CLI prints a `TextuneError` as a single line and exits non-zero; anything el
 its traceback. Raise it with what was got, what was expected and the likely fix.
 """
 
+import json
+from pathlib import Path
+
 
 class TextuneError(Exception):
     """A problem with the user's input (config, data, model path), not with textune itself."""
@@ -29,17 +32,12 @@ ONNX_EXPORT_INFO = "textune_onnx.json"  # what was exported from where, and how 
 
 
 def is_onnx_export(path) -> bool:
-    from pathlib import Path
-
     return (Path(path).expanduser() / ONNX_MODEL_FILE).is_file()
 
 
 def onnx_export_error(path, need: str = "a PyTorch run or model folder", fix: str | None = None) -> TextuneError:
     """The error for an ONNX export given where `need` is required: it says what the folder is, what runs
     on it, and `fix`, by default the run to use instead (named in its textune_onnx.json)."""
-    import json
-    from pathlib import Path
-
     info_file = Path(path).expanduser() / ONNX_EXPORT_INFO
     source = json.loads(info_file.read_text()).get("source") if info_file.is_file() else None
     fix = fix or (f"use the run it was exported from ({source})" if source else "use the run it was exported from")

@@ -131,40 +131,33 @@ def export_onnx(run_or_model: str | Path, output: str | Path | None = None, quan
             exists (without `overwrite`, or is not an export); the float32 export differs from PyTorch by
             more than 1e-3. Nothing is left behind then.
     """
+    from textune.adapters import is_peft_model  # PEFT: imported only when a model is exported
     from textune.infer import load_trained_model
-    from textune.tasks import get_task, task_of
+    from textune.tasks import get_task
 
     if quantize not in (None, "int8"):
         raise TextuneError(f"--quantize {quantize}: ONNX export quantises to int8 only (or leave it out for float32)")
     _require("onnx", "onnxruntime")
     model_dir, run_dir = resolve_run_model(run_or_model)
-    task = task_of(run_or_model)
-    if task not in EXPORTABLE_TASKS:
-        raise TextuneError(f"{run_or_model} holds a {task} model; ONNX export covers the encoder tasks "
-                           f"({', '.join(EXPORTABLE_TASKS)}), not language models")
-    architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
-    if architectures and not any(a.endswith(HEAD_SUFFIXES) for a in architectures):
-        raise TextuneError(f"{run_or_model} holds a {architectures[0]}, not a classifier, tagger or question "
-                           f"answerer; ONNX export covers the encoder tasks ({', '.join(EXPORTABLE_TASKS)})")
+    task = _exportable_task(run_or_model, model_dir)
     target = Path(output).expanduser() if output else (run_dir or model_dir.parent) / "onnx"
     _check_target(target, overwrite)
     model, tokenizer = load_trained_model(model_dir)
-    if not isinstance(model, torch.nn.Module) or type(model).__name__.startswith("Peft"):
+    if is_peft_model(model):  # what load_trained_model could not merge
         raise TextuneError("prefix tuning adds learned keys and values at run time, which cannot be folded into "
                            "the weights nor exported; use the run itself (textune predict RUN)")
     max_length = inference_max_length(tokenizer, (saved_run_config(run_dir).get("model") or {}).get("max_length"))
     first, second, where = check_inputs(get_task(task), task, run_dir)
-    batch = _encode(tokenizer, first, second, max_length)
+    batch = _encode(tokenizer, first, second, max_length, "only_second" if task == "question-answering" else True)
     output_names = ["start_logits", "end_logits"] if task == "question-answering" else ["logits"]
+    per_token = task in ("token-classification", "question-answering")
     with replace_atomically(target, folder=True) as tmp:
-        per_token = task in ("token-classification", "question-answering")
         input_names = _write_onnx(model, batch, output_names, per_token, tmp / ONNX_MODEL_FILE)
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for folder, names in ((run_dir, RUN_FILES), (model_dir, MODEL_FILES)):
-            for name in names:
-                if folder is not None and (folder / name).is_file():
-                    shutil.copy2(folder / name, tmp / name)
+            for name in [n for n in names if folder is not None and (folder / n).is_file()]:
+                shutil.copy2(folder / name, tmp / name)
         with torch.inference_mode():
             out = model(**{n: batch[n] for n in input_names}, return_dict=True)
         reference = {n: out[n].float().numpy() for n in output_names}
@@ -178,23 +171,47 @@ def export_onnx(run_or_model: str | Path, output: str | Path | None = None, quan
                 "opset": OPSET, "inputs": input_names, "outputs": output_names, "quantize": quantize,
                 "check": {"rows": len(first), "on": where, "max_abs_diff": diff}}
         if quantize == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            fp32 = tmp / "model.fp32.onnx"
-            os.replace(tmp / ONNX_MODEL_FILE, fp32)
-            # quiet its advice to pre-process the graph first: the agreement reported below measures the result
-            logging.disable(logging.WARNING)
-            try:
-                quantize_dynamic(fp32, tmp / ONNX_MODEL_FILE, weight_type=QuantType.QInt8)
-            finally:
-                logging.disable(logging.NOTSET)
-            fp32.unlink()
+            _quantize_int8(tmp / ONNX_MODEL_FILE)
             diff8, agreement = compare_outputs(reference, _onnx_outputs(tmp, batch), mask, task)
             agreed = "" if agreement is None else f", {agreement:.1%} of {AGREEMENT[task]} agree"
             say(f"int8 (dynamic quantisation) vs PyTorch: max abs logit difference {diff8:.2e}{agreed}")
             info["check"].update(int8_max_abs_diff=diff8, int8_agreement=agreement)
         (tmp / ONNX_EXPORT_INFO).write_text(json.dumps(info, indent=2))
     return target
+
+
+def _exportable_task(run_or_model, model_dir: Path) -> str:
+    """The task of a run or model folder, if ONNX export covers it.
+
+    Raises:
+        TextuneError: a language model (by its run's task, or a bare model folder by its architecture).
+    """
+    from textune.tasks import task_of
+
+    task = task_of(run_or_model)
+    if task not in EXPORTABLE_TASKS:
+        raise TextuneError(f"{run_or_model} holds a language model (task: {task}); ONNX export covers the encoder "
+                           f"tasks ({', '.join(EXPORTABLE_TASKS)})")
+    architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+    if architectures and not any(a.endswith(HEAD_SUFFIXES) for a in architectures):
+        raise TextuneError(f"{run_or_model} holds a {architectures[0]}, not a classifier, tagger or question "
+                           f"answerer; ONNX export covers the encoder tasks ({', '.join(EXPORTABLE_TASKS)})")
+    return task
+
+
+def _quantize_int8(path: Path) -> None:
+    """Replace the float32 model at `path` by its dynamic int8 quantisation (weights QInt8)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32 = path.with_name("model.fp32.onnx")
+    os.replace(path, fp32)
+    # quiet its advice to pre-process the graph first: the agreement reported after it measures the result
+    logging.disable(logging.WARNING)
+    try:
+        quantize_dynamic(fp32, path, weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
+    fp32.unlink()
 
 
 def _check_target(target: Path, overwrite: bool) -> None:
@@ -258,10 +275,10 @@ def check_inputs(task_obj, task: str, run_dir: Path | None) -> tuple[list, list 
     return SAMPLE_TEXTS, pairs, "built-in sample texts"
 
 
-def _encode(tokenizer, first: list, second: list | None, max_length: int) -> dict[str, torch.Tensor]:
+def _encode(tokenizer, first: list, second: list | None, max_length: int, truncation) -> dict[str, torch.Tensor]:
+    """One padded batch, truncated as the task's predictor truncates (QA: the context only)."""
     return dict(tokenizer(first, second, is_split_into_words=isinstance(first[0], list), padding=True,
-                          truncation="only_second" if second is not None else True, max_length=max_length,
-                          return_tensors="pt"))
+                          truncation=truncation, max_length=max_length, return_tensors="pt"))
 
 
 def _write_onnx(model, batch: dict[str, torch.Tensor], output_names: list[str], per_token: bool,
