@@ -28,7 +28,8 @@ class ModelPredictor:
                  device: str | None = None, precision: str = "fp32"):
         """`precision`: fp32 (exact), bf16 (weights and activations in bfloat16) or int8 (dynamic
         quantisation of the Linear layers, CPU only); see `benchmarks/bench_predict.py` for speed and
-        agreement with fp32."""
+        agreement with fp32. An ONNX export (`textune export`) runs on ONNX Runtime's CPU provider: `device`
+        does not apply to it, and a precision other than fp32 is refused (quantise at export instead)."""
         model_dir, run_dir = resolve_run_model(run_or_model, onnx_ok=True)
         model, tokenizer = load_trained_model(model_dir)
         self.model_dir = model_dir
