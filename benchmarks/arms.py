@@ -2,27 +2,42 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(script: str, args: list[str], out: Path) -> dict:
-    """Run `python SCRIPT ARGS --arm-output OUT` from the repository root: the JSON the arm wrote to OUT plus its
-    peak resident memory (`os.wait4`'s ru_maxrss, of that process alone), or {"error": ...} if it failed."""
-    cmd = [sys.executable, script, *args, "--arm-output", str(out)]
+def measure(script: str, args: list[str], out: Path, python: str = sys.executable) -> dict:
+    """Run `PYTHON SCRIPT ARGS --arm-output OUT` from the repository root: the JSON the arm wrote to OUT plus its
+    peak resident memory (`os.wait4`'s ru_maxrss, of that process alone), or {"error": ...} if it failed.
+    `started_at` is the wall clock just before the process started, so an arm that writes the wall clock of its
+    first prediction gives its cold start. `python` runs a peer that needs other library versions (a venv)."""
+    cmd = [python, script, *args, "--arm-output", str(out)]
     print("$", " ".join(cmd), flush=True)
+    started_at = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         return {"error": f"exit {code}"}
-    return {**json.loads(out.read_text()), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    return {**json.loads(out.read_text()), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "started_at": started_at}
+
+
+def add_arm_arguments(parser: argparse.ArgumentParser, seed: int | None = None, choices: list[str] | None = None):
+    """The hidden arguments a benchmark's parent passes to one arm's process (internal, not for users): which arm,
+    its seed, model and working folder, and where it writes its JSON."""
+    parser.add_argument("--arm", choices=choices, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=seed, help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--arm-output", help=argparse.SUPPRESS)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

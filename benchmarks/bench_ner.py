@@ -45,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from arms import measure, mean_std
+from arms import add_arm_arguments, mean_std, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 WNUT = ROOT.parent / "shared" / "data" / "wnut16"
@@ -177,11 +177,7 @@ def main() -> None:
     p.add_argument("--predict-sentences", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=3, help="timed prediction passes per arm; the fastest counts")
     p.add_argument("--output", default="benchmarks/results/ner.json")
-    p.add_argument("--arm", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--workdir", help=argparse.SUPPRESS)
-    p.add_argument("--arm-output", help=argparse.SUPPRESS)
+    add_arm_arguments(p, seed=SEED)  # internal: run one arm, write --arm-output
     args = p.parse_args()
     if args.arm in ("trainer", "textune"):
         run = run_textune if args.arm == "textune" else run_trainer

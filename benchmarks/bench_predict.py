@@ -1,5 +1,5 @@
-"""Prediction benchmark: textune's `Predictor` against the usual Hugging Face ways, on the 872 SST-2
-validation sentences with one fine-tuned model.
+"""Prediction benchmark: textune's `Predictor` (PyTorch and ONNX Runtime) against the usual Hugging Face ways,
+on the 872 SST-2 validation sentences with one fine-tuned model.
 
 Arms, each in its own process (so peak resident memory is its own, read with `os.wait4`):
   naive          tokenise one text at a time, padded to 128, one model call per text (torch.no_grad)
@@ -7,17 +7,25 @@ Arms, each in its own process (so peak resident memory is its own, read with `os
   textune-fp32   Predictor(batch_size=32): length-sorted batches, dynamic padding, inference_mode
   textune-bf16   the same with precision="bf16"
   textune-int8   the same with precision="int8" (dynamic quantisation of the Linear layers)
+  onnx-fp32      Predictor on `textune export RUN --format onnx` (ONNX Runtime, CPU provider)
+  onnx-int8      the same on `--quantize int8` (ONNX Runtime's dynamic quantisation)
+  optimum-ort    optimum's ORTModelForSequenceClassification the way its docs show it: exported from the run's
+                 model folder, then transformers.pipeline(..., batch_size=32) over it. optimum-onnx's only
+                 release pins transformers<4.58, so this arm runs in its own virtual environment
+                 (--optimum-python; see benchmarks/README.md); it is skipped when there is none.
 
 For each: samples/s, ratio against the naive loop and the pipeline, agreement of the predicted labels with
-textune fp32 (identical for pipeline and fp32 is the target), and model FLOPs utilisation: useful FLOPs
-(2 x non-embedding parameters x real tokens) per second over a 2048x2048 matmul timed in the same run
-(fp32 ceiling for fp32 arms, bf16 ceiling for bf16; int8 against the bf16 ceiling, no int8 ceiling is timed).
+textune fp32 (identical for pipeline and fp32 is the target), cold start (process start to the first batch
+predicted, model loading included; the exports are made once before the arms, their seconds reported apart), and
+model FLOPs utilisation: useful FLOPs (2 x non-embedding parameters x real tokens) per second over a 2048x2048
+matmul timed in the same run (fp32 ceiling for fp32 arms, bf16 ceiling for bf16 and int8 arms).
 
 Targets: textune fp32 >= 30x naive and >= 2x pipeline with identical predictions; bf16 or int8 >= 1.5x
-textune fp32 with >= 99% agreement; MFU > 50%.
+textune fp32 with >= 99% agreement; MFU > 50%; textune's fastest path with >= 99.5% agreement >= 1.3x
+optimum's ORT default (issue 20).
 
     python benchmarks/bench_predict.py                                   # benchmarks/runs/sst2-minilm-full
-    python benchmarks/bench_predict.py RUN --repeats 3
+    python benchmarks/bench_predict.py RUN --repeats 3 --optimum-python /path/to/optimum-venv/bin/python
 
 Writes benchmarks/results/predict.json and prints a table.
 """
@@ -28,16 +36,20 @@ import argparse
 import csv
 import json
 import os
-import subprocess
+import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from arms import add_arm_arguments, measure
+
 ROOT = Path(__file__).resolve().parents[1]
 SST2_VALIDATION = ROOT.parent / "shared" / "data" / "sst2" / "validation.tsv"
-ARMS = ["naive", "pipeline", "textune-fp32", "textune-bf16", "textune-int8"]
+ARMS = ["naive", "pipeline", "textune-fp32", "textune-bf16", "textune-int8", "onnx-fp32", "onnx-int8", "optimum-ort"]
+TEXTUNE_ARMS = ["textune-fp32", "textune-bf16", "textune-int8", "onnx-fp32", "onnx-int8"]
+FP32_ARMS = ["naive", "pipeline", "textune-fp32", "onnx-fp32", "optimum-ort"]
 BATCH_SIZE, NAIVE_PAD = 32, 128
+
 
 
 def matmul_ceiling(dtype_name: str, n: int = 2048, repeats: int = 10) -> float:
@@ -60,52 +72,93 @@ def load_texts() -> list[str]:
         return [row["sentence"] for row in csv.DictReader(f, delimiter="\t")]
 
 
-def run_arm(arm: str, run: Path, repeats: int) -> dict:
-    """Predict every text with one arm (in this process); best-of-`repeats` timing after a warm-up."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+def pipeline_predict(pipe):
+    label2id = pipe.model.config.label2id
+    return lambda items: [label2id[r["label"]] for r in pipe(items, truncation=True)]
 
-    from textune.infer import Predictor
 
-    texts = load_texts()
+def arm_predictor(arm: str, run: Path, exports: Path):
+    """The arm's predict(texts) -> labels, loaded the way a user of that tool would load it."""
+    from transformers import AutoTokenizer, pipeline
+
     model_dir = run / "model"
-    if arm.startswith("textune"):
-        predictor = Predictor(run, batch_size=BATCH_SIZE, precision=arm.split("-")[1])
-        predict = lambda items: predictor.predict_proba(items).argmax(1).tolist()  # noqa: E731
-    elif arm == "pipeline":
-        pipe = pipeline("text-classification", model=str(model_dir), batch_size=BATCH_SIZE, device=-1)
-        label2id = pipe.model.config.label2id
-        predict = lambda items: [label2id[r["label"]] for r in pipe(items, truncation=True)]  # noqa: E731
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    if arm in TEXTUNE_ARMS:
+        from textune.infer import Predictor
 
-        @torch.no_grad()
-        def predict(items):
-            out = []
-            for text in items:
-                enc = tokenizer(text, padding="max_length", max_length=NAIVE_PAD, truncation=True,
-                                return_tensors="pt")
-                out.append(int(model(**enc).logits.argmax(-1)))
-            return out
+        if arm.startswith("onnx"):
+            predictor = Predictor(exports / arm, batch_size=BATCH_SIZE)
+        else:
+            predictor = Predictor(run, batch_size=BATCH_SIZE, precision=arm.split("-")[1])
+        return lambda items: predictor.predict_proba(items).argmax(1).tolist()
+    if arm == "pipeline":
+        return pipeline_predict(pipeline("text-classification", model=str(model_dir), batch_size=BATCH_SIZE,
+                                         device=-1))
+    if arm == "optimum-ort":
+        from optimum.onnxruntime import ORTModelForSequenceClassification
 
+        model = ORTModelForSequenceClassification.from_pretrained(exports / arm)
+        return pipeline_predict(pipeline("text-classification", model=model,
+                                         tokenizer=AutoTokenizer.from_pretrained(exports / arm),
+                                         batch_size=BATCH_SIZE))
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+
+    @torch.no_grad()
+    def predict(items):
+        out = []
+        for text in items:
+            enc = tokenizer(text, padding="max_length", max_length=NAIVE_PAD, truncation=True, return_tensors="pt")
+            out.append(int(model(**enc).logits.argmax(-1)))
+        return out
+    return predict
+
+
+def run_arm(arm: str, run: Path, exports: Path, repeats: int) -> dict:
+    """Predict every text with one arm (in this process); best-of-`repeats` timing after a warm-up batch, whose
+    end is the arm's first prediction (cold start = that wall clock minus the process start, taken by the parent)."""
+    texts = load_texts()
+    predict = arm_predictor(arm, run, exports)
     predict(texts[:BATCH_SIZE])  # warm-up: first-call allocations and kernel selection
+    first_prediction_at = time.time()
     best, labels = float("inf"), None
     for _ in range(repeats):
         start = time.perf_counter()
         labels = predict(texts)
         best = min(best, time.perf_counter() - start)
-    return {"arm": arm, "seconds": round(best, 3), "samples_per_s": round(len(texts) / best, 1), "labels": labels}
+    return {"arm": arm, "seconds": round(best, 3), "samples_per_s": round(len(texts) / best, 1), "labels": labels,
+            "first_prediction_at": first_prediction_at}
 
 
-def measure(arm: str, run: Path, repeats: int, workdir: Path) -> dict:
-    out = workdir / f"{arm}.json"
-    cmd = [sys.executable, __file__, str(run), "--arm", arm, "--repeats", str(repeats), "--arm-output", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        return {"arm": arm, "error": f"exit {os.waitstatus_to_exitcode(status)}"}
-    return {**json.loads(out.read_text()), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+def export_optimum(run: Path, out: Path) -> None:
+    """optimum's own export (`from_pretrained(..., export=True)` then `save_pretrained`), as its docs show."""
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    ORTModelForSequenceClassification.from_pretrained(run / "model", export=True).save_pretrained(out)
+    AutoTokenizer.from_pretrained(run / "model").save_pretrained(out)
+
+
+def make_exports(run: Path, exports: Path, optimum_python: str | None) -> dict:
+    """The ONNX folders the onnx and optimum arms load, made once before the arms; seconds each export took."""
+    from textune.export import export_onnx
+
+    shutil.rmtree(exports, ignore_errors=True)  # the benchmark's own folder: fresh exports of this run every time
+    exports.mkdir(parents=True)
+    seconds = {}
+    for arm, quantize in (("onnx-fp32", None), ("onnx-int8", "int8")):
+        start = time.perf_counter()
+        export_onnx(run, exports / arm, quantize=quantize)
+        seconds[arm] = round(time.perf_counter() - start, 1)
+    if optimum_python:
+        start = time.perf_counter()
+        result = measure(__file__, [str(run), "--export-optimum", str(exports / "optimum-ort")],
+                         exports / "optimum-export.json", python=optimum_python)
+        if "error" not in result:
+            seconds["optimum-ort"] = round(time.perf_counter() - start, 1)
+    return seconds
 
 
 def useful_work(run: Path) -> tuple[int, int]:
@@ -123,30 +176,51 @@ def main() -> None:
     p.add_argument("run", nargs="?", default="benchmarks/runs/sst2-minilm-full", help="a textune run folder")
     p.add_argument("--repeats", type=int, default=2, help="timed passes per arm; the best counts")
     p.add_argument("--output", default="benchmarks/results/predict.json")
-    p.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # internal: run one arm, write --arm-output
-    p.add_argument("--arm-output", help=argparse.SUPPRESS)
+    p.add_argument("--optimum-python", default=os.environ.get("OPTIMUM_PYTHON"),
+                   help="python of a venv with optimum-onnx[onnxruntime] (it pins transformers<4.58); "
+                        "default $OPTIMUM_PYTHON; without it the optimum-ort arm is skipped")
+    p.add_argument("--exports", default="benchmarks/runs/predict-exports", help="where the ONNX exports go")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS)
+    add_arm_arguments(p, choices=ARMS)  # internal: run one arm, write --arm-output
+    p.add_argument("--export-optimum", help=argparse.SUPPRESS)  # internal: optimum's export, in its venv
     args = p.parse_args()
-    run = (ROOT / args.run).resolve()
+    run, exports = (ROOT / args.run).resolve(), (ROOT / args.exports).resolve()
+    if args.export_optimum:
+        export_optimum(run, Path(args.export_optimum))
+        Path(args.arm_output).write_text("{}")
+        return
     if args.arm:
-        Path(args.arm_output).write_text(json.dumps(run_arm(args.arm, run, args.repeats)))
+        Path(args.arm_output).write_text(json.dumps(run_arm(args.arm, run, exports, args.repeats)))
         return
 
+    arms = [a for a in args.arms if a != "optimum-ort" or args.optimum_python]
+    if len(arms) < len(args.arms):
+        print("optimum-ort skipped: no --optimum-python (a venv with optimum-onnx[onnxruntime]; benchmarks/README.md)")
+    export_seconds = make_exports(run, exports, args.optimum_python)
     ceiling = {"float32": matmul_ceiling("float32"), "bfloat16": matmul_ceiling("bfloat16")}
     params, tokens = useful_work(run)
-    with tempfile.TemporaryDirectory() as tmp:
-        results = [measure(arm, run, args.repeats, Path(tmp)) for arm in ARMS]
+    results = []
+    for arm in arms:
+        python = args.optimum_python if arm == "optimum-ort" else sys.executable
+        r = measure(__file__, [str(run), "--arm", arm, "--repeats", str(args.repeats), "--exports", str(exports)],
+                    exports / f"{arm}.json", python=python)
+        if "error" not in r:
+            r["cold_start_s"] = round(r.pop("first_prediction_at") - r.pop("started_at"), 2)
+        results.append({"arm": arm, **r})
     by_arm = {r["arm"]: r for r in results if "error" not in r}
     reference = by_arm.get("textune-fp32", {}).get("labels")
     for r in by_arm.values():
-        dtype = "float32" if r["arm"] in ("naive", "pipeline", "textune-fp32") else "bfloat16"
-        r["mfu"] = round(2 * params * tokens / r["seconds"] / 1e9 / ceiling[dtype], 4)
+        r["mfu"] = round(2 * params * tokens / r["seconds"] / 1e9 / ceiling["float32" if r["arm"] in FP32_ARMS
+                                                                             else "bfloat16"], 4)
         r["agreement_with_fp32"] = (round(sum(a == b for a, b in zip(r["labels"], reference)) / len(reference), 4)
                                     if reference else None)
-        for base in ("naive", "pipeline"):
+        for base in ("naive", "pipeline", "optimum-ort"):
             if base in by_arm:
                 r[f"x_{base}"] = round(r["samples_per_s"] / by_arm[base]["samples_per_s"], 2)
     fp32 = by_arm.get("textune-fp32", {})
     fast = [r for k, r in by_arm.items() if k in ("textune-bf16", "textune-int8")]
+    exact_enough = [r for k, r in by_arm.items() if k in TEXTUNE_ARMS and (r["agreement_with_fp32"] or 0) >= 0.995]
+    fastest = max(exact_enough, key=lambda r: r["samples_per_s"], default={})
     targets = {
         "fp32 >= 30x naive": fp32.get("x_naive", 0) >= 30,
         "fp32 >= 2x pipeline": fp32.get("x_pipeline", 0) >= 2,
@@ -155,19 +229,23 @@ def main() -> None:
             r["samples_per_s"] >= 1.5 * fp32.get("samples_per_s", float("inf")) and r["agreement_with_fp32"] >= 0.99
             for r in fast),
         "fp32 MFU > 50%": fp32.get("mfu", 0) > 0.5,
+        f"fastest >= 99.5%-agreeing textune path ({fastest.get('arm')}) >= 1.3x optimum ORT":
+            fastest.get("x_optimum-ort", 0) >= 1.3,
     }
 
-    header = (f"{'arm':<14}{'samples/s':>10}{'x naive':>9}{'x pipeline':>11}{'agree fp32':>11}"
-              f"{'MFU':>7}{'peak MB':>9}")
+    header = (f"{'arm':<14}{'samples/s':>10}{'x naive':>9}{'x pipeline':>11}{'x optimum':>10}{'agree fp32':>11}"
+              f"{'MFU':>7}{'peak MB':>9}{'cold s':>8}")
     print(f"\n872 SST-2 validation sentences, {tokens:,} real tokens, {params / 1e6:.1f}M non-embedding parameters; "
-          f"matmul ceiling fp32 {ceiling['float32']:.0f} GFLOP/s, bf16 {ceiling['bfloat16']:.0f} GFLOP/s")
+          f"matmul ceiling fp32 {ceiling['float32']:.0f} GFLOP/s, bf16 {ceiling['bfloat16']:.0f} GFLOP/s; "
+          f"export seconds {export_seconds}")
     print(header + "\n" + "-" * len(header))
     for r in results:
         if "error" in r:
             print(f"{r['arm']:<14}  failed: {r['error']}")
             continue
         print(f"{r['arm']:<14}{r['samples_per_s']:>10.1f}{r.get('x_naive', 0):>9.2f}{r.get('x_pipeline', 0):>11.2f}"
-              f"{r['agreement_with_fp32'] or 0:>11.2%}{r['mfu']:>7.1%}{r['peak_rss_mb']:>9.0f}")
+              f"{r.get('x_optimum-ort', 0):>10.2f}{r['agreement_with_fp32'] or 0:>11.2%}{r['mfu']:>7.1%}"
+              f"{r['peak_rss_mb']:>9.0f}{r['cold_start_s']:>8.2f}")
     for name, met in targets.items():
         print(f"target  {name}: {'met' if met else 'MISSED'}")
     out = ROOT / args.output
@@ -177,7 +255,7 @@ def main() -> None:
                                "texts": len(load_texts()), "real_tokens": tokens,
                                "non_embedding_parameters": params,
                                "matmul_gflops": {k: round(v, 1) for k, v in ceiling.items()},
-                               "targets": targets, "results": summary}, indent=2))
+                               "export_seconds": export_seconds, "targets": targets, "results": summary}, indent=2))
     print(f"\nwritten to {out}")
 
 

@@ -45,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from arms import measure
+from arms import add_arm_arguments, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 SQUAD = ROOT.parent / "shared" / "data" / "squad"
@@ -230,10 +230,7 @@ def main() -> None:
     p.add_argument("--eval-questions", type=int, default=None, help="validation questions (default: all 1,195)")
     p.add_argument("--epochs", type=float, default=2)
     p.add_argument("--output", default="benchmarks/results/qa.json")
-    p.add_argument("--arm", help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--workdir", help=argparse.SUPPRESS)
-    p.add_argument("--arm-output", help=argparse.SUPPRESS)
+    add_arm_arguments(p)  # internal: run one arm, write --arm-output
     args = p.parse_args()
     if args.arm in ("trainer", "textune"):
         run = run_textune if args.arm == "textune" else run_trainer

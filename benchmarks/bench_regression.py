@@ -37,7 +37,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from arms import measure, mean_std
+from arms import add_arm_arguments, mean_std, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -215,10 +215,7 @@ def main() -> None:
     p.add_argument("--parts", default="lee,multi-label,class-weights")
     p.add_argument("--output", default="benchmarks/results/regression.json")
     p.add_argument("--part", help=argparse.SUPPRESS)
-    p.add_argument("--arm", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
-    p.add_argument("--workdir", help=argparse.SUPPRESS)
-    p.add_argument("--arm-output", help=argparse.SUPPRESS)
+    add_arm_arguments(p, seed=SEED)  # internal: run one arm, write --arm-output
     args = p.parse_args()
     default_epochs = {"lee": 10.0, "multi-label": 3.0, "class-weights": 3.0}  # lee: the shipped config's
     if args.arm:

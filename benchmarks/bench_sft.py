@@ -77,7 +77,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from arms import mean_std, measure
+from arms import add_arm_arguments, mean_std, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "instructions"
@@ -260,11 +260,7 @@ def main() -> None:
     p.add_argument("--trl-group-by-length", action="store_true",
                    help="give TRL Trainer's length-grouped sampler (default: its own default, random batches)")
     p.add_argument("--output", default="benchmarks/results/sft.json")
-    p.add_argument("--arm", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--workdir", help=argparse.SUPPRESS)
-    p.add_argument("--arm-output", help=argparse.SUPPRESS)
+    add_arm_arguments(p, seed=SEED)  # internal: run one arm, write --arm-output
     args = p.parse_args()
     steps = args.steps or shipped().train.max_steps
     if args.arm == "textune":

@@ -48,7 +48,7 @@ ARMS = ["trainer-default", "trainer-best", "textune-fp32", "textune"]
 SEED, BATCH_SIZE, EPOCHS, LR, WARMUP, MAX_LENGTH, WEIGHT_DECAY = 42, 32, 1, 5e-5, 0.06, 66, 0.01
 LABELS = ["negative", "positive"]
 
-sys.path.insert(0, str(Path(__file__).parent))
+from arms import add_arm_arguments  # noqa: E402  (the script's folder is on sys.path when run as a script)
 from bench_predict import matmul_ceiling  # noqa: E402
 
 
@@ -172,10 +172,8 @@ def main() -> None:
     p.add_argument("--train-samples", type=int, default=4000)
     p.add_argument("--seeds", type=int, default=3, help="training seeds per arm (42, 43, ...)")
     p.add_argument("--output", default="benchmarks/results/train.json")
-    p.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # internal: run one arm, write --arm-output
+    add_arm_arguments(p, seed=SEED, choices=ARMS)  # internal: run one arm, write --arm-output
     p.add_argument("--train-file", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
-    p.add_argument("--arm-output", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.arm:
         with tempfile.TemporaryDirectory() as tmp:

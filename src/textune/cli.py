@@ -369,6 +369,18 @@ def cmd_push(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+    from textune.export import export_onnx
+
+    if args.format != "onnx":
+        raise _usage(f"--format {args.format}: textune exports to onnx only")
+    out = export_onnx(args.run, args.output, quantize=args.quantize, overwrite=args.overwrite)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"ONNX export written to {out} ({size / 1e6:,.1f} MB); use it with: textune predict {out} --input FILE, "
+          f"or textune serve {out}")
+    return 0
+
+
 def cmd_adapters(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.adapters import AdapterRegistry
 
@@ -639,6 +651,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "its visibility)")
     # Uploading is what push is for: it goes online without --online (HF_ENDPOINT picks another Hub).
     pu.set_defaults(func=cmd_push, online=True)
+
+    ex = sub.add_parser("export", help="export an encoder run to ONNX (checked against PyTorch); predict and serve "
+                                       "run on it with ONNX Runtime",
+                        description="Write the run's model as ONNX with its tokenizer and the run files prediction "
+                                    "reads. Its logits are checked against PyTorch's on the run's validation rows "
+                                    "(or sample texts); a difference above 1e-3 is an error and nothing is written. "
+                                    "A LoRA/IA3 adapter is merged first. Encoder tasks only (not language models).")
+    ex.add_argument("run", help="a run folder (or model folder) of a classification, regression, multi-label, "
+                                "token-classification or question-answering model")
+    ex.add_argument("--format", default="onnx", help="export format: onnx (the only one, the default)")
+    ex.add_argument("--output", help="folder to write (default: RUN/onnx)")
+    ex.add_argument("--quantize", metavar="int8", help="int8: dynamic quantisation of the weights (smaller, faster "
+                                                      "on CPU; its agreement with PyTorch is reported)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    ex.set_defaults(func=cmd_export)
 
     ad = sub.add_parser("adapters", help="a registry of adapters trained on one base model: add, list, remove")
     ad_sub = ad.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from textune.errors import ConfigError, TextuneError
+from textune.errors import ConfigError, TextuneError, is_onnx_export, onnx_export_error
 from textune.tasks import TASKS
 
 
@@ -320,6 +320,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if is_onnx_export(path):
+            raise onnx_export_error(path, "a YAML config", "train with the config of the run it was exported from")
         if not path.is_file():
             raise TextuneError(f"config file not found: {path}")
         try:

@@ -12,7 +12,7 @@ import torch
 
 from textune.data import read_table, read_text_lines
 from textune.atomic import replace_atomically
-from textune.errors import TextuneError
+from textune.errors import TextuneError, is_onnx_export
 from textune.models import (inference_device, inference_max_length, load_saved_model, resolve_model,
                             resolve_run_model, saved_run_config)
 
@@ -28,9 +28,11 @@ class ModelPredictor:
                  device: str | None = None, precision: str = "fp32"):
         """`precision`: fp32 (exact), bf16 (weights and activations in bfloat16) or int8 (dynamic
         quantisation of the Linear layers, CPU only); see `benchmarks/bench_predict.py` for speed and
-        agreement with fp32."""
-        model_dir, run_dir = resolve_run_model(run_or_model)
+        agreement with fp32. An ONNX export (`textune export`) runs on ONNX Runtime's CPU provider: `device`
+        does not apply to it, and a precision other than fp32 is refused (quantise at export instead)."""
+        model_dir, run_dir = resolve_run_model(run_or_model, onnx_ok=True)
         model, tokenizer = load_trained_model(model_dir)
+        self.model_dir = model_dir
         max_length = max_length or (saved_run_config(run_dir).get("model") or {}).get("max_length")
         self._setup(model, tokenizer, run_dir, batch_size, max_length, device, precision)
 
@@ -43,7 +45,8 @@ class ModelPredictor:
 
     def _setup(self, model, tokenizer, run_dir, batch_size, max_length, device, precision) -> None:
         self.run_dir, self.tokenizer, self.batch_size, self.precision = run_dir, tokenizer, batch_size, precision
-        self.device = inference_device(device)
+        # An ONNX export runs on its ONNX Runtime session's device (the CPU); only PyTorch models move.
+        self.device = inference_device(device) if isinstance(model, torch.nn.Module) else model.device
         self.model = with_precision(model.to(self.device), precision, self.device)
         self.max_length = inference_max_length(tokenizer, max_length)
         self.label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -82,7 +85,12 @@ class Predictor(ModelPredictor):
 
 def load_trained_model(model_dir: str | Path):
     """(model in eval mode, tokenizer) of a fine-tuned model folder as `textune train` saves it: a full model,
-    or an adapter, which is loaded on its base model and merged where PEFT can."""
+    or an adapter, which is loaded on its base model and merged where PEFT can; or an ONNX export, run by
+    ONNX Runtime behind the same call (see `textune.export.OnnxModel`)."""
+    if is_onnx_export(model_dir):
+        from textune.export import load_onnx_model  # onnxruntime: imported only for exports
+
+        return load_onnx_model(model_dir)
     model_dir = resolve_model(str(model_dir))
     if (Path(model_dir) / "adapter_config.json").is_file():
         from textune.adapters import load_adapter_classifier  # PEFT: imported only for adapter folders
@@ -102,6 +110,9 @@ def with_precision(model: torch.nn.Module, precision: str, device: torch.device)
     """
     if precision not in PRECISIONS:
         raise TextuneError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision != "fp32" and not isinstance(model, torch.nn.Module):
+        raise TextuneError(f"{precision} prediction converts a PyTorch model; an ONNX export is quantised when "
+                           f"exported (textune export RUN --quantize int8): drop --quantize")
     if precision == "bf16":
         # A cast, not autocast: autocast would convert every weight again on every call.
         return model.to(torch.bfloat16)

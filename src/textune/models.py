@@ -12,7 +12,7 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoMo
 from transformers.utils import logging as hf_logging
 
 from textune.config import TuningConfig
-from textune.errors import TextuneError
+from textune.errors import TextuneError, is_onnx_export, onnx_export_error
 
 # transformers draws a progress bar for every weight load and save; textune's own output says enough.
 hf_logging.disable_progress_bar()
@@ -55,6 +55,8 @@ def resolve_model(name: str | None) -> str:
         return str(default_model_dir())
     path = Path(name).expanduser()
     if path.exists():
+        if is_onnx_export(path):
+            raise onnx_export_error(path)
         if not (path / "config.json").is_file():
             hint = " (it looks like a textune run folder; use its model/ subfolder)" if (path / "model").is_dir() else ""
             raise TextuneError(f"{path} is not a model folder: it has no config.json{hint}")
@@ -171,9 +173,17 @@ def load_saved_model(model_dir: str | Path) -> tuple[PreTrainedModel, object]:
     return model.eval(), tokenizer
 
 
-def resolve_run_model(path: str | Path) -> tuple[Path, Path | None]:
-    """`RUN_OR_MODEL` -> (model folder, run folder or None)."""
+def resolve_run_model(path: str | Path, onnx_ok: bool = False) -> tuple[Path, Path | None]:
+    """`RUN_OR_MODEL` -> (model folder, run folder or None).
+
+    An ONNX export (`textune export`) is both: it holds the model and the run files its predictor reads.
+    Only prediction takes one (`onnx_ok`); everything else needs PyTorch weights and is told so.
+    """
     path = Path(path).expanduser()
+    if is_onnx_export(path):
+        if not onnx_ok:
+            raise onnx_export_error(path)
+        return path, path
     if (path / "model" / "config.json").is_file():
         return path / "model", path
     if (path / "config.json").is_file():

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from textune.curves import figure_png, loss_figure, lr_figure, metrics_figure
 from textune.diagnose import Diagnosis, diagnose_curves, load_history, selection_from_config
-from textune.errors import TextuneError
+from textune.errors import TextuneError, is_onnx_export, onnx_export_error
 from textune.tasks import get_task, task_of
 
 ECE_BINS = 10
@@ -449,6 +449,8 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     run = Path(run_dir)
     if not run.is_dir():
         raise TextuneError(f"run folder not found: {run}")
+    if is_onnx_export(run):  # it holds config.yaml and metrics.json, but no history or predictions to show
+        raise onnx_export_error(run, "a training run folder")
     path = Path(output) if output else run / "report.html"
     path.write_text(build_report(run), encoding="utf-8")
     return path

@@ -35,7 +35,7 @@ from textune.config import Config, TrainConfig, save_config
 from textune.diagnose import diagnose_curves, format_diagnosis
 from textune.checkpoint import check_checkpoint_matches, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from textune.atomic import old_copy, replace_atomically
-from textune.errors import TextuneError, TrainingInterrupted
+from textune.errors import TextuneError, TrainingInterrupted, is_onnx_export, onnx_export_error
 from textune.launch import FSDP_WITHOUT_GPU, batch_split_problem
 from textune.evaluate import headline
 from textune.adapters import is_peft_model, load_adapter_weights, save_adapter_extras
@@ -121,9 +121,17 @@ def synced_stop_signal(signum: int | None, accelerator: Accelerator) -> int | No
     return (signum or signal.SIGTERM) if received else None
 
 
+def refuse_onnx_export(run: Path) -> None:
+    """An ONNX export holds its run's config.yaml, so it would pass for a run folder to resume or replace."""
+    if is_onnx_export(run):
+        raise onnx_export_error(run, "a run folder to train into (output_dir)",
+                                "choose another output_dir, or resume the run it was exported from")
+
+
 def prepare_run_folder(output_dir: str, overwrite: bool) -> Path:
     """Refuse to clobber an existing run unless asked; never delete a folder textune did not write."""
     run = Path(output_dir).expanduser().resolve()
+    refuse_onnx_export(run)
     if run.exists() and any(run.iterdir()):
         if not overwrite:
             raise TextuneError(f"run folder {run} already exists; pick another output_dir or pass --overwrite")
@@ -482,6 +490,7 @@ def _train(cfg: Config, trackers: list, overwrite: bool, on_evaluate: Callable[[
     t = cfg.train
     if resume:
         run = Path(cfg.output_dir).expanduser().resolve()
+        refuse_onnx_export(run)
         checkpoint = find_checkpoint(run, resume)
     else:
         run = prepare_run_folder(cfg.output_dir, overwrite)

@@ -68,10 +68,12 @@ def task_of(run_or_model: str | Path) -> str:
     for an adapter folder, the architecture textune saved beside it); classification when neither says."""
     import json
 
+    from textune.errors import is_onnx_export
+
     path = Path(run_or_model).expanduser()
     for run in (path, path.parent):
-        config = run / "config.yaml"
-        if config.is_file() and (run / "model").is_dir():
+        config = run / "config.yaml"  # an ONNX export carries its run's config.yaml beside the model
+        if config.is_file() and ((run / "model").is_dir() or is_onnx_export(run)):
             import yaml
 
             saved = yaml.safe_load(config.read_text(encoding="utf-8")) or {}

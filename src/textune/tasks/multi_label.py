@@ -28,7 +28,7 @@ from textune.data_checks import DataReport, enforce
 from textune.errors import TextuneError
 from textune.evaluate import best_thresholds, multi_label_metrics, predict_logits
 from textune.infer import ModelPredictor
-from textune.models import load_tokenizer, resolve_model, resolve_run_model
+from textune.models import load_tokenizer, resolve_model
 from textune.tasks.base import Task
 from textune.tasks.classification import (SequenceInputs, load_sequence_model, read_labelled_file, read_sequence_inputs,
                                           sequence_logits, target_data_report)
@@ -118,7 +118,7 @@ class MultiLabelPredictor(ModelPredictor):
     def __init__(self, run_or_model, batch_size: int = 64, max_length: int | None = None, device: str | None = None,
                  precision: str = "fp32"):
         super().__init__(run_or_model, batch_size, max_length, device, precision)
-        self.thresholds = load_thresholds(resolve_run_model(run_or_model)[0], self.label_names)
+        self.thresholds = load_thresholds(self.model_dir, self.label_names)
 
     def _setup(self, *args) -> None:
         super()._setup(*args)

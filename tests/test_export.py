@@ -1,0 +1,262 @@
+"""textune export --format onnx: the export matches PyTorch, every encoder task's predictor runs on it unchanged
+(predict, evaluate, serve), int8 reports its agreement, PEFT runs are merged, and bad input is refused in one
+line with nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from conftest import build_tiny_lm, run_textune, toy_overrides, write_csv, write_jsonl  # noqa: E402
+from test_adapters import train_adapter  # noqa: E402
+from test_multi_label import ml_overrides, toy_row as ml_row  # noqa: E402
+from test_question_answering import qa_overrides, toy_rows as qa_rows  # noqa: E402
+from test_regression import reg_overrides, toy_pair  # noqa: E402
+from test_token_classification import ner_overrides, write_conll  # noqa: E402
+
+from textune.config import load_config  # noqa: E402
+from textune.errors import TextuneError  # noqa: E402
+from textune.export import OnnxModel, export_onnx  # noqa: E402
+from textune.infer import Predictor, load_trained_model  # noqa: E402
+from textune.tasks import get_task, load_predictor  # noqa: E402
+from textune.train import train  # noqa: E402
+
+TEXTS = ["the movie was great and superb", "awful boring film", "the plot was very nice and the acting was good",
+         "it was poor", "love this story", "the film"]
+
+
+def assert_same_rows(got, expected, path="row"):
+    """Predictor rows equal, floats to 1e-4 (they are rounded to 6 decimals from outputs 1e-6 apart)."""
+    if isinstance(expected, dict):
+        assert set(got) == set(expected), path
+        for k in expected:
+            assert_same_rows(got[k], expected[k], f"{path}.{k}")
+    elif isinstance(expected, list):
+        assert len(got) == len(expected), path
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert_same_rows(g, e, f"{path}[{i}]")
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, abs=1e-4), path
+    else:
+        assert got == expected, path
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    """The toy classifier exported by the CLI, as a user does it: (folder, the command's result)."""
+    out = tmp_path_factory.mktemp("export") / "onnx"
+    result = run_textune("export", trained_run, "--format", "onnx", "--output", out)
+    return out, result
+
+
+def test_cli_export_writes_model_tokenizer_run_files_and_its_check(exported, trained_run):
+    out, result = exported
+    assert result.returncode == 0, result.stderr
+    assert "validation rows of" in result.stdout and "max abs logit difference" in result.stdout
+    assert f"ONNX export written to {out}" in result.stdout
+    for name in ("model.onnx", "config.json", "tokenizer_config.json", "config.yaml", "textune_onnx.json"):
+        assert (out / name).is_file(), name
+    info = json.loads((out / "textune_onnx.json").read_text())
+    assert info["source"] == str(trained_run.resolve()) and info["task"] == "classification"
+    assert info["inputs"] == ["input_ids", "attention_mask", "token_type_ids"] and info["outputs"] == ["logits"]
+    assert info["check"]["max_abs_diff"] < 1e-5 and info["quantize"] is None
+
+
+def test_onnx_logits_equal_pytorch_on_a_padded_batch_of_another_shape(exported, trained_run):
+    out, _ = exported
+    model, tokenizer = load_trained_model(trained_run / "model")
+    # five rows, padded to the longest: neither the batch size nor the length of the export's example
+    batch = tokenizer(TEXTS[:5], TEXTS[1:6], padding=True, return_tensors="pt")
+    assert batch["attention_mask"].shape[0] == 5 and not batch["attention_mask"].all()
+    onnx_logits = OnnxModel(out)(**batch).logits.numpy()
+    torch_logits = model(**batch).logits.detach().numpy()
+    assert onnx_logits.shape == torch_logits.shape == (5, 2)
+    np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-5)
+
+
+def test_predict_on_the_export_gives_the_runs_labels_and_probabilities(exported, trained_run, tmp_path):
+    out, _ = exported
+    np.testing.assert_allclose(Predictor(out, batch_size=4).predict_proba(TEXTS),
+                               Predictor(trained_run, batch_size=4).predict_proba(TEXTS), atol=1e-5)
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("\n".join(TEXTS))
+    by_cli = run_textune("predict", out, "--input", inputs)
+    assert by_cli.returncode == 0, by_cli.stderr
+    rows = [json.loads(line) for line in by_cli.stdout.splitlines()]
+    assert_same_rows(rows, [{"text": t, **r} for t, r in zip(TEXTS, Predictor(trained_run).predict(TEXTS))])
+
+
+def test_evaluate_on_the_export_gives_the_runs_metrics(exported, trained_run, toy_data):
+    out, _ = exported
+    task = get_task("classification")
+    on_export = task.evaluate_file(task.load_predictor(out), str(toy_data["test"]), {})
+    on_run = task.evaluate_file(task.load_predictor(trained_run), str(toy_data["test"]), {})
+    assert on_export["accuracy"] == on_run["accuracy"] and on_export["loss"] == pytest.approx(on_run["loss"], abs=1e-5)
+
+
+def test_serve_on_the_export_answers_classify(exported, trained_run):
+    from fastapi.testclient import TestClient
+
+    from textune.serve import ServeSettings, create_app
+
+    out, _ = exported
+    with TestClient(create_app(load_predictor(out), ServeSettings(), "onnx")) as client:
+        r = client.post("/v1/classify", json={"texts": TEXTS[:3]})
+        assert r.status_code == 200, r.text
+        assert_same_rows(r.json()["results"], Predictor(trained_run).predict(TEXTS[:3]))
+
+
+def test_predict_precision_options_are_refused_on_an_export(exported):
+    out, _ = exported
+    with pytest.raises(TextuneError, match=r"an ONNX export is quantised when exported .*--quantize int8"):
+        Predictor(out, precision="int8")
+
+
+# ---------------------------------------------------------------- every encoder task
+
+
+def task_run(task: str, tiny_model: Path, root: Path):
+    """(run of `task` trained one epoch on a little toy data, predict's inputs)."""
+    rng = random.Random(7)
+    if task == "regression":  # a text pair: token_type_ids matter
+        data = {s: write_csv(root / f"{s}.csv", [toy_pair(rng) for _ in range(n)]) for s, n in (("train", 64), ("validation", 16))}
+        overrides, inputs = reg_overrides(tiny_model, data, root / "run"), (TEXTS[:4], TEXTS[2:])
+    elif task == "multi-label":
+        data = {s: write_csv(root / f"{s}.csv", [ml_row(rng) for _ in range(n)]) for s, n in (("train", 64), ("validation", 16))}
+        overrides, inputs = ml_overrides(tiny_model, data, root / "run"), (["good story", "bad", "the plot"],)
+    elif task == "token-classification":
+        data = {"train": write_conll(root / "train.conll", 64, seed=1), "validation": write_conll(root / "val.conll", 16, seed=2)}
+        overrides, inputs = ner_overrides(tiny_model, data, root / "run"), (TEXTS,)
+    else:
+        data = {"train": write_jsonl(root / "train.jsonl", qa_rows(64, seed=1)),
+                "validation": write_jsonl(root / "validation.jsonl", qa_rows(16, seed=2, n_words=30))}
+        contexts = [r["context"] for r in qa_rows(3, seed=3, n_words=40)]  # longer than one window
+        overrides, inputs = qa_overrides(tiny_model, data, root / "run"), (["is it"] * 3, contexts)
+    return train(load_config(None, {**overrides, "train.epochs": 1})), inputs
+
+
+@pytest.mark.parametrize("task", ["regression", "multi-label", "token-classification", "question-answering"])
+def test_each_encoder_task_predicts_the_same_on_its_export(task, tiny_model, tmp_path):
+    run, inputs = task_run(task, tiny_model, tmp_path)
+    lines = []
+    out = export_onnx(run, say=lines.append)
+    assert out == run / "onnx" and "validation rows of" in lines[0], lines
+    assert json.loads((out / "textune_onnx.json").read_text())["check"]["max_abs_diff"] < 1e-4
+    if task == "multi-label":
+        assert (out / "thresholds.json").read_text() == (run / "model" / "thresholds.json").read_text()
+    on_export = load_predictor(out)
+    assert type(on_export).__name__ == type(load_predictor(run)).__name__
+    assert_same_rows(on_export.predict(*inputs), load_predictor(run).predict(*inputs))
+
+
+def test_int8_export_reports_its_agreement_and_predicts(trained_run, tmp_path):
+    lines = []
+    out = export_onnx(trained_run, tmp_path / "int8", quantize="int8", say=lines.append)
+    assert len(lines) == 2 and lines[1].startswith("int8 (dynamic quantisation) vs PyTorch: max abs logit difference")
+    assert "of predicted labels agree" in lines[1]
+    check = json.loads((out / "textune_onnx.json").read_text())["check"]
+    assert 0.9 <= check["int8_agreement"] <= 1.0 and check["int8_max_abs_diff"] > 0
+    assert not (out / "model.fp32.onnx").exists()
+    probs = Predictor(out).predict_proba(TEXTS)
+    assert probs.shape == (len(TEXTS), 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_a_lora_run_is_merged_into_its_base_before_export(tiny_model, toy_data, tmp_path):
+    run = train_adapter(tiny_model, toy_data, tmp_path / "lora", "lora")
+    out = export_onnx(run, say=lambda line: None)
+    assert not any(out.glob("adapter_*")) and json.loads((out / "config.json").read_text())["id2label"]
+    np.testing.assert_allclose(Predictor(out).predict_proba(TEXTS), Predictor(run).predict_proba(TEXTS), atol=1e-5)
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_language_models_are_refused(tmp_path):
+    lm = build_tiny_lm(tmp_path / "clm", "clm")
+    with pytest.raises(TextuneError, match=r"holds a GPT2LMHeadModel, not a classifier.*covers the encoder tasks"):
+        export_onnx(lm)
+    run = tmp_path / "sft"
+    shutil.copytree(lm, run / "model")
+    (run / "config.yaml").write_text("task: instruction\n")
+    with pytest.raises(TextuneError, match=r"holds a language model \(task: instruction\); ONNX export covers the encoder tasks"):
+        export_onnx(run)
+    assert not (run / "onnx").exists()
+
+
+def test_an_existing_output_needs_overwrite_and_must_be_an_export(exported, trained_run, tmp_path):
+    out, _ = exported
+    with pytest.raises(TextuneError, match=r"already exists; pass --overwrite to replace it or choose another --output"):
+        export_onnx(trained_run, out)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(TextuneError, match=r"exists and is not an ONNX export; refusing to overwrite it"):
+        export_onnx(trained_run, tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--format", "tflite"], "--format tflite: textune exports to onnx only"),
+    (["--quantize", "int4"], "--quantize int4: ONNX export quantises to int8 only"),
+])
+def test_cli_refuses_other_formats_and_quantisations_in_one_line(trained_run, tmp_path, args, message, capsys):
+    from textune.cli import main
+
+    assert main(["export", str(trained_run), "--output", str(tmp_path / "out"), *args]) == 2
+    assert capsys.readouterr().err.strip() == f"textune: error: {message}" + (
+        " (or leave it out for float32)" if "int4" in message else "")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_path_that_is_no_run_or_model_is_refused(tmp_path):
+    with pytest.raises(TextuneError, match=r"no run or model folder at"):
+        export_onnx(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TextuneError, match=r"is neither a textune run folder"):
+        export_onnx(tmp_path / "empty")
+
+
+def test_a_failed_export_or_check_leaves_nothing_behind(trained_run, tmp_path, monkeypatch):
+    import torch
+
+    import textune.export as export
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::magic' to ONNX opset version 17 is not supported")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(TextuneError, match=r"torch.onnx could not export BertForSequenceClassification: Exporting the "
+                                           r"operator 'aten::magic'"):
+        export_onnx(trained_run, tmp_path / "out")
+    monkeypatch.undo()
+    monkeypatch.setattr(export, "FP32_TOLERANCE", -1.0)
+    with pytest.raises(TextuneError, match=r"differs from PyTorch by .* on validation rows .*nothing was written"):
+        export_onnx(trained_run, tmp_path / "out", say=lambda line: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_given_where_a_pytorch_run_is_needed_says_what_it_is(exported, trained_run, toy_data, tmp_path):
+    from textune.adapters import merge_adapter
+    from textune.report import write_report
+
+    out, _ = exported
+    what = rf"{out} is an ONNX export \(textune export\), which textune predict, evaluate and serve run"
+    with pytest.raises(TextuneError, match=what + r".*choose another output_dir, or resume the run it was exported"):
+        train(load_config(None, toy_overrides(Path("unused"), toy_data, out)), resume="latest")
+    with pytest.raises(TextuneError, match=what + r", but this needs a YAML config"):
+        load_config(out)
+    for needs_pytorch in (merge_adapter, write_report, export_onnx):
+        with pytest.raises(TextuneError, match=what + rf".*use the run it was exported from \({trained_run.resolve()}\)"):
+            needs_pytorch(out)
+    with pytest.raises(TextuneError, match=what):  # as model.name
+        train(load_config(None, toy_overrides(out, toy_data, tmp_path / "run")))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["model.onnx", "config.json", "config.yaml", "data_stats.json", "metrics.json", "textune_onnx.json",
+         "tokenizer.json", "tokenizer_config.json"])
