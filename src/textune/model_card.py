@@ -18,6 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from textune.diagnose import diagnose_curves, load_history, run_label_counts, selection_from_config
 from textune.errors import TextuneError
+from textune.models import saved_run_config
 from textune.tasks import TASKS
 
 # The Hub model the packaged default (model.name empty: textune.models.DEFAULT_MODEL_PACKAGE) holds.
@@ -219,7 +220,7 @@ def write_model_card(run: str | Path, model_dir: str | Path | None = None) -> Pa
         raise TextuneError(f"{run} is not a textune run folder (no config.yaml)")
     if not model_dir.is_dir():
         raise TextuneError(f"{model_dir} does not exist: no saved model to describe")
-    config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+    config = saved_run_config(run)
     metrics, stats = _read_json(run / "metrics.json"), _read_json(run / "data_stats.json")
     records = load_history(run) if (run / "history.jsonl").is_file() else []
     data = card_data(config, metrics, model_dir, run.name)
