@@ -194,6 +194,12 @@ class TrainConfig:
     group_by_length: bool = _f(True, "batch examples of similar length together (less padding, still shuffled)")
     fused_optimizer: bool = _f(True, "AdamW as one fused kernel where PyTorch has one (CPU, CUDA); false: the "
                                      "multi-tensor foreach version")
+    compile: Literal["auto"] | bool = _f(
+        "auto", "torch.compile the training step: true, false, or auto (compile where a gain was measured for this "
+                "device and precision and the run is long enough to pay for compiling; says which at start-up)")
+    pad_to_multiple_of: int | None = _f(
+        None, "pad training batches to a multiple of N tokens (bounds the shapes to compile); empty = 16 when "
+              "compiling, else no rounding")
     eval_steps: int | None = _f(None, "evaluate every N optimizer steps; empty = at the end of every epoch")
     logging_steps: int = _f(50, "write training loss and lr to history.jsonl every N optimizer steps")
     metric: str | None = _f(None, "validation metric that picks the best checkpoint and drives early stopping; "
@@ -453,7 +459,8 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
             problems.append(f"{key}: must be greater than 0, got {value}")
     for key, value in {"train.max_steps": t.max_steps, "train.eval_steps": t.eval_steps,
                        "train.early_stopping_patience": t.early_stopping_patience,
-                       "data.max_train_samples": d.max_train_samples, "data.max_eval_samples": d.max_eval_samples}.items():
+                       "data.max_train_samples": d.max_train_samples, "data.max_eval_samples": d.max_eval_samples,
+                       "train.pad_to_multiple_of": t.pad_to_multiple_of}.items():
         if value is not None and value <= 0:
             problems.append(f"{key}: must be greater than 0 or empty, got {value}")
     if not 0 <= t.warmup_ratio < 1:

@@ -33,6 +33,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from textune.config import Config, TrainConfig, save_config
 from textune.diagnose import diagnose_curves, format_diagnosis
+from textune.compiling import CompiledForward, plan_compile
 from textune.checkpoint import check_checkpoint_matches, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from textune.atomic import old_copy, replace_atomically
 from textune.errors import TextuneError, TrainingInterrupted, is_onnx_export, onnx_export_error
@@ -412,8 +413,8 @@ class AccumulationWindow:
 
 
 def train_step(model, batch, optimizer, scheduler, accelerator: Accelerator, max_grad_norm: float | None,
-               loss_fn: Callable | None = None,
-               window: AccumulationWindow | None = None) -> tuple[torch.Tensor, bool, bool]:
+               loss_fn: Callable | None = None, window: AccumulationWindow | None = None,
+               forward: Callable | None = None) -> tuple[torch.Tensor, bool, bool]:
     """Forward, backward and (once the window's micro-batches are accumulated) one optimizer step.
 
     Every example weighs the same in a step, however the step splits into micro-batches: each micro-batch's
@@ -426,12 +427,14 @@ def train_step(model, batch, optimizer, scheduler, accelerator: Accelerator, max
     CPU, one host sync per step on a GPU, a price worth paying to never write NaN weights. stepped is True
     when the optimizer took a step: not while accumulating, and not when fp16's gradient scaler skipped an
     overflowing step (routine while it finds its scale). `loss_fn(model, batch)` replaces the model's own
-    loss (mixup); `window` carries the accumulation across calls (a fresh one: a window of one micro-batch).
+    loss (mixup); `window` carries the accumulation across calls (a fresh one: a window of one micro-batch);
+    `forward` is the model as the forward pass calls it (`compiling.CompiledForward`), None for `model` itself.
     """
     window = window if window is not None else AccumulationWindow()
+    forward = forward if forward is not None else model
     examples = len(batch["input_ids"])
     with accelerator.accumulate(model):
-        loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
+        loss = loss_fn(forward, batch) if loss_fn else forward(**batch).loss
         # One process skips a bad loss's backward at once. With several, every process must run its backward
         # (the others wait for its gradients), so the loss is checked on all of them when the window closes.
         if accelerator.num_processes == 1 and not torch.isfinite(loss):
@@ -539,8 +542,13 @@ def _train(cfg: Config, trackers: list, overwrite: bool, on_evaluate: Callable[[
 
     train_data = inputs.train_data
     streaming = isinstance(train_data, IterableDataset)
+    planned_samples = (t.max_steps * t.batch_size * t.gradient_accumulation_steps if t.max_steps
+                       else math.ceil(len(train_data) * t.epochs))
+    compile_plan = plan_compile(t.compile, accelerator.device.type, precision, planned_samples, cfg.model.max_length,
+                                t.pad_to_multiple_of)
+    say(f"compile    {compile_plan.describe()}")
     train_loader = make_loader(train_data, tokenizer, t.batch_size, True, t.group_by_length, cfg.seed,
-                               t.num_workers, collate=inputs.collator("train"))
+                               t.num_workers, collate=inputs.collator("train", compile_plan.pad_to_multiple_of))
     eval_loader = make_loader(tokenized["validation"], tokenizer, eval_batch_size(t, accelerator), False, False,
                               cfg.seed, collate=inputs.collator("validation"))
     # A stream has no length: it runs train.max_steps steps (config validation made sure there is one).
@@ -585,6 +593,13 @@ def _train(cfg: Config, trackers: list, overwrite: bool, on_evaluate: Callable[[
     start, samples_at_start, step_at_start = time.perf_counter(), state.samples, state.step
     window = AccumulationWindow()
     model.train()
+    forward = None  # the eager model
+    if compile_plan.enabled:
+        forward = CompiledForward(model, compile_plan.max_shapes, say)
+        if not streaming:  # compile the first shape (and fall back, if it fails) before the first step
+            first = [train_loader.dataset[i] for i in range(min(len(train_loader.dataset),
+                                                                  t.batch_size // accelerator.num_processes))]
+            forward.probe({k: v.to(accelerator.device) for k, v in train_loader.collate_fn(first).items()})
     with StopRequest() as stop:
         while state.step < total_steps and not state.stopped_early:
             reseed_loader(train_loader, cfg.seed, state.epoch)
@@ -595,7 +610,7 @@ def _train(cfg: Config, trackers: list, overwrite: bool, on_evaluate: Callable[[
                 state.samples += len(batch["input_ids"]) * accelerator.num_processes  # equal shares (split_batches)
                 tokens += batch["attention_mask"].sum()
                 loss, finite, stepped = train_step(model, batch, optimizer, scheduler, accelerator, t.max_grad_norm,
-                                                   loss_fn, window)
+                                                   loss_fn, window, forward)
                 if not finite:
                     handle_nonfinite(state, t, run, float(loss))
                     continue
@@ -666,7 +681,9 @@ def _train(cfg: Config, trackers: list, overwrite: bool, on_evaluate: Callable[[
                "metric": t.metric, "stopped_early": state.stopped_early,
                "train": {"steps": state.step, "seconds": round(train_seconds, 1),
                          "samples_per_s": round((state.samples - samples_at_start) / train_seconds, 2),
-                         "tokens_per_s": round(int(tokens) / train_seconds, 1)},
+                         "tokens_per_s": round(int(tokens) / train_seconds, 1),
+                         "compiled": forward is not None and forward.compiled is not None,
+                         "compiled_shapes": len(forward.shapes) if forward is not None else 0},
                "parameters": {"trainable": trainable, "total": total, "ratio": trainable / total}}
     if "test" in tokenized:
         test_loader = accelerator.prepare(make_loader(tokenized["test"], tokenizer, eval_batch_size(t, accelerator),

@@ -68,8 +68,10 @@ class TaskInputs(ABC):
         """What RUN/data_stats.json records about the data."""
 
     @abstractmethod
-    def collator(self, split: str):
-        """The DataLoader collate function for `split` (train, validation or test)."""
+    def collator(self, split: str, pad_to_multiple_of: int | None = None):
+        """The DataLoader collate function for `split` (train, validation or test). `pad_to_multiple_of` rounds
+        padded lengths up to a multiple of N (`train.compile` bounds the shapes it compiles with it); collators
+        of fixed-length blocks can ignore it."""
 
     @abstractmethod
     def evaluate(self, model, loader, accelerator=None) -> tuple[dict, Any]:

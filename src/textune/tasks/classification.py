@@ -71,8 +71,8 @@ class SequenceInputs(TaskInputs):
                 f"tokens     mean {s['mean']} | p95 {s['p95']} | max {s['max']} | "
                 f"truncated at {cfg.model.max_length}: {s['truncated_share']:.1%}"]
 
-    def collator(self, split: str):
-        return DataCollatorWithPadding(self.tokenizer)
+    def collator(self, split: str, pad_to_multiple_of: int | None = None):
+        return DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
     def write_validation_rows(self, rows, path: Path) -> None:
         """JSONL of the validation rows, in order: each of `rows` (labels and predictions) with its text and pair."""

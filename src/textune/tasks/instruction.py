@@ -264,9 +264,11 @@ class PackedCollator:
     example of its own, attending to itself), attention 0."""
 
     pad_token_id: int
+    pad_to_multiple_of: int = 1
 
     def __call__(self, rows: list[dict]) -> dict:
         width = max(len(r["input_ids"]) for r in rows)
+        width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         fill = {"input_ids": self.pad_token_id, "labels": -100, "position_ids": 0, "attention_mask": 0}
         return {k: torch.tensor([r[k] + [v] * (width - len(r[k])) for r in rows]) for k, v in fill.items()}
 
@@ -527,10 +529,10 @@ class InstructionInputs(TaskInputs):
     def data_stats(self, cfg: Config) -> dict:
         return {**self.stats, "first_example": self.example, "max_length": cfg.model.max_length}
 
-    def collator(self, split: str):
+    def collator(self, split: str, pad_to_multiple_of: int | None = None):
         if split == "train" and self.packed:
-            return PackedCollator(self.tokenizer.pad_token_id)
-        return DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100)
+            return PackedCollator(self.tokenizer.pad_token_id, pad_to_multiple_of or 1)
+        return DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100, pad_to_multiple_of=pad_to_multiple_of)
 
     def evaluate(self, model, loader, accelerator=None):
         """(loss, perplexity, exact_match, rougeL, ...; one row per answered prompt)."""

@@ -328,7 +328,7 @@ class PretrainInputs(TaskInputs):
     def data_stats(self, cfg: Config) -> dict:
         return {**self.stats, "objective": self.objective, "max_length": cfg.model.max_length}
 
-    def collator(self, split: str):
+    def collator(self, split: str, pad_to_multiple_of: int | None = None):  # blocks have one length: no padding
         return self.train_collator if split == "train" else default_data_collator
 
     def evaluate(self, model, loader, accelerator=None):

@@ -284,8 +284,8 @@ class WindowCollator:
     """Dynamic padding; keeps the `window` index of evaluation batches (`evaluate` pops it before the model
     call) and drops it from training batches. `split` tells `evaluate` which split's windows it reads."""
 
-    def __init__(self, tokenizer, split: str):
-        self.pad = DataCollatorWithPadding(tokenizer)
+    def __init__(self, tokenizer, split: str, pad_to_multiple_of: int | None = None):
+        self.pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
         self.split = split
 
     def __call__(self, features: list[dict]):
@@ -566,8 +566,8 @@ class QuestionAnsweringInputs(TaskInputs):
                 "checks": [{"kind": f.kind, "count": f.count, "message": f.message} for f in self.report.findings],
                 "max_length": cfg.model.max_length, "doc_stride": cfg.data.doc_stride}
 
-    def collator(self, split: str):
-        return WindowCollator(self.tokenizer, split)
+    def collator(self, split: str, pad_to_multiple_of: int | None = None):
+        return WindowCollator(self.tokenizer, split, pad_to_multiple_of)
 
     @torch.inference_mode()
     def evaluate(self, model, loader, accelerator=None):

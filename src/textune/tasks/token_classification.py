@@ -393,8 +393,8 @@ class TokenClassificationInputs(TaskInputs):
                 "checks": [{"kind": f.kind, "count": f.count, "message": f.message} for f in self.report.findings],
                 "max_length": cfg.model.max_length}
 
-    def collator(self, split: str):
-        return DataCollatorForTokenClassification(self.tokenizer)
+    def collator(self, split: str, pad_to_multiple_of: int | None = None):
+        return DataCollatorForTokenClassification(self.tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
     @torch.inference_mode()
     def evaluate(self, model, loader, accelerator=None):
