@@ -7,6 +7,8 @@ Arms, each in its own process (so peak resident memory is its own, read with `os
   textune-fp32   Predictor(batch_size=32): length-sorted batches, dynamic padding, inference_mode
   textune-bf16   the same with precision="bf16"
   textune-int8   the same with precision="int8" (dynamic quantisation of the Linear layers)
+  textune-compile  textune-fp32 with the model through torch.compile (dynamic=False) and batches padded to
+                 multiples of 16 (train.compile's length buckets), the compiling inside its cold start
   onnx-fp32      Predictor on `textune export RUN --format onnx` (ONNX Runtime, CPU provider)
   onnx-int8      the same on `--quantize int8` (ONNX Runtime's dynamic quantisation)
   optimum-ort    optimum's ORTModelForSequenceClassification the way its docs show it: exported from the run's
@@ -27,6 +29,8 @@ optimum's ORT default (issue 20).
 
     python benchmarks/bench_predict.py                                   # benchmarks/runs/sst2-minilm-full
     python benchmarks/bench_predict.py RUN --repeats 3 --optimum-python /path/to/optimum-venv/bin/python
+    python benchmarks/bench_predict.py --texts 20000 --arms pipeline textune-fp32 textune-compile \
+        --output benchmarks/results/predict-20k.json      # a long job: 20,000 seeded SST-2 training sentences
 
 Writes benchmarks/results/predict.json and prints a table.
 """
@@ -46,9 +50,12 @@ from arms import add_arm_arguments, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2_VALIDATION = ROOT.parent / "shared" / "data" / "sst2" / "validation.tsv"
-ARMS = ["naive", "pipeline", "textune-fp32", "textune-bf16", "textune-int8", "onnx-fp32", "onnx-int8", "optimum-ort"]
-TEXTUNE_ARMS = ["textune-fp32", "textune-bf16", "textune-int8", "onnx-fp32", "onnx-int8"]
-FP32_ARMS = ["naive", "pipeline", "textune-fp32", "onnx-fp32", "optimum-ort"]
+ARMS = ["naive", "pipeline", "textune-fp32", "textune-bf16", "textune-int8", "onnx-fp32", "onnx-int8", "optimum-ort",
+        "textune-compile"]
+DEFAULT_ARMS = ARMS[:-1]
+TEXTUNE_ARMS = ["textune-fp32", "textune-bf16", "textune-int8", "onnx-fp32", "onnx-int8", "textune-compile"]
+FP32_ARMS = ["naive", "pipeline", "textune-fp32", "onnx-fp32", "optimum-ort", "textune-compile"]
+SST2_TRAIN = SST2_VALIDATION.with_name("train.tsv")
 BATCH_SIZE, NAIVE_PAD = 32, 128
 
 
@@ -68,9 +75,13 @@ def matmul_ceiling(dtype_name: str, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def load_texts() -> list[str]:
-    with SST2_VALIDATION.open(encoding="utf-8") as f:
-        return [row["sentence"] for row in csv.DictReader(f, delimiter="\t")]
+def load_texts(count: int | None = None) -> list[str]:
+    """The 872 validation sentences, or `count` training sentences drawn with a fixed seed (a long job)."""
+    import random
+
+    with (SST2_TRAIN if count else SST2_VALIDATION).open(encoding="utf-8") as f:
+        texts = [row["sentence"] for row in csv.DictReader(f, delimiter="\t")]
+    return random.Random(0).sample(texts, count) if count else texts
 
 
 def pipeline_predict(pipe):
@@ -88,6 +99,14 @@ def arm_predictor(arm: str, run: Path, exports: Path):
 
         if arm.startswith("onnx"):
             predictor = Predictor(exports / arm, batch_size=BATCH_SIZE)
+        elif arm == "textune-compile":  # a trial: what train.compile's buckets would give a prediction job
+            import functools
+
+            import torch
+
+            predictor = Predictor(run, batch_size=BATCH_SIZE)
+            predictor.model = torch.compile(predictor.model, dynamic=False)
+            predictor.tokenizer.pad = functools.partial(predictor.tokenizer.pad, pad_to_multiple_of=16)
         else:
             predictor = Predictor(run, batch_size=BATCH_SIZE, precision=arm.split("-")[1])
         return lambda items: predictor.predict_proba(items).argmax(1).tolist()
@@ -117,19 +136,25 @@ def arm_predictor(arm: str, run: Path, exports: Path):
     return predict
 
 
-def run_arm(arm: str, run: Path, exports: Path, repeats: int) -> dict:
+def run_arm(arm: str, run: Path, exports: Path, repeats: int, count: int | None) -> dict:
     """Predict every text with one arm (in this process); best-of-`repeats` timing after a warm-up batch, whose
     end is the arm's first prediction (cold start = that wall clock minus the process start, taken by the parent)."""
-    texts = load_texts()
+    texts = load_texts(count)
     predict = arm_predictor(arm, run, exports)
     predict(texts[:BATCH_SIZE])  # warm-up: first-call allocations and kernel selection
     first_prediction_at = time.time()
+    warm_pass = None
+    if arm == "textune-compile":  # one untimed pass compiles the other length buckets
+        start = time.perf_counter()
+        predict(texts)
+        warm_pass = round(time.perf_counter() - start, 1)
     best, labels = float("inf"), None
     for _ in range(repeats):
         start = time.perf_counter()
         labels = predict(texts)
         best = min(best, time.perf_counter() - start)
     return {"arm": arm, "seconds": round(best, 3), "samples_per_s": round(len(texts) / best, 1), "labels": labels,
+            "compiling_pass_s": warm_pass,
             "first_prediction_at": first_prediction_at}
 
 
@@ -154,21 +179,22 @@ def make_exports(run: Path, exports: Path) -> dict:
     return seconds
 
 
-def setup(run: Path, exports: Path) -> dict:
+def setup(run: Path, exports: Path, count: int | None, bf16: bool) -> dict:
     """What the parent needs before the arms, made in a process of its own: a child's peak RSS as `os.wait4`
-    reports it starts from its parent's at fork, so the parent stays small (no torch) to keep the arms' own."""
-    ceiling = {"float32": matmul_ceiling("float32"), "bfloat16": matmul_ceiling("bfloat16")}
-    params, tokens = useful_work(run)
+    reports it starts from its parent's at fork, so the parent stays small (no torch) to keep the arms' own.
+    bf16's ceiling only where a bf16 or int8 arm runs: without native bf16 it takes minutes to time."""
+    ceiling = {"float32": matmul_ceiling("float32"), **({"bfloat16": matmul_ceiling("bfloat16")} if bf16 else {})}
+    params, tokens = useful_work(run, count)
     return {"export_seconds": make_exports(run, exports), "ceiling": ceiling, "params": params, "tokens": tokens}
 
 
-def useful_work(run: Path) -> tuple[int, int]:
-    """(non-embedding parameters, real tokens of the validation texts at the run's max_length)."""
+def useful_work(run: Path, count: int | None) -> tuple[int, int]:
+    """(non-embedding parameters, real tokens of the benchmark's texts at the run's max_length)."""
     from textune.infer import Predictor
 
     predictor = Predictor(run)
     params = sum(p.numel() for n, p in predictor.model.named_parameters() if "embeddings" not in n)
-    enc = predictor.tokenizer(load_texts(), truncation=True, max_length=predictor.max_length)
+    enc = predictor.tokenizer(load_texts(count), truncation=True, max_length=predictor.max_length)
     return params, sum(len(ids) for ids in enc["input_ids"])
 
 
@@ -181,10 +207,13 @@ def main() -> None:
                    help="python of a venv with optimum-onnx[onnxruntime] (it pins transformers<4.58); "
                         "default $OPTIMUM_PYTHON; without it the optimum-ort arm is skipped")
     p.add_argument("--exports", default="benchmarks/runs/predict-exports", help="where the ONNX exports go")
-    p.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS)
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=DEFAULT_ARMS)
+    p.add_argument("--texts", type=int, help="predict this many seeded SST-2 training sentences instead of the 872 "
+                                             "validation ones")
     add_arm_arguments(p, choices=ARMS)  # internal: run one arm, write --arm-output
     p.add_argument("--export-optimum", help=argparse.SUPPRESS)  # internal: optimum's export, in its venv
     p.add_argument("--setup", action="store_true", help=argparse.SUPPRESS)  # internal: exports and ceilings
+    p.add_argument("--bf16-ceiling", action="store_true", help=argparse.SUPPRESS)  # internal: setup times bf16 too
     args = p.parse_args()
     run, exports = (ROOT / args.run).resolve(), (ROOT / args.exports).resolve()
     if args.export_optimum:
@@ -192,10 +221,10 @@ def main() -> None:
         Path(args.arm_output).write_text("{}")
         return
     if args.arm:
-        Path(args.arm_output).write_text(json.dumps(run_arm(args.arm, run, exports, args.repeats)))
+        Path(args.arm_output).write_text(json.dumps(run_arm(args.arm, run, exports, args.repeats, args.texts)))
         return
     if args.setup:
-        Path(args.arm_output).write_text(json.dumps(setup(run, exports)))
+        Path(args.arm_output).write_text(json.dumps(setup(run, exports, args.texts, args.bf16_ceiling)))
         return
 
     arms = [a for a in args.arms if a != "optimum-ort" or args.optimum_python]
@@ -203,7 +232,10 @@ def main() -> None:
         print("optimum-ort skipped: no --optimum-python (a venv with optimum-onnx[onnxruntime]; benchmarks/README.md)")
     shutil.rmtree(exports, ignore_errors=True)  # the benchmark's own folder: fresh exports of this run every time
     exports.mkdir(parents=True)
-    prepared = measure(__file__, [str(run), "--setup", "--exports", str(exports)], exports / "setup.json")
+    bf16 = any(a in arms for a in ("textune-bf16", "textune-int8", "onnx-int8"))
+    prepared = measure(__file__, [str(run), "--setup", "--exports", str(exports),
+                                  *(["--texts", str(args.texts)] if args.texts else []),
+                                  *(["--bf16-ceiling"] if bf16 else [])], exports / "setup.json")
     if "error" in prepared:
         sys.exit(f"setup failed ({prepared['error']}): exporting {run} or reading its validation texts")
     export_seconds, ceiling = prepared["export_seconds"], prepared["ceiling"]
@@ -216,7 +248,8 @@ def main() -> None:
     results = []
     for arm in arms:
         python = args.optimum_python if arm == "optimum-ort" else sys.executable
-        r = measure(__file__, [str(run), "--arm", arm, "--repeats", str(args.repeats), "--exports", str(exports)],
+        r = measure(__file__, [str(run), "--arm", arm, "--repeats", str(args.repeats), "--exports", str(exports),
+                               *(["--texts", str(args.texts)] if args.texts else [])],
                     exports / f"{arm}.json", python=python)
         if "error" not in r:
             r["cold_start_s"] = round(r.pop("first_prediction_at") - r.pop("started_at"), 2)
@@ -250,8 +283,8 @@ def main() -> None:
 
     header = (f"{'arm':<14}{'samples/s':>10}{'x naive':>9}{'x pipeline':>11}{'x optimum':>10}{'agree fp32':>11}"
               f"{'MFU':>7}{'peak MB':>9}{'cold s':>8}")
-    print(f"\n872 SST-2 validation sentences, {tokens:,} real tokens, {params / 1e6:.1f}M non-embedding parameters; "
-          f"matmul ceiling fp32 {ceiling['float32']:.0f} GFLOP/s, bf16 {ceiling['bfloat16']:.0f} GFLOP/s; "
+    print(f"\n{len(load_texts(args.texts)):,} SST-2 sentences, {tokens:,} real tokens, {params / 1e6:.1f}M non-embedding parameters; "
+          f"matmul ceiling {', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in ceiling.items())}; "
           f"export seconds {export_seconds}")
     print(header + "\n" + "-" * len(header))
     for r in results:
@@ -267,7 +300,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = [{k: v for k, v in r.items() if k != "labels"} for r in results]
     out.write_text(json.dumps({"cpu_count": os.cpu_count(), "run": os.path.relpath(run, ROOT),
-                               "texts": len(load_texts()), "real_tokens": tokens,
+                               "texts": len(load_texts(args.texts)), "real_tokens": tokens,
                                "non_embedding_parameters": params,
                                "matmul_gflops": {k: round(v, 1) for k, v in ceiling.items()},
                                "export_seconds": export_seconds, "targets": targets, "results": summary}, indent=2))
