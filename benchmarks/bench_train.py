@@ -46,7 +46,6 @@ import csv
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,7 +63,7 @@ ALL_ARMS = ["trainer-default", "trainer-best", *TEXTUNE_ARMS]
 SEED, BATCH_SIZE, EPOCHS, LR, WARMUP, MAX_LENGTH, WEIGHT_DECAY = 42, 32, 1, 5e-5, 0.06, 66, 0.01
 LABELS = ["negative", "positive"]
 
-from arms import add_arm_arguments  # noqa: E402  (the script's folder is on sys.path when run as a script)
+from arms import add_arm_arguments, measure as measure_process  # noqa: E402  (the script's folder is on sys.path when run as a script)
 from bench_predict import matmul_ceiling  # noqa: E402
 
 
@@ -143,20 +142,13 @@ def trainer_bf16() -> bool:
 
 
 def measure(arm: str, train_file: Path, workdir: Path, seed: int) -> dict:
-    """One arm in its own process: its JSON, peak RSS and wall seconds from process start to exit (after the
-    model is saved)."""
-    out = workdir / f"{arm}-{seed}.json"
-    cmd = [sys.executable, __file__, "--arm", arm, "--train-file", str(train_file), "--seed", str(seed),
-           "--arm-output", str(out)]
-    print("$", " ".join(cmd), flush=True)
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = round(time.perf_counter() - started, 1)
-    if os.waitstatus_to_exitcode(status) != 0:
-        return {"arm": arm, "seed": seed, "error": f"exit {os.waitstatus_to_exitcode(status)}"}
-    return {"arm": arm, "seed": seed, **json.loads(out.read_text()), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-            "wall_seconds": wall}
+    """One arm in its own process (`arms.measure`): its JSON, peak RSS and wall seconds from process start to exit
+    (after the model is saved)."""
+    result = measure_process(__file__, ["--arm", arm, "--train-file", str(train_file), "--seed", str(seed)],
+                          workdir / f"{arm}-{seed}.json")
+    if "error" not in result:
+        result["wall_seconds"] = round(time.time() - result.pop("started_at"), 1)
+    return {"arm": arm, "seed": seed, **result}
 
 
 def useful_work(train_file: Path) -> tuple[int, int]:

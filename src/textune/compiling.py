@@ -64,10 +64,9 @@ def plan_compile(setting: bool | str, device_type: str, precision: str, planned_
         if measured is None:
             enabled, reason = False, (f"auto: no gain measured for {precision} on {device_type}; "
                                       f"train.compile: true to try it")
-        elif measured.break_even_samples is None or planned_samples < measured.break_even_samples:
-            enabled, reason = False, f"auto: {planned_samples:,} planned samples; {measured.evidence}"
         else:
-            enabled, reason = True, f"auto: {planned_samples:,} planned samples; {measured.evidence}"
+            enabled = measured.break_even_samples is not None and planned_samples >= measured.break_even_samples
+            reason = f"auto: {planned_samples:,} planned samples; {measured.evidence}"
     else:
         enabled, reason = bool(setting), f"train.compile: {str(setting).lower()}"
     multiple = pad_to_multiple_of or (DEFAULT_PAD_MULTIPLE if enabled else None)
