@@ -62,6 +62,15 @@ Targets (issue 17): held-out loss within 2% of TRL's (token-weighted means, mean
     python benchmarks/bench_sft.py --steps 3 --train-rows 48 --eval-rows 16 --output /tmp/sft-smoke.json
 
 Writes benchmarks/results/sft.json and prints a table.
+
+The shipped config as it is (`--shipped`): no TRL arm; trains configs/instructions-smollm2-lora-sft.yaml
+unchanged (into benchmarks/runs/sft-shipped; wall time from process start to the saved model, peak memory), or takes a
+finished run of it (`--shipped-run RUN`, checked against the config key by key), then answers every validation
+prompt with the base model and with the run, the same decoding (the `answers` arms above). Writes
+benchmarks/results/sft-shipped.json.
+
+    python benchmarks/bench_sft.py --shipped                                 # ~1.5 h training + ~25 min answers here
+    python benchmarks/bench_sft.py --shipped-run runs/instructions-smollm2-lora-sft
 """
 
 from __future__ import annotations
@@ -83,6 +92,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "instructions"
 CONFIG = ROOT / "configs" / "instructions-smollm2-lora-sft.yaml"
 SEED = 42
+DEFAULT_OUTPUT = "benchmarks/results/sft.json"
+SHIPPED_RUN = "benchmarks/runs/sft-shipped"
 
 
 def shipped(overrides: dict | None = None):
@@ -131,6 +142,24 @@ def run_textune(workdir: Path, seed: int, steps: int) -> dict:
     return {"loss": v["loss"], "perplexity": v["perplexity"], "eval_tokens": v["tokens"], "train_tokens": tokens,
             "train_seconds": seconds, "tokens_per_s": tokens / seconds, "steps": tr["steps"],
             "last_train_loss": [r for r in history if r["type"] == "train"][-1]["loss"], "run": str(run)}
+
+
+def run_shipped(run_dir: Path) -> dict:
+    """Train the shipped config unchanged but for its output folder; the run folder and the loop's figures."""
+    import textune.train as loop
+
+    run = loop.train(shipped({"output_dir": str(run_dir)}), overwrite=True)
+    return {"run": str(run), **json.loads((run / "metrics.json").read_text())}
+
+
+def differs_from_shipped(run: Path) -> list[str]:
+    """The config keys (section.key) whose values in RUN/config.yaml are not the shipped config's (output_dir
+    aside): a run trained otherwise is not a figure for the shipped config."""
+    import yaml
+
+    saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    return [f"{section}.{key}" for section, values in shipped().to_dict().items() if isinstance(values, dict)
+            for key, value in values.items() if (saved.get(section) or {}).get(key) != value]
 
 
 def prompt_completion(row: dict) -> dict:
@@ -238,6 +267,70 @@ def compare_tokens(workdir: Path) -> dict:
     return out
 
 
+def print_answers(quality: dict, n_eval: int, max_new_tokens: int) -> None:
+    print(f"\nanswers on {n_eval:,} validation prompts (greedy, at most {max_new_tokens} new tokens), loss on "
+          f"their answer tokens")
+    header = f"{'model':<13}{'exact match':>12}{'ROUGE-L':>9}{'loss':>8}{'perplexity':>12}{'seconds':>9}{'peak MB':>9}"
+    print(header + "\n" + "-" * len(header))
+    for name, r in quality.items():
+        if not r:
+            print(f"{name:<13} failed")
+            continue
+        label = "base" if name == "base" else "textune SFT"
+        print(f"{label:<13}{r['exact_match']:>12.4f}{r['rougeL']:>9.4f}{r['loss']:>8.4f}{r['perplexity']:>12.2f}"
+              f"{r['seconds']:>9.0f}{r['peak_rss_mb']:>9.0f}")
+
+
+def shipped_main(args) -> None:
+    """`--shipped` / `--shipped-run`: the shipped config's run, then base and tuned answers on every prompt."""
+    from textune.gguf import default_causal_lm_dir
+
+    cfg = shipped()
+    if args.shipped_run:
+        run = Path(args.shipped_run).resolve()
+        if not (run / "metrics.json").is_file():
+            sys.exit(f"--shipped-run {run}: no metrics.json there; give a finished run of {CONFIG.name}")
+        changed = differs_from_shipped(run)
+        if changed:
+            sys.exit(f"--shipped-run {run}: trained with other values than {CONFIG.name} ({', '.join(changed)})")
+    base = str(default_causal_lm_dir())  # converts the packaged GGUF once, outside every timed arm
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        training = {}
+        if not args.shipped_run:
+            start = time.perf_counter()
+            # kept after the benchmark (benchmarks/runs is not tracked): a run to chat with, report on, compare
+            training = measure(__file__, ["--arm", "shipped", "--workdir", str(ROOT / SHIPPED_RUN)],
+                               tmp / "shipped.json")
+            training["wall_s"] = round(time.perf_counter() - start, 1)
+            if "error" in training:
+                sys.exit(f"training the shipped config failed ({training['error']})")
+            run = Path(training["run"])
+        else:
+            training = {"run": str(run), **json.loads((run / "metrics.json").read_text())}
+        n_eval = write_slice(DATA / "validation.jsonl", None, tmp / "validation.jsonl")  # the config's file
+        history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+        answers = {name: summarise([measure(__file__, ["--arm", "answers", "--model", model, "--workdir", str(tmp)],
+                                            tmp / f"answers-{name}.json")], ("loss", "perplexity", "exact_match",
+                                                                              "rougeL", "seconds"))
+                   for name, model in (("base", base), ("textune", str(run)))}
+    tr = training.get("train", {})
+    print(f"\nshipped config {CONFIG.name}: {tr.get('steps')} steps, training loop {tr.get('seconds')} s, "
+          f"{tr.get('tokens_per_s')} tokens/s" + (f", wall {training['wall_s']} s, peak {training['peak_rss_mb']:.0f} MB"
+                                                   if "wall_s" in training else f" (run {run})"))
+    for record in history:
+        if record.get("type") == "eval":
+            print("  step {step}: ".format(**record) + ", ".join(f"{k} {v:.4f}" for k, v in record.items()
+                                                                  if k not in ("type", "step", "epoch")
+                                                                  and isinstance(v, float)))
+    print_answers(answers, n_eval, cfg.eval.max_new_tokens)
+    out = ROOT / (args.output if args.output != DEFAULT_OUTPUT else "benchmarks/results/sft-shipped.json")
+    out.write_text(json.dumps({"cpu_count": os.cpu_count(), "config": str(CONFIG.relative_to(ROOT)),
+                               "eval_rows": n_eval, "max_new_tokens": cfg.eval.max_new_tokens,
+                               "training": training, "history": history, "answers": answers}, indent=2))
+    print(f"\nwritten to {out}")
+
+
 def summarise(rows: list[dict], keys: tuple[str, ...]) -> dict:
     good = [r for r in rows if "error" not in r]
     if not good:
@@ -259,14 +352,21 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=1, help="training seeds per arm: 42, 43, ...")
     p.add_argument("--trl-group-by-length", action="store_true",
                    help="give TRL Trainer's length-grouped sampler (default: its own default, random batches)")
-    p.add_argument("--output", default="benchmarks/results/sft.json")
+    p.add_argument("--shipped", action="store_true", help="the shipped config as it is, no TRL arm: train it, "
+                                                           "then base and tuned answers on every validation prompt")
+    p.add_argument("--shipped-run", metavar="RUN", help="like --shipped, with a finished run of the shipped config")
+    p.add_argument("--output", default=DEFAULT_OUTPUT)
     add_arm_arguments(p, seed=SEED)  # internal: run one arm, write --arm-output
     args = p.parse_args()
+    if (args.shipped or args.shipped_run) and not args.arm:
+        return shipped_main(args)
     steps = args.steps or shipped().train.max_steps
     if args.arm == "textune":
         result = run_textune(Path(args.workdir), args.seed, steps)
     elif args.arm == "trl":
         result = run_trl(Path(args.workdir), args.seed, steps, args.trl_group_by_length, args.model)
+    elif args.arm == "shipped":
+        result = run_shipped(Path(args.workdir))
     elif args.arm == "answers":
         result = run_answers(args.model, Path(args.workdir) / "validation.jsonl")
     if args.arm:
@@ -352,17 +452,7 @@ def main() -> None:
         print(f"tokens   {split}: {c['identical']:,} of {c['rows']['textune']:,} rows with the same input ids and "
               f"labels in TRL and textune" + (f" (TRL has {c['rows']['trl']:,} rows)"
                                              if c["rows"]["trl"] != c["rows"]["textune"] else ""))
-    print(f"\nanswers on {n_eval:,} validation prompts (greedy, at most {cfg.eval.max_new_tokens} new tokens), loss on "
-          f"their answer tokens")
-    header = f"{'model':<13}{'exact match':>12}{'ROUGE-L':>9}{'loss':>8}{'perplexity':>12}{'seconds':>9}{'peak MB':>9}"
-    print(header + "\n" + "-" * len(header))
-    for name, r in quality.items():
-        if not r:
-            print(f"{name:<13} failed")
-            continue
-        label = "base" if name == "base" else "textune SFT"
-        print(f"{label:<13}{r['exact_match']:>12.4f}{r['rougeL']:>9.4f}{r['loss']:>8.4f}{r['perplexity']:>12.2f}"
-              f"{r['seconds']:>9.0f}{r['peak_rss_mb']:>9.0f}")
+    print_answers(quality, n_eval, cfg.eval.max_new_tokens)
     print("\nwall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in wall.items()))
     for name, met in targets.items():
         print(f"target  {name}: {'met' if met else 'MISSED'}")
