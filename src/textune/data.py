@@ -201,7 +201,7 @@ def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
     label_feature = splits["train"].features[label_col]
     # A Hub dataset's ClassLabel names its classes; without them the labels would be "0", "1", ...
     given_names = cfg.label_names or (label_feature.names if isinstance(label_feature, ClassLabel) else None)
-    label_names, value_to_id = _label_mapping(list(splits["train"][label_col]), given_names, label_col)
+    label_names, value_to_id = _label_mapping(column_values(splits["train"], label_col), given_names, label_col)
     for split, ds in splits.items():  # train first: its labels are checked before the other splits'
         if ds is not None:
             splits[split] = _encode_labels(ds, split, label_col, label_names, value_to_id)
@@ -223,7 +223,7 @@ def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
 
 def _check_training_labels(train: Dataset, label_names: list[str], streaming: bool, notes: list[str]) -> None:
     """A classifier needs rows of 2+ labels in training; each named label without training rows is noted."""
-    counts = np.bincount(np.asarray(train["labels"]), minlength=len(label_names))
+    counts = np.bincount(column_values(train, "labels"), minlength=len(label_names))
     present = [name for name, n in zip(label_names, counts) if n]
     # A stream's preview may hold one label of a file sorted by label; data.label_names then says what is coming.
     if len(present) < 2 and not (streaming and len(label_names) >= 2):
@@ -250,7 +250,7 @@ def _split_validation(train: Dataset, share: float, label_names: list[str], seed
         return parts["train"], parts["test"]
     except ValueError:  # a class of one row, or fewer held-out rows than classes: datasets cannot stratify
         pass
-    labels = np.asarray(train["labels"])
+    labels = np.asarray(column_values(train, "labels"))
     counts = np.bincount(labels, minlength=len(label_names))
     wanted = math.ceil(share * len(train))  # as datasets rounds test_size
     # By hand, because no library split keeps every class of 2+ rows on both sides while it accepts classes
@@ -277,7 +277,7 @@ def _sample_evaluation(validation: Dataset, n: int, seed: int) -> Dataset:
     try:
         return validation.train_test_split(train_size=n, stratify_by_column="labels", seed=seed)["train"]
     except ValueError:  # a class of one row, or fewer rows asked for than classes
-        labels = np.asarray(validation["labels"])
+        labels = np.asarray(column_values(validation, "labels"))
         counts = np.bincount(labels)
         lo = (counts > 0).astype(int) if n >= (counts > 0).sum() else np.zeros_like(counts)
         return validation.select(_stratified_indices(labels, n, seed, lo=lo, hi=counts))
@@ -366,7 +366,7 @@ def _drop_unlabelled(ds: Dataset, split: str, label_col: str, notes: list[str]) 
     with a note; a split with no labelled row is dropped whole (None)."""
     if not isinstance(ds.features[label_col], ClassLabel):
         return ds
-    labels = np.asarray(ds[label_col])
+    labels = np.asarray(column_values(ds, label_col))
     unlabelled = int((labels == -1).sum())
     if not unlabelled:
         return ds
@@ -396,7 +396,7 @@ def _check_columns(ds: Dataset, split: str, text_col: str, pair_col: str | None,
     for col in [text_col] + ([pair_col] if pair_col else []):
         if ds.features[col] != Value("string"):
             ds = ds.cast_column(col, Value("string"))  # a column of numbers is still text to a tokenizer
-        missing = [i for i, t in enumerate(ds[col]) if t is None]
+        missing = [i for i, t in enumerate(column_values(ds, col)) if t is None]
         if missing:
             raise TextuneError(f"{split} data: column {col!r} is empty in {len(missing)} rows (first: row "
                                f"{missing[0] + 1}); fill or remove those rows")
@@ -447,7 +447,7 @@ def _encode_labels(ds: Dataset, split: str, label_col: str, label_names: list[st
     numeric = isinstance(next(iter(value_to_id)), int)
     key = (lambda v: int(v)) if numeric else (lambda v: str(v))
     unseen: dict[Any, int] = {}
-    for v in ds[label_col]:
+    for v in column_values(ds, label_col):
         if v is None or (isinstance(v, float) and math.isnan(v)):
             raise TextuneError(f"{split} data: label column {label_col!r} has empty values; fill or remove those rows")
         try:
@@ -474,7 +474,7 @@ def load_regression_data(cfg: DataConfig, seed: int) -> TaskData:
     splits, notes = _read_target_splits(cfg, "regression")
     for split, ds in splits.items():
         if ds is not None:
-            values = parse_numeric_labels(list(ds[cfg.label_column]), f"data.{split}", cfg.label_column)
+            values = parse_numeric_labels(column_values(ds, cfg.label_column), f"data.{split}", cfg.label_column)
             splits[split] = ds.remove_columns(cfg.label_column).add_column("labels", values.tolist()) \
                 .cast_column("labels", Value("float32"))
     return _target_task_data(cfg, seed, splits, [cfg.label_column], notes)
@@ -488,7 +488,7 @@ def load_multi_label_data(cfg: DataConfig, seed: int) -> TaskData:
     feature = splits["train"].features[cfg.label_column]
     inner = getattr(feature, "feature", None)  # a Hub Sequence(ClassLabel) names its ids
     id_names = inner.names if isinstance(inner, ClassLabel) else None
-    parsed = {split: parse_label_lists(list(ds[cfg.label_column]), f"data.{split}", cfg.label_column,
+    parsed = {split: parse_label_lists(column_values(ds, cfg.label_column), f"data.{split}", cfg.label_column,
                                        cfg.label_separator, id_names)
               for split, ds in splits.items() if ds is not None}
     seen = sorted({label for labels in parsed["train"] for label in labels})
@@ -629,6 +629,14 @@ def tokenize_stream(data: TaskData, tokenizer, max_length: int) -> IterableDatas
     return data.train_stream.map(encode, batched=True, remove_columns=_text_columns(data))
 
 
+def column_values(ds: Dataset | IterableDataset, name: str) -> list:
+    """Every value of column `name`, as a list. In datasets 4+ `ds[name]` is a lazy `Column`, and iterating it
+    formats row by row (~1 s per 67k rows, paid again by every check that reads it); slicing reads the Arrow
+    column at once. A stream has no slice: it is read through."""
+    values = ds[name]
+    return values[:] if isinstance(ds, Dataset) else list(values)
+
+
 def length_stats(lengths: list[int] | np.ndarray, max_length: int) -> dict[str, float]:
     """Token-length summary before truncation: mean, max, 95th percentile, share truncated."""
     arr = np.asarray(lengths)
@@ -642,5 +650,5 @@ def length_stats(lengths: list[int] | np.ndarray, max_length: int) -> dict[str, 
 
 
 def label_counts(ds: Dataset, label_names: list[str]) -> dict[str, int]:
-    counts = np.bincount(np.asarray(ds["labels"]), minlength=len(label_names))
+    counts = np.bincount(column_values(ds, "labels"), minlength=len(label_names))
     return {name: int(c) for name, c in zip(label_names, counts)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from textune.data import TaskData, label_counts
+from textune.data import TaskData, column_values, label_counts
 from textune.errors import TextuneError
 
 # A class under this share of the training rows is flagged: with so few examples a classifier can score
@@ -58,10 +58,10 @@ def normalise(text: str) -> str:
 
 
 def _keys(ds, text_col: str, pair_col: str | None) -> list[str]:
-    texts = list(ds[text_col])
+    texts = column_values(ds, text_col)
     if pair_col is None:
         return [normalise(t) for t in texts]
-    return [normalise(a) + " [PAIR] " + normalise(b) for a, b in zip(texts, ds[pair_col])]
+    return [normalise(a) + " [PAIR] " + normalise(b) for a, b in zip(texts, column_values(ds, pair_col))]
 
 
 def check_task_data(data: TaskData) -> DataReport:
@@ -70,7 +70,7 @@ def check_task_data(data: TaskData) -> DataReport:
     if data.test is not None:
         splits["test"] = data.test
     keys = {name: _keys(ds, data.text_column, data.text_pair_column) for name, ds in splits.items()}
-    raw_texts = {name: list(ds[data.text_column]) for name, ds in splits.items()}
+    raw_texts = {name: column_values(ds, data.text_column) for name, ds in splits.items()}
     # What loading decided for the user (fallback split, labels without rows, unlabelled rows dropped).
     findings = [Finding("loading", 1, note) for note in data.notes]
 
@@ -99,7 +99,7 @@ def check_task_data(data: TaskData) -> DataReport:
                 f"memory, not generalisation", list(dict.fromkeys(leaked))[:EXAMPLES_SHOWN], strict_error=True))
 
     labels_by_text: dict[str, set[int]] = defaultdict(set)
-    for k, y in zip(keys["train"], data.train["labels"]):
+    for k, y in zip(keys["train"], column_values(data.train, "labels")):
         labels_by_text[k].add(y)
     conflicting = [k for k, ys in labels_by_text.items() if len(ys) > 1]
     if conflicting:

@@ -10,7 +10,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from textune.data import read_table, read_text_lines
+from textune.data import column_values, read_table, read_text_lines
 from textune.atomic import replace_atomically
 from textune.errors import TextuneError, is_onnx_export
 from textune.models import (inference_device, inference_max_length, load_saved_model, resolve_model,
@@ -150,8 +150,8 @@ def read_inputs(source: str, text_column: str = "text", text_pair_column: str | 
         if col not in ds.column_names:
             raise TextuneError(f"input {source} has no column {col!r}; its columns are: "
                                f"{', '.join(map(repr, ds.column_names))} (set --text-column)")
-    texts = [str(t) if t is not None else "" for t in ds[text_column]]
-    pairs = [str(t) if t is not None else "" for t in ds[text_pair_column]] if text_pair_column else None
+    texts = [str(t) if t is not None else "" for t in column_values(ds, text_column)]
+    pairs = [str(t) if t is not None else "" for t in column_values(ds, text_pair_column)] if text_pair_column else None
     return texts, pairs
 
 

@@ -32,6 +32,7 @@ from transformers import DataCollatorWithPadding, get_scheduler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from textune.config import Config, TrainConfig, save_config
+from textune.data import column_values
 from textune.diagnose import diagnose_curves, format_diagnosis
 from textune.compiling import CompiledForward, plan_compile
 from textune.checkpoint import check_checkpoint_matches, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
@@ -200,7 +201,7 @@ def make_loader(ds, tokenizer, batch_size: int, shuffle: bool, group_by_length: 
     sampler = None
     if shuffle and group_by_length and "length" in ds.column_names:  # packed LM blocks all have one length
         # Buckets of similar length, shuffled between buckets: little padding, still random batches.
-        sampler = LengthGroupedSampler(batch_size, lengths=list(ds["length"]), generator=generator)
+        sampler = LengthGroupedSampler(batch_size, lengths=column_values(ds, "length"), generator=generator)
     elif shuffle:
         sampler = RandomSampler(ds, generator=generator)
     ds = ds.remove_columns([c for c in ("length",) if c in ds.column_names])

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers import DataCollatorWithPadding
 
 from textune.augment import Mixup, augment_training_split
-from textune.data import (TaskData, label_counts, length_stats, load_task_data, read_table, tokenize_splits,
+from textune.data import (TaskData, column_values, label_counts, length_stats, load_task_data, read_table, tokenize_splits,
                           tokenize_stream)
 from textune.data_checks import DataReport, check_task_data, enforce
 from textune.errors import TextuneError
@@ -177,7 +177,7 @@ class Classification(Task):
     def evaluate_file(self, predictor, path: str, columns: dict) -> dict:
         ds, texts, pairs, label_col = read_labelled_file(path, columns)
         names = predictor.label_names
-        label_ids = labels_to_ids(ds[label_col], names, path)
+        label_ids = labels_to_ids(column_values(ds, label_col), names, path)
         probs = predictor.predict_proba(texts, pairs)
         metrics = classification_metrics(label_ids, probs.argmax(-1), names, probs)
         metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(label_ids)), label_ids], 1e-12, None)).mean())
@@ -272,7 +272,8 @@ def classification_loss(cfg, data: TaskData):
     if cfg.data.augment.mixup_alpha > 0:
         return Mixup(cfg.data.augment.mixup_alpha)
     if cfg.train.class_weights != "none":
-        return ClassWeightedLoss(class_weights(cfg.train.class_weights, data.label_names, data.train["labels"]))
+        train_labels = column_values(data.train, "labels")
+        return ClassWeightedLoss(class_weights(cfg.train.class_weights, data.label_names, train_labels))
     return None
 
 
@@ -327,7 +328,8 @@ def read_labelled_file(path: str, columns: dict) -> tuple[object, list[str], lis
     if missing:
         raise TextuneError(f"{path} has no column {missing[0]!r}; its columns are: "
                            f"{', '.join(map(repr, ds.column_names))} (set --text-column/--label-column)")
-    return ds, [str(t) for t in ds[text_col]], [str(t) for t in ds[pair_col]] if pair_col else None, label_col
+    pairs = [str(t) for t in column_values(ds, pair_col)] if pair_col else None
+    return ds, [str(t) for t in column_values(ds, text_col)], pairs, label_col
 
 
 def target_data_report(data: TaskData, balance: dict[str, dict[str, int]]) -> DataReport:
@@ -339,9 +341,9 @@ def target_data_report(data: TaskData, balance: dict[str, dict[str, int]]) -> Da
     splits = {k: getattr(data, k) for k in ("train", "validation", "test") if getattr(data, k) is not None}
     ids: dict[str, int] = {}
     for ds in splits.values():
-        for v in ds["labels"]:
+        for v in column_values(ds, "labels"):
             ids.setdefault(json.dumps(v), len(ids))
-    keyed = {k: ds.remove_columns("labels").add_column("labels", [ids[json.dumps(v)] for v in ds["labels"]])
+    keyed = {k: ds.remove_columns("labels").add_column("labels", [ids[json.dumps(v)] for v in column_values(ds, "labels")])
              for k, ds in splits.items()}
     report = check_task_data(dataclasses.replace(data, label_names=[str(i) for i in range(len(ids))], **keyed))
     report.findings = [f for f in report.findings if f.kind != "imbalance"]

@@ -46,7 +46,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, GenerationConfig
 
 from textune.config import Config, DataConfig
-from textune.data import length_stats, read_table, read_text_lines
+from textune.data import column_values, length_stats, read_table, read_text_lines
 from textune.errors import TextuneError
 from textune.models import apply_tuning, load_tokenizer, safetensors_only, saved_run_config, set_attention
 from textune.tasks.base import Task, TaskInputs
@@ -219,7 +219,8 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, max_lengt
     ds = Dataset.from_dict({"messages": conversations}).map(
         label_conversations, batched=True, remove_columns=["messages"],
         fn_kwargs=dict(tokenizer=tokenizer, max_length=max_length, loss_on=loss_on))
-    counts = {"dropped": int(sum(ds["dropped"])), "cut": int(sum(a and not b for a, b in zip(ds["cut"], ds["dropped"])))}
+    dropped, cut = column_values(ds, "dropped"), column_values(ds, "cut")
+    counts = {"dropped": int(sum(dropped)), "cut": int(sum(a and not b for a, b in zip(cut, dropped)))}
     ds = ds.filter(lambda row: not row["dropped"]).remove_columns(["dropped", "cut"])
     return ds, counts
 
@@ -592,8 +593,8 @@ def load_instruction_inputs(cfg: Config) -> InstructionInputs:
         if len(splits[split]) == 0:
             raise TextuneError(f"data.{split}: every conversation's prompt fills model.max_length={m.max_length} "
                                f"tokens, leaving no answer to learn; raise model.max_length")
-    lengths = np.array(splits["train"]["length"])
-    answer_tokens = sum(sum(t != -100 for t in labels) for labels in splits["train"]["labels"])
+    lengths = np.array(column_values(splits["train"], "length"))
+    answer_tokens = sum(sum(t != -100 for t in labels) for labels in column_values(splits["train"], "labels"))
     stats = {"format": fmt, "conversations": {"train": len(train), "validation": len(validation)},
              "multi_turn": sum(sum(t["role"] == "assistant" for t in c) > 1 for c in train + validation),
              "tokens": length_stats(lengths, m.max_length), "answer_share": answer_tokens / max(1, lengths.sum()),

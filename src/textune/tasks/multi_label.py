@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from textune.data import TaskData, length_stats, load_multi_label_data, parse_label_lists, tokenize_splits
+from textune.data import TaskData, column_values, length_stats, load_multi_label_data, parse_label_lists, tokenize_splits
 from textune.data_checks import DataReport, enforce
 from textune.errors import TextuneError
 from textune.evaluate import best_thresholds, multi_label_metrics, predict_logits
@@ -55,7 +55,7 @@ class MultiLabelInputs(SequenceInputs):
     def summary(self, cfg) -> str:
         d = self.data
         counts = label_balance(d)["train"]
-        per_row = float(np.asarray(d.train["labels"]).sum(1).mean())
+        per_row = float(np.asarray(column_values(d.train, "labels")).sum(1).mean())
         shown = ", ".join(f"{k}={v}" for k, v in list(counts.items())[:12]) + (" ..." if len(counts) > 12 else "")
         lines = [f"model      {cfg.model.name or self.model_path} ({type(self.model).__name__}, {len(d.label_names)} "
                  f"labels, multi-label)",
@@ -163,7 +163,7 @@ class MultiLabel(Task):
 
     def evaluate_file(self, predictor, path: str, columns: dict) -> dict:
         ds, texts, pairs, label_col = read_labelled_file(path, columns)
-        rows = parse_label_lists(list(ds[label_col]), path, label_col, columns.get("label_separator") or "|")
+        rows = parse_label_lists(column_values(ds, label_col), path, label_col, columns.get("label_separator") or "|")
         index = {n: i for i, n in enumerate(predictor.label_names)}
         labels = np.zeros((len(rows), len(index)), dtype=np.float32)
         for i, row in enumerate(rows):

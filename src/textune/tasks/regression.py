@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from textune.data import length_stats, load_regression_data, parse_numeric_labels, tokenize_splits
+from textune.data import column_values, length_stats, load_regression_data, parse_numeric_labels, tokenize_splits
 from textune.data_checks import DataReport, enforce
 from textune.errors import TextuneError
 from textune.evaluate import predict_logits, regression_metrics
@@ -62,7 +62,7 @@ class RegressionInputs(SequenceInputs):
     scale: tuple[float, float]
 
     def summary(self, cfg) -> str:
-        d, t = self.data, target_stats(self.data.train["labels"])
+        d, t = self.data, target_stats(column_values(self.data.train, "labels"))
         low, high = self.scale
         lines = [f"model      {cfg.model.name or self.model_path} ({type(self.model).__name__}, 1 output, regression)",
                  f"data       train {len(d.train):,} | validation {len(d.validation):,}"
@@ -128,7 +128,7 @@ class Regression(Task):
         data = load_regression_data(cfg.data, cfg.seed)
         report = target_data_report(data, {})
         enforce(report, cfg.data.strict)
-        low, high = target_scale(cfg, data.train["labels"])
+        low, high = target_scale(cfg, column_values(data.train, "labels"))
         tokenized = tokenize_splits(data, tokenizer, cfg.model.max_length, cache=cfg.data.cache)
         tokenized = {k: ds.map(lambda b: {"labels": [(y - low) / (high - low) for y in b["labels"]]}, batched=True,
                                load_from_cache_file=cfg.data.cache) for k, ds in tokenized.items()}
@@ -142,7 +142,7 @@ class Regression(Task):
 
     def evaluate_file(self, predictor, path: str, columns: dict) -> dict:
         ds, texts, pairs, label_col = read_labelled_file(path, columns)
-        labels = parse_numeric_labels(list(ds[label_col]), path, label_col)
+        labels = parse_numeric_labels(column_values(ds, label_col), path, label_col)
         preds = predictor.predict_scores(texts, pairs)
         metrics = regression_metrics(preds, labels)
         low, high = predictor.scale
