@@ -57,8 +57,7 @@ def normalise(text: str) -> str:
     return " ".join(str(text).lower().split())
 
 
-def _keys(ds, text_col: str, pair_col: str | None) -> list[str]:
-    texts = column_values(ds, text_col)
+def _keys(texts: list[str], ds, pair_col: str | None) -> list[str]:
     if pair_col is None:
         return [normalise(t) for t in texts]
     return [normalise(a) + " [PAIR] " + normalise(b) for a, b in zip(texts, column_values(ds, pair_col))]
@@ -69,8 +68,8 @@ def check_task_data(data: TaskData) -> DataReport:
     splits = {"train": data.train, "validation": data.validation}
     if data.test is not None:
         splits["test"] = data.test
-    keys = {name: _keys(ds, data.text_column, data.text_pair_column) for name, ds in splits.items()}
     raw_texts = {name: column_values(ds, data.text_column) for name, ds in splits.items()}
+    keys = {name: _keys(raw_texts[name], ds, data.text_pair_column) for name, ds in splits.items()}
     # What loading decided for the user (fallback split, labels without rows, unlabelled rows dropped).
     findings = [Finding("loading", 1, note) for note in data.notes]
 

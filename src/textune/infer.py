@@ -151,7 +151,8 @@ def read_inputs(source: str, text_column: str = "text", text_pair_column: str | 
             raise TextuneError(f"input {source} has no column {col!r}; its columns are: "
                                f"{', '.join(map(repr, ds.column_names))} (set --text-column)")
     texts = [str(t) if t is not None else "" for t in column_values(ds, text_column)]
-    pairs = [str(t) if t is not None else "" for t in column_values(ds, text_pair_column)] if text_pair_column else None
+    pairs = ([str(t) if t is not None else "" for t in column_values(ds, text_pair_column)]
+             if text_pair_column else None)
     return texts, pairs
 
 

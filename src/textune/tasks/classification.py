@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from transformers import DataCollatorWithPadding
 
 from textune.augment import Mixup, augment_training_split
-from textune.data import (TaskData, column_values, label_counts, length_stats, load_task_data, read_table, tokenize_splits,
-                          tokenize_stream)
+from textune.data import (TaskData, column_values, label_counts, length_stats, load_task_data, read_table,
+                          tokenize_splits, tokenize_stream)
 from textune.data_checks import DataReport, check_task_data, enforce
 from textune.errors import TextuneError
 from textune.evaluate import classification_metrics, evaluate_loader, format_confusion
@@ -339,11 +339,12 @@ def target_data_report(data: TaskData, balance: dict[str, dict[str, int]]) -> Da
     import dataclasses
 
     splits = {k: getattr(data, k) for k in ("train", "validation", "test") if getattr(data, k) is not None}
+    targets = {k: [json.dumps(v) for v in column_values(ds, "labels")] for k, ds in splits.items()}
     ids: dict[str, int] = {}
-    for ds in splits.values():
-        for v in column_values(ds, "labels"):
-            ids.setdefault(json.dumps(v), len(ids))
-    keyed = {k: ds.remove_columns("labels").add_column("labels", [ids[json.dumps(v)] for v in column_values(ds, "labels")])
+    for values in targets.values():
+        for v in values:
+            ids.setdefault(v, len(ids))
+    keyed = {k: ds.remove_columns("labels").add_column("labels", [ids[v] for v in targets[k]])
              for k, ds in splits.items()}
     report = check_task_data(dataclasses.replace(data, label_names=[str(i) for i in range(len(ids))], **keyed))
     report.findings = [f for f in report.findings if f.kind != "imbalance"]

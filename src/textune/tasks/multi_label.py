@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from textune.data import TaskData, column_values, length_stats, load_multi_label_data, parse_label_lists, tokenize_splits
+from textune.data import (TaskData, column_values, length_stats, load_multi_label_data, parse_label_lists,
+                          tokenize_splits)
 from textune.data_checks import DataReport, enforce
 from textune.errors import TextuneError
 from textune.evaluate import best_thresholds, multi_label_metrics, predict_logits
@@ -163,7 +164,8 @@ class MultiLabel(Task):
 
     def evaluate_file(self, predictor, path: str, columns: dict) -> dict:
         ds, texts, pairs, label_col = read_labelled_file(path, columns)
-        rows = parse_label_lists(column_values(ds, label_col), path, label_col, columns.get("label_separator") or "|")
+        separator = columns.get("label_separator") or "|"
+        rows = parse_label_lists(column_values(ds, label_col), path, label_col, separator)
         index = {n: i for i, n in enumerate(predictor.label_names)}
         labels = np.zeros((len(rows), len(index)), dtype=np.float32)
         for i, row in enumerate(rows):
