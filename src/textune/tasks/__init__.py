@@ -21,11 +21,40 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Architecture:
+    """One kind of saved model: how its class name ends, the transformers Auto class that loads it, PEFT's task
+    type for it, and the pipeline tag the Hub and `transformers.pipeline` know it by."""
+
+    suffixes: tuple[str, ...]  # endings of `config.architectures` names (BertForTokenClassification, ...)
+    auto_class: str  # transformers' AutoModelFor... class name
+    peft_task_type: str  # peft.TaskType member name
+    pipeline_tag: str
+
+
+SEQUENCE_HEAD = Architecture(("ForSequenceClassification",), "AutoModelForSequenceClassification", "SEQ_CLS",
+                             "text-classification")
+TOKEN_HEAD = Architecture(("ForTokenClassification",), "AutoModelForTokenClassification", "TOKEN_CLS",
+                          "token-classification")
+SPAN_HEAD = Architecture(("ForQuestionAnswering",), "AutoModelForQuestionAnswering", "QUESTION_ANS",
+                         "question-answering")
+CAUSAL_LM = Architecture(("ForCausalLM", "LMHeadModel"), "AutoModelForCausalLM", "CAUSAL_LM", "text-generation")
+# BertForPreTraining = MLM + NSP heads. PEFT has no masked-LM task type: FEATURE_EXTRACTION wraps it generically.
+MASKED_LM = Architecture(("ForMaskedLM", "ForPreTraining"), "AutoModelForMaskedLM", "FEATURE_EXTRACTION",
+                         "fill-mask")
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     module: str
     metrics: tuple[str, ...]  # what train.metric may select; all are in every evaluation's metrics
     default_metric: str  # the headline, selected when train.metric is empty
-    pipeline_tag: str  # transformers' pipeline task name for the saved model
+    # The saved model kinds a run of this task writes, the one it builds by default first.
+    architectures: tuple[Architecture, ...]
+    problem_type: str | None = None  # a sequence classifier's config.problem_type that names this task
+
+    @property
+    def pipeline_tag(self) -> str:
+        return self.architectures[0].pipeline_tag
 
 
 # GLUE's metrics: mcc (CoLA), accuracy and f1 (MRPC, QQP), accuracy (the rest); STS-B is task regression.
@@ -33,22 +62,23 @@ class TaskSpec:
 CLASSIFICATION_METRICS = ("accuracy", "f1", "f1_macro", "precision", "recall", "precision_macro", "recall_macro",
                           "mcc", "f1_weighted", "roc_auc", "average_precision", "loss")
 TASKS = {
-    "classification": TaskSpec("textune.tasks.classification", CLASSIFICATION_METRICS, "accuracy",
-                               "text-classification"),
+    "classification": TaskSpec("textune.tasks.classification", CLASSIFICATION_METRICS, "accuracy", (SEQUENCE_HEAD,)),
     "token-classification": TaskSpec("textune.tasks.token_classification",
-                                     ("f1", "precision", "recall", "accuracy", "loss"), "f1", "token-classification"),
+                                     ("f1", "precision", "recall", "accuracy", "loss"), "f1", (TOKEN_HEAD,)),
     "question-answering": TaskSpec("textune.tasks.question_answering", ("f1", "exact_match", "loss"), "f1",
-                                   "question-answering"),
+                                   (SPAN_HEAD,)),
     "language-modeling": TaskSpec("textune.tasks.language_modeling", ("loss", "perplexity"), "loss",
-                                  "text-generation"),
+                                  (MASKED_LM, CAUSAL_LM)),
     "regression": TaskSpec("textune.tasks.regression", ("pearson", "spearman", "mse", "mae", "loss"), "pearson",
-                           "text-classification"),
+                           (SEQUENCE_HEAD,), "regression"),
     "multi-label": TaskSpec("textune.tasks.multi_label", ("f1_micro", "f1_macro", "subset_accuracy", "hamming_loss",
-                                                          "loss"), "f1_micro", "text-classification"),
+                                                          "loss"), "f1_micro", (SEQUENCE_HEAD,),
+                            "multi_label_classification"),
     # Held-out loss picks the best checkpoint: exact match and ROUGE-L come from a small generated sample.
     "instruction": TaskSpec("textune.tasks.instruction", ("loss", "perplexity", "rougeL", "exact_match"), "loss",
-                            "text-generation"),
+                            (CAUSAL_LM,)),
 }
+DEFAULT_TASK = "classification"
 
 
 def get_task(name: str) -> Task:
@@ -56,11 +86,25 @@ def get_task(name: str) -> Task:
     return importlib.import_module(TASKS[name].module).TASK
 
 
-# A sequence classifier's config.problem_type -> task, and model classes' name endings -> task, for model
-# folders that were not written by a textune run.
-PROBLEM_TYPE_TASKS = {"regression": "regression", "multi_label_classification": "multi-label"}
-ARCHITECTURE_TASKS = (("ForTokenClassification", "token-classification"), ("ForQuestionAnswering", "question-answering"),
-                      ("ForSequenceClassification", "classification"))
+# Model folders not written by a textune run are read by their architecture: the first task (in registry order)
+# that builds it, refined by a sequence classifier's problem_type. An instruction-tuned model is a causal LM
+# like any other, so a bare folder of one reads as language-modeling; its run folder says instruction.
+def architecture_of(architectures: list[str] | None) -> Architecture | None:
+    """The registry's entry for a model's `config.architectures` names, or None where none matches."""
+    for spec in TASKS.values():
+        for arch in spec.architectures:
+            if any(name.endswith(arch.suffixes) for name in architectures or ()):
+                return arch
+    return None
+
+
+def task_of_architecture(architectures: list[str] | None, problem_type: str | None = None) -> str | None:
+    """The task a model of these architectures was trained for; None where no task builds it."""
+    arch = architecture_of(architectures)
+    if arch is None:
+        return None
+    matches = [name for name, spec in TASKS.items() if arch in spec.architectures]
+    return next((name for name in matches if TASKS[name].problem_type == problem_type and problem_type), matches[0])
 
 
 def task_of(run_or_model: str | Path) -> str:
@@ -83,13 +127,10 @@ def task_of(run_or_model: str | Path) -> str:
     model_config = path / "model" / "config.json" if (path / "model").is_dir() else path / "config.json"
     if model_config.is_file():
         saved = json.loads(model_config.read_text())
-        if saved.get("problem_type") in PROBLEM_TYPE_TASKS:
-            return PROBLEM_TYPE_TASKS[saved["problem_type"]]
-        architectures = saved.get("architectures") or []
-        for suffix, task in ARCHITECTURE_TASKS:
-            if any(a.endswith(suffix) for a in architectures):
-                return task
-    return "classification"
+        task = task_of_architecture(saved.get("architectures"), saved.get("problem_type"))
+        if task is not None:
+            return task
+    return DEFAULT_TASK
 
 
 def load_predictor(run_or_model: str | Path, batch_size: int = 64, precision: str = "fp32"):
