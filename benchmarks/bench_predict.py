@@ -1,15 +1,15 @@
-"""Prediction benchmark: textune's `Predictor` (PyTorch and ONNX Runtime) against the usual Hugging Face ways,
+"""Prediction benchmark: textune's `ClassifierPredictor` (PyTorch and ONNX Runtime) against the usual Hugging Face ways,
 on the 872 SST-2 validation sentences with one fine-tuned model.
 
 Arms, each in its own process (so peak resident memory is its own, read with `os.wait4`):
   naive          tokenise one text at a time, padded to 128, one model call per text (torch.no_grad)
   pipeline       transformers.pipeline("text-classification", batch_size=32)
-  textune-fp32   Predictor(batch_size=32): length-sorted batches, dynamic padding, inference_mode
+  textune-fp32   ClassifierPredictor(batch_size=32): length-sorted batches, dynamic padding, inference_mode
   textune-bf16   the same with precision="bf16"
   textune-int8   the same with precision="int8" (dynamic quantisation of the Linear layers)
   textune-compile  textune-fp32 with the model through torch.compile (dynamic=False) and batches padded to
                  multiples of 16 (train.compile's length buckets), the compiling inside its cold start
-  onnx-fp32      Predictor on `textune export RUN --format onnx` (ONNX Runtime, CPU provider)
+  onnx-fp32      ClassifierPredictor on `textune export RUN --format onnx` (ONNX Runtime, CPU provider)
   onnx-int8      the same on `--quantize int8` (ONNX Runtime's dynamic quantisation)
   optimum-ort    optimum's ORTModelForSequenceClassification the way its docs show it: exported from the run's
                  model folder, then transformers.pipeline(..., batch_size=32) over it. optimum-onnx's only
@@ -95,20 +95,20 @@ def arm_predictor(arm: str, run: Path, exports: Path):
 
     model_dir = run / "model"
     if arm in TEXTUNE_ARMS:
-        from textune.infer import Predictor
+        from textune.tasks.classification import ClassifierPredictor
 
         if arm.startswith("onnx"):
-            predictor = Predictor(exports / arm, batch_size=BATCH_SIZE)
+            predictor = ClassifierPredictor(exports / arm, batch_size=BATCH_SIZE)
         elif arm == "textune-compile":  # a trial: what train.compile's buckets would give a prediction job
             import functools
 
             import torch
 
-            predictor = Predictor(run, batch_size=BATCH_SIZE)
+            predictor = ClassifierPredictor(run, batch_size=BATCH_SIZE)
             predictor.model = torch.compile(predictor.model, dynamic=False)
             predictor.tokenizer.pad = functools.partial(predictor.tokenizer.pad, pad_to_multiple_of=16)
         else:
-            predictor = Predictor(run, batch_size=BATCH_SIZE, precision=arm.split("-")[1])
+            predictor = ClassifierPredictor(run, batch_size=BATCH_SIZE, precision=arm.split("-")[1])
         return lambda items: predictor.predict_proba(items).argmax(1).tolist()
     if arm == "pipeline":
         return pipeline_predict(pipeline("text-classification", model=str(model_dir), batch_size=BATCH_SIZE,
@@ -190,9 +190,9 @@ def setup(run: Path, exports: Path, count: int | None, bf16: bool) -> dict:
 
 def useful_work(run: Path, count: int | None) -> tuple[int, int]:
     """(non-embedding parameters, real tokens of the benchmark's texts at the run's max_length)."""
-    from textune.infer import Predictor
+    from textune.tasks.classification import ClassifierPredictor
 
-    predictor = Predictor(run)
+    predictor = ClassifierPredictor(run)
     params = sum(p.numel() for n, p in predictor.model.named_parameters() if "embeddings" not in n)
     enc = predictor.tokenizer(load_texts(count), truncation=True, max_length=predictor.max_length)
     return params, sum(len(ids) for ids in enc["input_ids"])

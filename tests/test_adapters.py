@@ -21,9 +21,10 @@ from textune.adapters import (
 from textune.cli import main
 from textune.config import TrainConfig, TuningConfig, load_config
 from textune.errors import ConfigError, TextuneError
-from textune.infer import Predictor
-from textune.models import apply_tuning, load_classifier
+from textune.tasks.classification import ClassifierPredictor
+from textune.models import load_classifier
 from textune.train import build_optimizer, train
+from textune.tuning import apply_tuning
 
 TEXTS = ["the movie was great and superb", "awful boring film", "the plot was very nice", "it was poor and bad",
          "the acting", "love this story"]
@@ -143,7 +144,7 @@ def test_adapter_run_saves_the_adapter_alone_and_loads_back(adapter_runs, tiny_m
 
     # The best checkpoint's validation probabilities (recorded by the run) come back from the saved adapter.
     rows = [json.loads(line) for line in (run / "validation_predictions.jsonl").read_text().splitlines()]
-    probs = Predictor(run).predict_proba([r["text"] for r in rows])
+    probs = ClassifierPredictor(run).predict_proba([r["text"] for r in rows])
     np.testing.assert_allclose(probs, [r["probs"] for r in rows], atol=1e-4)
 
 
@@ -204,8 +205,8 @@ def test_two_adapters_on_one_base_match_each_loaded_alone(registry, adapter_runs
     assert two.shape == (6, 2) and three.shape == (6, 3)
     assert predictor.predict(TEXTS[:1], adapter="toy3")[0]["probabilities"].keys() == {"negative", "neutral",
                                                                                         "positive"}
-    np.testing.assert_allclose(two, Predictor(adapter_runs["lora"]).predict_proba(TEXTS), atol=1e-5)
-    np.testing.assert_allclose(three, Predictor(three_label_run).predict_proba(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(two, ClassifierPredictor(adapter_runs["lora"]).predict_proba(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(three, ClassifierPredictor(three_label_run).predict_proba(TEXTS), atol=1e-5)
 
     # Switching back is PEFT set_adapter on the same model: nothing is loaded again.
     model = predictor.model
@@ -237,6 +238,13 @@ def test_registry_refuses_another_base_another_type_and_full_models(registry, ad
         AdapterPredictor(registry.root).predict(TEXTS, adapter="nope")
     with pytest.raises(TextuneError, match="is \\(or was trained on\\) the base model"):
         AdapterPredictor(registry.root).check_base(other_base)
+    tagger = tmp_path / "tagger"  # the same base and type, but another kind of head
+    shutil.copytree(adapter_runs["lora"] / "model", tagger)
+    config = json.loads((tagger / "config.json").read_text())
+    (tagger / "config.json").write_text(json.dumps({**config, "architectures": ["BertForTokenClassification"]}))
+    with pytest.raises(TextuneError, match=r"holds adapters loaded with AutoModelForSequenceClassification, and "
+                                           r".*tagger needs AutoModelForTokenClassification: the registry loads its"):
+        registry.add(tagger, "tagger")
 
 
 def test_adapters_cli_add_list_remove_and_predict(adapter_runs, tiny_model, tmp_path, capsys):
@@ -253,7 +261,7 @@ def test_adapters_cli_add_list_remove_and_predict(adapter_runs, tiny_model, tmp_
                              "--input", tmp_path / "in.txt")
     assert code == 0, err
     labels = [json.loads(line)["label"] for line in out.splitlines()]
-    assert labels == [r["label"] for r in Predictor(adapter_runs["lora"]).predict(TEXTS)]
+    assert labels == [r["label"] for r in ClassifierPredictor(adapter_runs["lora"]).predict(TEXTS)]
     code, _, err = run_cli(capsys, "predict", adapter_runs["lora"], "--registry", reg, "--input", tmp_path / "in.txt")
     assert code == 2 and "add --adapter NAME" in err
 
@@ -261,3 +269,112 @@ def test_adapters_cli_add_list_remove_and_predict(adapter_runs, tiny_model, tmp_
     assert code == 0 and AdapterRegistry(reg).names() == []
     code, _, err = run_cli(capsys, "adapters", "remove", "toy", "--registry", reg)
     assert code == 2 and "no adapter 'toy'" in err
+
+
+# ---------------------------------------------------------------- every saved form predicts as the run
+
+
+def lora_task_run(task: str, tiny_model: Path, root: Path):
+    """(a LoRA run of `task`, a few steps on toy data, its inputs to predict), with the settings that turn outputs
+    into predictions set away from their defaults: a regression scale of 0-5, multi-label thresholds of 0.3, QA
+    with unanswerable questions (a null threshold) and windows of a stride of 8 tokens."""
+    from conftest import write_jsonl
+    from test_multi_label import ml_overrides, toy_row as ml_row
+    from test_question_answering import qa_overrides, toy_rows as qa_rows
+    from test_regression import reg_overrides, toy_pair
+    from test_token_classification import ner_overrides, write_conll
+
+    rng = random.Random(7)
+    lora = {"tuning.method": "lora", "train.max_steps": 6, "train.lr": 1e-2, "train.eval_steps": 3}
+    if task == "regression":
+        data = {s: write_csv(root / f"{s}.csv", [toy_pair(rng) for _ in range(n)]) for s, n in (("train", 48), ("validation", 16))}
+        return reg_overrides(tiny_model, data, root / "run", **lora), (TEXTS[:4], TEXTS[2:])
+    if task == "multi-label":
+        data = {s: write_csv(root / f"{s}.csv", [ml_row(rng) for _ in range(n)]) for s, n in (("train", 48), ("validation", 16))}
+        return ml_overrides(tiny_model, data, root / "run", **lora, **{"train.threshold": 0.3}), (TEXTS,)
+    if task == "token-classification":
+        data = {"train": write_conll(root / "train.conll", 48, seed=1), "validation": write_conll(root / "val.conll", 16, seed=2)}
+        return ner_overrides(tiny_model, data, root / "run", **lora), (TEXTS,)
+    data = {"train": write_jsonl(root / "train.jsonl", qa_rows(48, seed=1, unanswerable=0.3)),
+            "validation": write_jsonl(root / "validation.jsonl", qa_rows(16, seed=2, n_words=30, unanswerable=0.3))}
+    contexts = [r["context"] for r in qa_rows(3, seed=3, n_words=40)]  # longer than one window
+    return qa_overrides(tiny_model, data, root / "run", **lora, **{"data.allow_unanswerable": True}), (["is it"] * 3, contexts)
+
+
+def assert_same_rows(got, expected, path="row"):
+    """Predictor rows equal, floats to 1e-4 (rounded to 6 decimals from outputs computed in another order)."""
+    if isinstance(expected, dict):
+        assert set(got) == set(expected), path
+        for k in expected:
+            assert_same_rows(got[k], expected[k], f"{path}.{k}")
+    elif isinstance(expected, list):
+        assert len(got) == len(expected), path
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert_same_rows(g, e, f"{path}[{i}]")
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, abs=1e-4), path
+    else:
+        assert got == expected, path
+
+
+@pytest.mark.parametrize("task", ["regression", "multi-label", "question-answering", "token-classification"])
+def test_every_saved_form_of_a_lora_run_predicts_as_the_run(task, tiny_model, tmp_path):
+    """The run, its merged folder moved elsewhere, the adapter registry, and (with onnxruntime) the ONNX export of
+    the merged folder: one task, one predictor class, the same predictions."""
+    import importlib.util
+
+    from textune.tasks import load_predictor, task_of
+
+    overrides, inputs = lora_task_run(task, tiny_model, tmp_path)
+    run = train(load_config(None, overrides))
+    expected = load_predictor(run).predict(*inputs)
+
+    moved = tmp_path / "elsewhere" / "merged"
+    moved.parent.mkdir()
+    shutil.move(merge_adapter(run), moved)  # away from the run: only what the folder carries
+    assert task_of(moved) == task
+    merged = load_predictor(moved)
+    assert type(merged) is type(load_predictor(run))
+    assert_same_rows(merged.predict(*inputs), expected)
+
+    AdapterRegistry(tmp_path / "registry").add(run, "mine")
+    from_registry = AdapterPredictor(tmp_path / "registry")
+    assert_same_rows(from_registry.predict(*inputs, adapter="mine"), expected)
+
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
+        from textune.export import export_onnx
+
+        assert_same_rows(load_predictor(export_onnx(moved, say=lambda line: None)).predict(*inputs), expected)
+
+
+def test_what_each_task_predicts_with_travels_with_the_merged_folder(tiny_model, tmp_path):
+    """A merged regression keeps its scale and problem type in config.json, a merged multi-label its thresholds."""
+    run = train(load_config(None, lora_task_run("multi-label", tiny_model, tmp_path)[0]))
+    merged = merge_adapter(run)
+    config = json.loads((merged / "config.json").read_text())
+    assert config["problem_type"] == "multi_label_classification"
+    assert json.loads((merged / "thresholds.json").read_text())["thresholds"] == {"neg": 0.3, "pos": 0.3, "story": 0.3}
+    assert {"config.yaml", "metrics.json", "data_stats.json"} <= {p.name for p in merged.iterdir()}
+
+
+def test_a_causal_lm_adapter_merges_into_a_causal_lm(tmp_path):
+    """The Auto class comes from the architecture table: a LoRA adapter of a causal LM (pretrain clm,
+    instruction tuning) merges into a causal LM with the adapter's next-token logits, not into a classifier."""
+    from conftest import build_tiny_lm
+    from transformers import AutoModelForCausalLM
+
+    from textune.adapters import save_adapter_extras
+
+    base = build_tiny_lm(tmp_path / "gpt2", "clm")
+    model = apply_peft(AutoModelForCausalLM.from_pretrained(base), TuningConfig(method="lora", target_modules=["c_attn"]))
+    with torch.no_grad():  # a trained adapter is not the identity: make this one change the outputs
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "adapter")
+    save_adapter_extras(model, tmp_path / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(tmp_path / "adapter", tmp_path / "merged"))
+    assert type(merged).__name__ == "GPT2LMHeadModel"
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model.eval()(input_ids=ids).logits, atol=1e-5, rtol=0)

@@ -58,7 +58,7 @@ def env(tmp_path_factory, tiny_model, toy_data):
     config = d / "base.yaml"
     config.write_text(f"model: {{name: {tiny_model}, max_length: 32}}\n"
                       f"data: {{train: {toy_data['train']}, validation: {toy_data['validation']}}}\n"
-                      f"train: {{max_steps: 2, checkpoint_steps: 1, batch_size: 16, mixed_precision: 'no'}}\n")
+                      f"train: {{max_steps: 2, checkpoint_steps: 1, keep_last: 2, batch_size: 16, mixed_precision: 'no'}}\n")
     assert main(["train", str(config), "--output_dir", str(ckpt_run)]) == 0
     existing = d / "existing-run"
     assert main(["train", str(config), "--output_dir", str(existing)]) == 0
@@ -158,3 +158,98 @@ def test_allow_pickle_loads_pickle_weights_safely(env, tmp_path, capsys):
                  "--model.name", str(env["pickled"])]) == 0
     assert (out / "model" / "model.safetensors").is_file()  # what textune writes is always safetensors
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 2
+
+
+# ---------------------------------------------------------------- token classification and question answering
+
+
+def _squad(paragraphs) -> str:
+    return json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": paragraphs}]})
+
+
+QA_OK = {"context": "Ada wrote it in 1843.", "question": "When?", "answers": {"text": ["1843"], "answer_start": [16]}}
+TASK_FILES = {  # name -> (task, file name, content)
+    "conll_tag_with_space": ("ner", "space.conll", "good\tB-POS O\nfilm\tO\n"),
+    "conll_tag_without_word": ("ner", "noword.conll", "good\tB-POS\n\tO\n"),
+    "conll_word_without_tag": ("ner", "notag.conll", "good\tB-POS\nfilm\n"),
+    "conll_non_bio_tag": ("ner", "nonbio.conll", "good\tB-POS\n\nfilm\tPOS\n"),
+    "ner_empty_token": ("ner", "empty.jsonl", [{"tokens": ["good", ""], "tags": ["B-POS", "O"]}]),
+    "ner_blank_token": ("ner", "blank.jsonl", [{"tokens": ["good", "  "], "tags": ["B-POS", "O"]}]),
+    "ner_null_token": ("ner", "nulltok.jsonl", [{"tokens": ["good", None], "tags": ["B-POS", "O"]}]),
+    "ner_null_tag": ("ner", "nulltag.jsonl", [{"tokens": ["good", "film"], "tags": ["B-POS", None]}]),
+    "ner_bool_tag": ("ner", "booltag.jsonl", [{"tokens": ["good"], "tags": [True]}]),
+    "ner_table_tag_with_space": ("ner", "spacetag.jsonl", [{"tokens": ["good", "film"], "tags": ["B-POS O", "O"]}]),
+    "qa_negative_start": ("qa", "neg.jsonl", [{**QA_OK, "answers": {"text": ["1843"], "answer_start": [-5]}}]),
+    "qa_text_start": ("qa", "strstart.jsonl", [{**QA_OK, "answers": {"text": ["1843"], "answer_start": ["16a"]}}]),
+    "qa_null_start": ("qa", "nullstart.jsonl", [{**QA_OK, "answers": {"text": ["1843"], "answer_start": [None]}}]),
+    "qa_fraction_start": ("qa", "fracstart.jsonl", [{**QA_OK, "answers": {"text": ["1843"], "answer_start": [16.5]}}]),
+    "qa_text_not_list": ("qa", "textstr.jsonl", [{**QA_OK, "answers": {"text": "1843", "answer_start": [16]}}]),
+    "qa_answer_not_string": ("qa", "textint.jsonl", [{**QA_OK, "answers": {"text": [1843], "answer_start": [16]}}]),
+    "qa_csv_answers_not_json": ("qa", "notjson.csv", "context,question,answers\nAda wrote it in 1843.,Who?,Ada\n"),
+    "squad_paragraph_not_object": ("qa", "para.json", _squad(["Ada wrote it in 1843."])),
+    "squad_qas_not_list": ("qa", "qas.json", _squad([{"context": "Ada wrote it.", "qas": {"question": "Who?"}}])),
+    "squad_qa_not_object": ("qa", "qa.json", _squad([{"context": "Ada wrote it.", "qas": ["Who wrote it?"]}])),
+    "squad_answers_not_list": ("qa", "ans.json", _squad([{"context": "Ada wrote it.", "qas": [
+        {"id": "1", "question": "Who?", "answers": {"text": "Ada", "answer_start": 0}}]}])),
+    "squad_no_question": ("qa", "noq.json", _squad([{"context": "Ada wrote it.", "qas": []}])),
+}
+TASK_CASES = {
+    "conll_tag_with_space": r"space.conll line 1: the tag 'B-POS O' holds a space; a tag is one word",
+    "conll_tag_without_word": r"noword.conll line 2: the tag 'O' has no word before it",
+    "conll_word_without_tag": r"notag.conll line 2: 'film' has no tag",
+    "conll_non_bio_tag": r"tags \['POS'\] are not BIO/IOB2 tags \(O, B-TYPE, I-TYPE\); the first, 'POS', is at "
+                         r"\S*nonbio.conll line 3",
+    "ner_empty_token": r"empty.jsonl row 1: word 2 is empty; every word needs a character",
+    "ner_blank_token": r"blank.jsonl row 1: word 2 is empty",
+    "ner_null_token": r"nulltok.jsonl row 1: word 2 is None \(NoneType\); a sentence is a list of words as strings",
+    "ner_null_tag": r"nulltag.jsonl row 1: tag 2 is None; a tag is one BIO/IOB2 word",
+    "ner_bool_tag": r"booltag.jsonl row 1: tag 1 is True; a tag is one BIO/IOB2 word",
+    "ner_table_tag_with_space": r"spacetag.jsonl row 1: tag 1 is 'B-POS O'; a tag is one BIO/IOB2 word",
+    "qa_negative_start": r"neg.jsonl row 1: answer_start -5 is negative",
+    "qa_text_start": r"strstart.jsonl row 1: answer_start '16a' is not a whole number",
+    "qa_null_start": r"nullstart.jsonl row 1: answer_start None is not a whole number",
+    "qa_fraction_start": r"fracstart.jsonl row 1: answer_start 16.5 is not a whole number",
+    "qa_text_not_list": r"textstr.jsonl row 1: answers.text must be a list, got str '1843'",
+    "qa_answer_not_string": r"textint.jsonl row 1: the answer text 1843 is a int, not a string",
+    "qa_csv_answers_not_json": r"notjson.csv row 1: 'answers' holds 'Ada', which is not JSON; write each answers cell as JSON",
+    "squad_paragraph_not_object": r"para.json data\[0\].paragraphs\[0\]: expected an object with a 'context' and a "
+                                  r"'qas' list",
+    "squad_qas_not_list": r"qas.json data\[0\].paragraphs\[0\]: expected an object with a 'context' and a 'qas' list",
+    "squad_qa_not_object": r"qa.json data\[0\].paragraphs\[0\].qas\[0\]: expected an object with 'id', 'question'",
+    "squad_answers_not_list": r"ans.json data\[0\].paragraphs\[0\].qas\[0\]: answers must be a list of objects",
+    "squad_no_question": r"noq.json holds no question",
+}
+
+
+@pytest.fixture(scope="module")
+def task_env(tmp_path_factory, tiny_model):
+    d = tmp_path_factory.mktemp("bad-tasks")
+    for name, (_, file, content) in TASK_FILES.items():
+        if isinstance(content, list):
+            write_jsonl(d / file, content)
+        else:
+            (d / file).write_text(content)
+    (d / "val.conll").write_text("good\tB-POS\nfilm\tO\n\nbad\tB-NEG\n")
+    write_jsonl(d / "val.jsonl", [QA_OK])
+    configs = {"ner": d / "ner.yaml", "qa": d / "qa.yaml"}
+    configs["ner"].write_text(f"task: token-classification\nmodel: {{name: {tiny_model}, max_length: 32}}\n"
+                              f"data: {{validation: {d / 'val.conll'}}}\ntrain: {{max_steps: 1, mixed_precision: 'no'}}\n")
+    configs["qa"].write_text(f"task: question-answering\nmodel: {{name: {tiny_model}, max_length: 32}}\n"
+                             f"data: {{validation: {d / 'val.jsonl'}, doc_stride: 8}}\n"
+                             f"train: {{max_steps: 1, mixed_precision: 'no'}}\n")
+    return d, configs
+
+
+@pytest.mark.parametrize("case", list(TASK_CASES))
+def test_bad_ner_and_qa_input_gives_one_clear_line(case, task_env, capsys, tmp_path):
+    import re
+
+    d, configs = task_env
+    task, file, _ = TASK_FILES[case]
+    code = main(["train", str(configs[task]), "--output_dir", str(tmp_path / "run"), "--data.train", str(d / file)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("textune: error: "), err
+    assert re.search(TASK_CASES[case], lines[0]), lines[0]
+    assert not (tmp_path / "run").exists()

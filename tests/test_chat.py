@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_chat_lm
+from openapi_check import assert_matches_schema
 from textune.cli import main
 from textune.errors import TextuneError
 from textune.generate import (ChatSession, ConversationTooLong, StopStringFilter, chat_completion, chat_prompt_ids,
@@ -230,10 +231,10 @@ def server(chat_dir):
     """Base URL of the tiny chat model served (token required) by uvicorn in a background thread."""
     import uvicorn
 
-    from textune.generate import LanguageModel
-    from textune.serve import ServeSettings, create_app
+    from textune.serving import ServeSettings, create_app
+    from textune.tasks.language_modeling import LanguageModelPredictor
 
-    app = create_app(LanguageModel(chat_dir), ServeSettings(token=TOKEN, **SERVER_LIMITS), "tiny-chat")
+    app = create_app(LanguageModelPredictor(chat_dir), ServeSettings(token=TOKEN, **SERVER_LIMITS), "tiny-chat")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -293,7 +294,7 @@ def test_openai_client_lists_the_served_model(client, server):
     (model,) = client.models.list().data
     assert model.id == "tiny-chat" and model.owned_by == "textune"
     body = httpx.get(f"{server}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}).json()
-    assert body["task"] == "text-generation" and body["base"] == "tiny-chat"  # textune's own keys stay
+    assert body["task"] == "language-modeling" and body["base"] == "tiny-chat"  # textune's own keys stay
 
 
 @pytest.mark.parametrize("request_, param, message", [
@@ -337,3 +338,71 @@ def test_a_wrong_key_raises_authentication_error(server):
     assert "bearer token" in caught.value.body["message"] and caught.value.code == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+def test_chat_answers_and_errors_are_what_the_openapi_schema_promises(server):
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
+        for body in ({"messages": QUESTION, "max_tokens": 4, "temperature": 0}, {"model": "m"},
+                     {"messages": QUESTION, "max_tokens": 17}):
+            assert_matches_schema(c, "POST", "/v1/chat/completions", c.post("/v1/chat/completions", json=body))
+        assert_matches_schema(c, "POST", "/v1/classify", c.post("/v1/classify", json={"texts": ["a"]}))  # 404
+        assert_matches_schema(c, "GET", "/v1/models", c.get("/v1/models"))
+
+
+# ---------------------------------------------------------------- an instruction run: its system prompt
+
+SYSTEM = "you are a terse assistant"
+
+
+@pytest.fixture(scope="module")
+def instruction_run(chat_dir, tmp_path_factory):
+    """A run folder of an instruction run trained with a system prompt, as training leaves it: the model in
+    RUN/model, the config naming the task and data.system_prompt (the tiny chat model stands in for the tuned one)."""
+    import yaml
+
+    run = tmp_path_factory.mktemp("runs") / "sft-run"
+    shutil.copytree(chat_dir, run / "model")
+    (run / "config.yaml").write_text(yaml.safe_dump({"task": "instruction", "data": {"system_prompt": SYSTEM}}))
+    return run
+
+
+def test_an_instruction_run_is_served_with_its_system_prompt(instruction_run, lm):
+    from fastapi.testclient import TestClient
+
+    from textune.serving import ServeSettings, create_app
+    from textune.serving.server import load_served
+
+    predictor, _, name = load_served(str(instruction_run), ServeSettings())
+    assert (predictor.task, predictor.system_prompt, name) == ("instruction", SYSTEM, "sft-run")
+    with_system = [{"role": "system", "content": SYSTEM}] + QUESTION
+    want = chat_completion(*lm, with_system, max_new_tokens=8)
+    with TestClient(create_app(predictor, ServeSettings(**SERVER_LIMITS), name)) as c:
+        ask = lambda messages: c.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8,
+                                                                    "temperature": 0}).json()
+        without, given = ask(QUESTION), ask(with_system)
+        # No system message: the run's own comes first, so the answer is the one the model learned to give.
+        assert without["choices"] == given["choices"] and without["usage"] == given["usage"]
+        assert without["choices"][0]["message"]["content"] == want.text
+        assert without["usage"]["prompt_tokens"] == want.prompt_tokens > chat_prompt_ids(lm[1], QUESTION).shape[1]
+        own = [{"role": "system", "content": "answer in French"}] + QUESTION  # a request's own system message wins
+        assert ask(own)["usage"]["prompt_tokens"] == chat_prompt_ids(lm[1], own).shape[1]
+        r = c.post("/v1/generate", json={"prompt": "what is two plus three", "chat": True, "max_new_tokens": 5})
+        assert r.json()["texts"] == generate_text(*lm, "what is two plus three", max_new_tokens=5, chat=True,
+                                                  system=SYSTEM)
+        assert c.get("/v1/models").json()["task"] == "instruction"
+
+
+def test_cli_chat_and_generate_use_an_instruction_runs_system_prompt(instruction_run, lm, monkeypatch, capsys):
+    import io
+
+    session = ChatSession(*lm, system=SYSTEM, max_new_tokens=6)
+    monkeypatch.setattr("sys.stdin", io.StringIO("what is two plus three\n"))
+    assert main(["chat", str(instruction_run), "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == session.send("what is two plus three").text + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("what is two plus three\n"))
+    assert main(["chat", str(instruction_run), "--max-new-tokens", "6", "--system", "answer in French"]) == 0
+    (other,) = [ChatSession(*lm, system="answer in French", max_new_tokens=6).send("what is two plus three").text]
+    assert capsys.readouterr().out == other + "\n"
+    (want,) = generate_text(*lm, "hello", max_new_tokens=5, chat=True, system=SYSTEM)
+    assert main(["generate", str(instruction_run), "--chat", "hello", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out == want + "\n"

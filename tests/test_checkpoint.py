@@ -100,7 +100,8 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(ti
 
 
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tiny_model, toy_data, tmp_path, monkeypatch):
-    over = toy_overrides(tiny_model, toy_data, tmp_path / "run", **{"train.max_steps": 5, "train.checkpoint_steps": 2})
+    over = toy_overrides(tiny_model, toy_data, tmp_path / "run", **{"train.max_steps": 5, "train.checkpoint_steps": 2,
+                                                                    "train.keep_last": 2})
     run = train(load_config(None, over))
     assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000004"]
 
@@ -129,7 +130,8 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tiny_model, t
 
 
 def test_resuming_with_another_model_is_refused(tiny_model, toy_data, tmp_path, trained_run):
-    over = toy_overrides(tiny_model, toy_data, tmp_path / "run", **{"train.max_steps": 3, "train.checkpoint_steps": 2})
+    over = toy_overrides(tiny_model, toy_data, tmp_path / "run", **{"train.max_steps": 3, "train.checkpoint_steps": 2,
+                                                                    "train.keep_last": 1})
     train(load_config(None, over))
     with pytest.raises(TextuneError, match="written with other trainable parameters"):
         train(load_config(None, {**over, "tuning.method": "head"}), resume="latest")
@@ -173,7 +175,7 @@ def test_skip_nonfinite_steps_skips_then_stops(tiny_model, toy_data, tmp_path, c
 def test_a_checkpoint_with_one_rng_state_for_all_processes_still_resumes(tiny_model, toy_data, tmp_path):
     """Checkpoints written before they held one RNG state per process (rng.safetensors + state.json's rng)."""
     over = toy_overrides(tiny_model, toy_data, tmp_path / "run", **{"train.max_steps": 4, "train.checkpoint_steps": 2,
-                                                                    "train.logging_steps": 1})
+                                                                    "train.logging_steps": 1, "train.keep_last": 2})
     ref = train(load_config(None, over))
     ref_losses = [json.loads(x)["loss"] for x in (ref / "history.jsonl").read_text().splitlines() if '"train"' in x]
     checkpoint = list_checkpoints(ref)[0]
@@ -185,3 +187,20 @@ def test_a_checkpoint_with_one_rng_state_for_all_processes_still_resumes(tiny_mo
     resumed = train(load_config(None, {**over, "output_dir": str(tmp_path / "resumed")}), resume=str(checkpoint))
     losses = [json.loads(x)["loss"] for x in (resumed / "history.jsonl").read_text().splitlines() if '"train"' in x]
     assert losses == ref_losses
+
+
+def test_a_finished_run_deletes_its_checkpoints_unless_keep_last_asks_and_resume_says_why(tiny_model, toy_data,
+                                                                                          tmp_path, capsys):
+    over = toy_overrides(tiny_model, toy_data, tmp_path / "run", **{"train.max_steps": 5, "train.checkpoint_steps": 2})
+    run = train(load_config(None, over))
+    assert not (run / "checkpoints").exists() and (run / "model" / "model.safetensors").is_file()
+    assert "cleanup    2 checkpoint(s) deleted now that the model is saved (train.keep_last N keeps" in capsys.readouterr().out
+    with pytest.raises(TextuneError, match=r"--resume latest: .* is a finished run, and its checkpoints were deleted "
+                                           r"once its model was saved, so there is nothing to resume; .*train.keep_last N"):
+        train(load_config(None, over), resume="latest")
+
+    kept = train(load_config(None, {**over, "output_dir": str(tmp_path / "kept"), "train.keep_last": 1}))
+    assert [p.name for p in list_checkpoints(kept)] == ["step-00000004"]
+    assert "cleanup" not in capsys.readouterr().out
+    train(load_config(None, {**over, "output_dir": str(tmp_path / "kept"), "train.keep_last": 1}), resume="latest")
+    assert "resume     from " + str(kept / "checkpoints" / "step-00000004") + " (the run had finished: the steps after it are trained again)" in capsys.readouterr().out

@@ -109,3 +109,66 @@ def test_evaluate_and_predict_mistakes(trained_run, tmp_path, capsys):
     assert_one_line_error(code, err, "labels the model was not trained on: ['meh']")
     code, _, err = run_in_process(capsys, "predict", trained_run, "--input", tmp_path / "missing.txt")
     assert_one_line_error(code, err, "input file not found")
+
+
+def test_version_and_a_bare_textune_print_what_it_is(capsys):
+    from textune import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"textune {__version__}"
+    code, out, err = run_in_process(capsys)
+    assert code == 0 and not err
+    assert out.startswith("usage: textune") and "fine-tune a model" in out and "COMMAND --help" in out
+
+
+def test_command_summaries_say_what_each_does_for_every_task(capsys):
+    code, out, _ = run_in_process(capsys)
+    summary = " ".join(out.split())  # argparse wraps the help column
+    assert "predict labels, scores, entities or answers for each input line" in summary
+    assert "serve serve a model over HTTP (classify, entities, answer, generate, chat" in summary
+
+
+def test_a_config_typo_is_reported_before_torch_is_imported(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.yaml").write_text("train:\n  lrr: 3e-5\n")
+    check = ("import sys; from textune.cli import main; code = main(['train', sys.argv[1]]); "
+             "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", check, str(tmp_path / "bad.yaml")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stdout + proc.stderr
+    assert_one_line_error(2, proc.stderr, "train.lrr: unknown key; did you mean train.lr?")
+
+
+def test_predict_keeps_one_output_line_per_input_line(trained_run, tmp_path, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("great\n\n   \nawful\n"))
+    code, out, _ = run_in_process(capsys, "predict", trained_run, "--input", "-")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(rows) == 4
+    assert [r.get("label") for r in rows] == ["positive", None, None, "negative"]
+    assert rows[1] == {"text": ""} and rows[2] == {"text": "   "}  # empty results: the model never saw them
+    (tmp_path / "in.txt").write_text("great\n\nawful\n")
+    code, _, err = run_in_process(capsys, "predict", trained_run, "--input", tmp_path / "in.txt", "--output",
+                                  tmp_path / "out.jsonl")
+    assert code == 0 and "2 predictions written" in err and "1 empty rows for blank input lines" in err
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 3
+
+
+def test_blank_lines_drop_out_of_every_input_list_and_settings_pass_through():
+    from textune.infer import BlankLine, predict_rows, text_echo
+
+    class Echo:  # a predictor that returns what it was given
+        def predict(self, texts, extra=None, top_k=1):
+            return [{"got": t, "extra": e, "top_k": top_k} for t, e in zip(texts, extra or texts)]
+
+    texts = ["a", "", "b"]
+    echo = text_echo(texts, "-")
+    assert isinstance(echo[1], BlankLine) and echo[0] == {"text": "a"}
+    rows = predict_rows(Echo(), (texts, ["x", "y", "z"], 3), echo)
+    assert rows == [{"text": "a", "got": "a", "extra": "x", "top_k": 3}, {"text": ""},
+                    {"text": "b", "got": "b", "extra": "z", "top_k": 3}]
+    assert text_echo(["", "a"], "in.csv") == [{"text": ""}, {"text": "a"}]  # an empty table cell is still predicted

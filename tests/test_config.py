@@ -112,7 +112,57 @@ def test_help_lists_every_key_with_help():
     text = config_help()
     for key in ("model.name", "data.text_pair_column", "train.early_stopping_patience", "tuning.method"):
         assert key in text
-    assert all(": " in line and line.split(": ", 1)[1].strip() for line in text.splitlines())
+    keys = [line for line in text.splitlines() if line.startswith("  ")]
+    assert len(keys) > 100 and all(line.split("): ", 1)[1].strip() for line in keys)
+
+
+def test_help_config_is_grouped_by_section_and_lists_every_fixed_choice():
+    import dataclasses
+    import typing
+
+    lines = config_help().splitlines()
+    headings = [line.split(":")[0] for line in lines if line and not line.startswith(" ") and ": " in line][1:]
+    assert headings == ["top level", "model", "data", "data.augment", "tuning", "pretrain", "train", "search", "eval",
+                        "logging"]
+    # every key sits under its own section's heading
+    section = None
+    for line in lines[1:]:
+        if line and not line.startswith(" "):
+            section = line.split(":")[0]
+        elif line.startswith("  ") and section != "top level":
+            assert line.split()[0].rsplit(".", 1)[0] == section, line
+    scheduler = next(line for line in lines if line.startswith("  train.scheduler "))
+    assert "(default: 'linear'; choices: linear, cosine, constant)" in scheduler
+    assert "(default: empty; choices: maximize, minimize, empty)" in next(l for l in lines if "search.direction " in l)
+    assert "choices: auto, true, false" in next(l for l in lines if "train.compile " in l)
+    # every Literal in the typed config shows all of its values
+    for cls in (Config,) + tuple(typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)
+                                 if dataclasses.is_dataclass(typing.get_type_hints(Config)[f.name])):
+        for name, tp in typing.get_type_hints(cls).items():
+            literals = [a for a in (typing.get_args(tp) or (tp,)) if typing.get_origin(a) is typing.Literal] or (
+                [tp] if typing.get_origin(tp) is typing.Literal else [])
+            for literal in literals:
+                line = next(l for l in lines if l.startswith("  ") and l.split()[0].endswith(f".{name}")
+                            or l.split()[0:1] == [name])
+                assert all(str(v) in line.split("choices: ")[1] for v in typing.get_args(literal)), line
+
+
+def test_config_yaml_keeps_data_paths_resolved_and_as_given(tmp_path, monkeypatch):
+    from textune.config import save_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    cfg = load_config(None, {"data.train": "data/train.csv", "data.validation": "data/val.csv",
+                             "model.name": "sentence-transformers/all-MiniLM-L6-v2"})
+    save_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert text.splitlines()[0] == (f"# paths resolved against {tmp_path}, where training ran; as given: "
+                                    f"data.train: data/train.csv, data.validation: data/val.csv")
+    monkeypatch.chdir("/")
+    saved = load_config(tmp_path / "config.yaml")  # still a config textune reads, from any directory
+    assert saved.data.train == str(tmp_path / "data" / "train.csv")
+    assert saved.data.validation == str(tmp_path / "data" / "val.csv")
+    assert saved.model.name == "sentence-transformers/all-MiniLM-L6-v2"  # a Hub id, not a local path: as given
 
 
 def test_hub_dataset_keys_have_defaults_and_help():

@@ -83,3 +83,52 @@ def test_tensorboard_without_the_package_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"logging.tensorboard: true needs the tensorboard package.*"
                                           r"pip install 'textune\[tensorboard\]' or set it to false"):
         load_config(None, {"data.train": "x.csv", "logging.tensorboard": True})
+
+
+@pytest.mark.parametrize("task, metric, history, shown", [
+    ("classification", "accuracy", ["loss", "accuracy", "f1", "mcc"], ["accuracy", "f1"]),  # as before the registry
+    ("classification", "mcc", ["loss", "accuracy", "f1", "mcc"], ["mcc", "accuracy"]),  # the run's train.metric first
+    (None, None, ["loss", "accuracy", "f1"], ["accuracy", "f1"]),  # a history alone: a classifier's
+    ("regression", "pearson", ["loss", "pearson", "spearman", "mse", "mae"], ["pearson", "spearman"]),
+    ("regression", "mse", ["loss", "pearson", "mse"], ["mse"]),  # an unbounded metric is drawn alone
+    ("language-modeling", "loss", ["loss", "perplexity", "tokens"], ["perplexity"]),  # the loss has its own chart
+    ("instruction", "loss", ["loss", "perplexity", "rougeL", "exact_match"], ["perplexity"]),
+    ("multi-label", "f1_micro", ["loss", "f1_micro", "f1_macro", "hamming_loss"], ["f1_micro", "f1_macro"]),
+    ("token-classification", "f1", ["loss", "custom"], ["custom"]),  # none of the task's: what the history holds
+])
+def test_the_metric_chart_shows_the_tasks_headline(task, metric, history, shown):
+    from textune.curves import headline_metrics
+
+    records = [{"type": "eval", "step": 5, **{f"eval_{k}": 0.5 for k in history}}]
+    assert headline_metrics(records, task, metric) == shown
+
+
+def lm_and_regression_runs(tmp_path):
+    """Run folders of a language model and a regression: config.yaml (task, train.metric) and a history."""
+    runs = {}
+    for task, metric, keys in (("language-modeling", "loss", {"eval_perplexity": 40.0}),
+                               ("regression", "pearson", {"eval_pearson": 0.3, "eval_spearman": 0.25})):
+        folder = tmp_path / task
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text(f"task: {task}\ntrain:\n  metric: {metric}\n")
+        lines = [{"type": "eval", "step": s, "eval_loss": 3.0 / s, **{k: v * (1 + s / 10) for k, v in keys.items()}}
+                 for s in (10, 20, 30)]
+        (folder / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        runs[task] = folder
+    return runs
+
+
+def test_metric_chart_of_a_regression_and_a_language_model_is_not_empty(tmp_path):
+    from textune.curves import metrics_figure, run_headline_metrics
+    from textune.diagnose import load_history
+
+    for task, run in lm_and_regression_runs(tmp_path).items():
+        records = load_history(run)
+        fig = metrics_figure({task: records}, {task: run_headline_metrics(run, records)})
+        lines = fig.axes[0].get_lines()
+        expected = {"language-modeling": ["language-modeling perplexity"],
+                    "regression": ["regression Pearson", "regression Spearman"]}[task]
+        assert [line.get_label() for line in lines] == expected
+        assert all(len(line.get_xdata()) == 3 for line in lines)
+    paths = save_curves(list(lm_and_regression_runs(tmp_path / "again").values()), tmp_path / "out")
+    assert imread(paths[1])[..., :3].std() > 0.05

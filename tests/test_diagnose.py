@@ -41,12 +41,52 @@ def test_healthy_run_falls_levels_off_with_small_gap():
     assert d.best_epoch == 5.0
 
 
-def test_healthy_run_stopped_while_still_learning_suggests_more_epochs():
+def test_a_run_stopped_while_the_loss_still_falls_is_still_learning_not_healthy():
     train = [0.69 - 0.008 * i for i in range(60)]  # straight down to 0.22, no levelling off
     d = diagnose_curves(make_history(train, [0.5, 0.4, 0.33], [0.8, 0.85, 0.88]), BALANCED)
-    assert d.verdict == "healthy"
-    assert any("still falling at the end" in e for e in d.evidence)
-    assert "more epochs may still help (train.epochs)" in d.remedies
+    assert d.verdict == "still-learning", d
+    assert any("still falling at the end: by 17% of its start in the last quarter" in e for e in d.evidence)
+    assert "train longer: more train.epochs (or a higher train.max_steps)" in d.remedies
+    assert format_diagnosis(d).splitlines()[0] == "diagnosis  still-learning"
+
+
+# Issue 30: a barely trained model was "healthy" while a classifier in the same state was "inconclusive".
+FIVE_STEPS = [2.10, 1.95, 1.70, 1.45, 1.20]  # NER after 5 steps, logged every step: still falling fast
+
+
+def five_step_history(metric: str, value: float, step_zero: bool = False) -> list[dict]:
+    history = [{"type": "train", "step": i + 1, "epoch": (i + 1) / 5, "loss": v} for i, v in enumerate(FIVE_STEPS)]
+    evals = [{"type": "eval", "step": 5, "epoch": 1.0, "eval_loss": 1.3, f"eval_{metric}": value}]
+    if step_zero:  # instruction tuning and pretraining evaluate the base model first
+        evals.insert(0, {"type": "eval", "step": 0, "epoch": 0.0, "eval_loss": 2.2, f"eval_{metric}": 0.0})
+    return sorted(history + evals, key=lambda r: (r["step"], r["type"] == "eval"))
+
+
+@pytest.mark.parametrize("metric, value, step_zero, counts", [
+    ("f1", 0.09, False, None),  # token classification
+    ("accuracy", 0.55, False, BALANCED),  # classification
+    ("exact_match", 0.0, True, None),  # instruction tuning, evaluated at step 0 too
+    ("f1", 0.1, True, None),
+])
+def test_one_rule_for_every_task_a_loss_still_falling_is_still_learning(metric, value, step_zero, counts):
+    d = diagnose_curves(five_step_history(metric, value, step_zero), counts, metric=metric)
+    assert d.verdict == "still-learning", d
+
+
+@pytest.mark.parametrize("evaluations", [1, 2, 5])
+def test_one_training_loss_point_is_inconclusive_however_many_evaluations(evaluations):
+    # QA and instruction runs with one logged loss (and a step-0 evaluation) were called healthy.
+    history = [{"type": "train", "step": 5, "epoch": 1.0, "loss": 1.2}]
+    history += [{"type": "eval", "step": 5 * i, "epoch": float(i), "eval_loss": 2.0 - 0.1 * i}
+                for i in range(evaluations)]
+    d = diagnose_curves(history, None)
+    assert d.verdict == "inconclusive" and "too few to judge" in d.evidence[0], d
+    assert "train longer" in d.remedies[0]
+
+
+def test_three_levelled_points_are_too_few_to_call_healthy():
+    d = diagnose_curves(make_history([0.5, 0.45, 0.45], [0.4, 0.4]), BALANCED)
+    assert d.verdict == "inconclusive" and any("whether the loss levelled off" in e for e in d.evidence), d
 
 
 def test_overfitting_names_best_epoch_and_suggests_stopping_there():

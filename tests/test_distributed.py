@@ -197,6 +197,54 @@ def test_evaluation_loss_is_reduced_over_the_processes_without_the_padding_rows(
     assert final_two["examples"] == VALIDATION_ROWS and final_one["accuracy"] == final_two["accuracy"]
 
 
+# ---------------------------------------------------------------- instruction tuning (issue 30 item 6)
+
+INSTRUCTION_VALIDATION = 13  # in evaluation batches of 8 over 2 processes: the last batch of 5 is padded to 8
+
+
+@pytest.fixture(scope="module")
+def instruction_runs(tmp_path_factory) -> dict:
+    """Instruction tuning of a tiny Llama, once in one process and once in two, with the same global batch;
+    validation conversations of different lengths, so a repeated row would change the mean loss."""
+    from conftest import build_tiny_chat_lm, write_jsonl
+
+    d = tmp_path_factory.mktemp("distributed-instruction")
+    model = build_tiny_chat_lm(d / "model")
+    words = "you are a helpful assistant answer the question what is two plus three five yes no".split()
+    rows = [{"instruction": " ".join(words[i % 7:i % 7 + 2 + i % 5]),
+             "output": " ".join(words[i % 4:i % 4 + 1 + i % 6])} for i in range(32 + INSTRUCTION_VALIDATION)]
+    config = d / "instruction.yaml"
+    config.write_text(json.dumps({
+        "task": "instruction", "model": {"name": str(model), "max_length": 64},
+        "data": {"train": str(write_jsonl(d / "train.jsonl", rows[:32])),
+                 "validation": str(write_jsonl(d / "validation.jsonl", rows[32:]))},
+        "train": {"max_steps": 4, "batch_size": 8, "eval_batch_size": 8, "lr": 1e-3, "logging_steps": 1,
+                  "mixed_precision": "no", "load_best_at_end": False, "checkpoint_steps": None},
+        "eval": {"generate_samples": 3, "max_new_tokens": 4}}))
+    two = launch_two([str(config), "--output_dir", str(d / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    return {"one": train(load_config(config, {"output_dir": str(d / "one")})), "two": d / "two"}
+
+
+def test_instruction_evaluation_over_two_processes_equals_one_process(instruction_runs):
+    one, two = instruction_runs["one"], instruction_runs["two"]
+    evals = {}
+    for name, run in (("one", one), ("two", two)):
+        evals[name] = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+        evals[name] = [r for r in evals[name] if r["type"] == "eval"]
+    assert [r["step"] for r in evals["one"]] == [r["step"] for r in evals["two"]] == [0, 4]
+    # Step 0 evaluates the same weights in both runs. (Later ones differ by training: the answer loss is a mean
+    # per token of each process's share of the batch, so shares with more answer tokens weigh differently.)
+    start_one, start_two = evals["one"][0], evals["two"][0]
+    assert abs(start_one["eval_loss"] - start_two["eval_loss"]) < TOLERANCE
+    assert (start_one["eval_exact_match"], start_one["eval_rougeL"]) == (start_two["eval_exact_match"],
+                                                                         start_two["eval_rougeL"])
+    for a, b in zip(evals["one"], evals["two"]):  # every answer token counted once, at every evaluation
+        assert a["eval_tokens"] == b["eval_tokens"] and a["eval_generated"] == b["eval_generated"] == 3
+    final_one, final_two = (json.loads((run / "metrics.json").read_text())["validation"] for run in (one, two))
+    assert final_one["tokens"] == final_two["tokens"] == evals["one"][0]["eval_tokens"]
+
+
 def launch_two(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "textune", "train", *args, "--num-processes", "2"],
                           capture_output=True, text=True, timeout=timeout)

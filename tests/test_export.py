@@ -24,8 +24,10 @@ from test_token_classification import ner_overrides, write_conll  # noqa: E402
 
 from textune.config import load_config  # noqa: E402
 from textune.errors import TextuneError  # noqa: E402
-from textune.export import OnnxModel, export_onnx  # noqa: E402
-from textune.infer import Predictor, load_trained_model  # noqa: E402
+from textune.export import export_onnx  # noqa: E402
+from textune.onnx_model import OnnxModel  # noqa: E402
+from textune.infer import load_trained_model  # noqa: E402
+from textune.tasks.classification import ClassifierPredictor  # noqa: E402
 from textune.tasks import get_task, load_predictor  # noqa: E402
 from textune.train import train  # noqa: E402
 
@@ -84,14 +86,14 @@ def test_onnx_logits_equal_pytorch_on_a_padded_batch_of_another_shape(exported, 
 
 def test_predict_on_the_export_gives_the_runs_labels_and_probabilities(exported, trained_run, tmp_path):
     out, _ = exported
-    np.testing.assert_allclose(Predictor(out, batch_size=4).predict_proba(TEXTS),
-                               Predictor(trained_run, batch_size=4).predict_proba(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(ClassifierPredictor(out, batch_size=4).predict_proba(TEXTS),
+                               ClassifierPredictor(trained_run, batch_size=4).predict_proba(TEXTS), atol=1e-5)
     inputs = tmp_path / "in.txt"
     inputs.write_text("\n".join(TEXTS))
     by_cli = run_textune("predict", out, "--input", inputs)
     assert by_cli.returncode == 0, by_cli.stderr
     rows = [json.loads(line) for line in by_cli.stdout.splitlines()]
-    assert_same_rows(rows, [{"text": t, **r} for t, r in zip(TEXTS, Predictor(trained_run).predict(TEXTS))])
+    assert_same_rows(rows, [{"text": t, **r} for t, r in zip(TEXTS, ClassifierPredictor(trained_run).predict(TEXTS))])
 
 
 def test_evaluate_on_the_export_gives_the_runs_metrics(exported, trained_run, toy_data):
@@ -105,19 +107,19 @@ def test_evaluate_on_the_export_gives_the_runs_metrics(exported, trained_run, to
 def test_serve_on_the_export_answers_classify(exported, trained_run):
     from fastapi.testclient import TestClient
 
-    from textune.serve import ServeSettings, create_app
+    from textune.serving import ServeSettings, create_app
 
     out, _ = exported
     with TestClient(create_app(load_predictor(out), ServeSettings(), "onnx")) as client:
         r = client.post("/v1/classify", json={"texts": TEXTS[:3]})
         assert r.status_code == 200, r.text
-        assert_same_rows(r.json()["results"], Predictor(trained_run).predict(TEXTS[:3]))
+        assert_same_rows(r.json()["results"], ClassifierPredictor(trained_run).predict(TEXTS[:3]))
 
 
 def test_predict_precision_options_are_refused_on_an_export(exported):
     out, _ = exported
     with pytest.raises(TextuneError, match=r"an ONNX export is quantised when exported .*--quantize int8"):
-        Predictor(out, precision="int8")
+        ClassifierPredictor(out, precision="int8")
 
 
 # ---------------------------------------------------------------- every encoder task
@@ -165,7 +167,7 @@ def test_int8_export_reports_its_agreement_and_predicts(trained_run, tmp_path):
     check = json.loads((out / "textune_onnx.json").read_text())["check"]
     assert 0.9 <= check["int8_agreement"] <= 1.0 and check["int8_max_abs_diff"] > 0
     assert not (out / "model.fp32.onnx").exists()
-    probs = Predictor(out).predict_proba(TEXTS)
+    probs = ClassifierPredictor(out).predict_proba(TEXTS)
     assert probs.shape == (len(TEXTS), 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
 
@@ -173,22 +175,58 @@ def test_a_lora_run_is_merged_into_its_base_before_export(tiny_model, toy_data, 
     run = train_adapter(tiny_model, toy_data, tmp_path / "lora", "lora")
     out = export_onnx(run, say=lambda line: None)
     assert not any(out.glob("adapter_*")) and json.loads((out / "config.json").read_text())["id2label"]
-    np.testing.assert_allclose(Predictor(out).predict_proba(TEXTS), Predictor(run).predict_proba(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(ClassifierPredictor(out).predict_proba(TEXTS), ClassifierPredictor(run).predict_proba(TEXTS), atol=1e-5)
+
+
+def test_the_check_names_its_rows_found_from_any_folder_or_why_it_used_samples(tiny_model, toy_data, tmp_path,
+                                                                              monkeypatch):
+    """Export reads the run's validation file from another folder than training ran in (also for a run whose
+    config.yaml kept its data paths relative, as runs did before they were saved resolved: they are found from its
+    output_dir as given), and says why when it checks on the built-in samples instead."""
+    import yaml
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    for split in ("train", "validation"):
+        shutil.copy(toy_data[split], project / "data" / f"{split}.csv")
+    monkeypatch.chdir(project)
+    relative = {split: Path("data") / f"{split}.csv" for split in ("train", "validation")}
+    run = train(load_config(None, toy_overrides(tiny_model, relative, Path("runs/toy"), **{"train.max_steps": 2})))
+    monkeypatch.chdir(tmp_path)
+    lines = []
+    export_onnx(run, tmp_path / "found", say=lines.append)
+    assert f"on 32 validation rows of {project / 'data' / 'validation.csv'}: max abs" in lines[0], lines
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["data"].update(train="data/train.csv", validation="data/validation.csv")
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    export_onnx(run, tmp_path / "found-relative", say=lines.append)
+    assert f"on 32 validation rows of {project / 'data' / 'validation.csv'}: max abs" in lines[1], lines
+    (project / "data" / "validation.csv").unlink()
+    out = export_onnx(run, tmp_path / "samples", say=lines.append)
+    why = "built-in sample texts (its validation file data/validation.csv is not found from here)"
+    assert f"on 8 {why}: max abs" in lines[2], lines
+    assert json.loads((out / "textune_onnx.json").read_text())["check"]["on"] == why
 
 
 # ---------------------------------------------------------------- refusals
 
 
-def test_language_models_are_refused(tmp_path):
+def test_tasks_without_an_export_spec_and_models_of_another_kind_are_refused(tmp_path):
+    covered = r"ONNX export covers the encoder tasks \(classification, token-classification, question-answering, " \
+              r"regression, multi-label\)"
     lm = build_tiny_lm(tmp_path / "clm", "clm")
-    with pytest.raises(TextuneError, match=r"holds a GPT2LMHeadModel, not a classifier.*covers the encoder tasks"):
+    with pytest.raises(TextuneError, match=r"clm: language-modeling models cannot be exported to ONNX yet; " + covered):
         export_onnx(lm)
     run = tmp_path / "sft"
     shutil.copytree(lm, run / "model")
     (run / "config.yaml").write_text("task: instruction\n")
-    with pytest.raises(TextuneError, match=r"holds a language model \(task: instruction\); ONNX export covers the encoder tasks"):
+    with pytest.raises(TextuneError, match=r"sft: instruction models cannot be exported to ONNX yet; " + covered):
         export_onnx(run)
     assert not (run / "onnx").exists()
+    (run / "config.yaml").write_text("task: classification\n")  # a run whose model is not its task's kind
+    with pytest.raises(TextuneError, match=r"holds a GPT2LMHeadModel, not a classification model \(whose class name "
+                                           r"ends in ForSequenceClassification\); " + covered):
+        export_onnx(run)
 
 
 def test_an_existing_output_needs_overwrite_and_must_be_an_export(exported, trained_run, tmp_path):

@@ -8,10 +8,11 @@ import shutil
 import pytest
 import torch
 
-from conftest import build_tiny_bert, build_tiny_lm
+from conftest import build_tiny_bert, build_tiny_chat_lm, build_tiny_lm
 from textune.cli import main
 from textune.errors import TextuneError
-from textune.generate import fill_mask, generate_text, load_causal_lm, load_masked_lm, with_mask_token
+from textune.generate import (chat_completion, chat_prompt_ids, end_of_turn_token_id, fill_mask, generate_text,
+                              load_causal_lm, load_masked_lm, stop_token_ids, with_mask_token)
 
 TWO_MASKS = "the movie was [MASK] and [MASK]"
 
@@ -198,3 +199,84 @@ def test_generate_loads_a_lora_run_of_a_causal_lm_merged_into_its_base(clm_dir, 
         assert torch.allclose(model(ids).logits, want, atol=1e-5)
         assert not torch.allclose(AutoModelForCausalLM.from_pretrained(clm_dir)(ids).logits, want, atol=1e-3)
     assert type(model).__name__ == "GPT2LMHeadModel"  # merged: a plain transformers model
+
+
+# ---------------------------------------------------------------- the chat template's end of turn (issue 30 item 4)
+
+
+def test_model_architecture_reads_the_registry_table_for_folders_runs_and_adapters(mlm_dir, clm_dir, tiny_model,
+                                                                                  tmp_path):
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from textune.generate import model_architecture
+    from textune.tasks import CAUSAL_LM, MASKED_LM
+
+    assert model_architecture(mlm_dir) is MASKED_LM and model_architecture(clm_dir) is CAUSAL_LM
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(clm_dir),
+                          LoraConfig(task_type=TaskType.CAUSAL_LM, r=2, target_modules=["c_attn"]))
+    lora.save_pretrained(tmp_path / "run" / "model")  # an adapter: its PEFT task type says what it is
+    assert model_architecture(tmp_path / "run") is CAUSAL_LM
+    assert model_architecture(tiny_model) is None  # a bare encoder: no task builds it
+    assert model_architecture(tmp_path / "nothing") is None
+
+
+def build_base_chat_lm(folder, answer: str = " five", ends: bool = True):
+    """A base model as Qwen2.5 base is one: eos <|endoftext|> (tokenizer and generation config) while its ChatML
+    template ends turns with <|im_end|>. Its output is fixed, a bigram table: the attention and MLP outputs are
+    zeroed, so the last hidden state is the current token's embedding, and the LM head maps the generation
+    prompt's last token to `answer`'s token, that token to <|im_end|>, and <|im_end|> back to it. A model that
+    does not stop at <|im_end|> writes `answer` again and again. `ends` False: `answer`'s token is followed by
+    itself, so every answer runs to max_new_tokens. Returns (folder, the answer's token id)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    build_tiny_chat_lm(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.eos_token = "<|endoftext|>"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.generation_config.eos_token_id = model.config.eos_token_id = tokenizer.eos_token_id
+    prompt_end = chat_prompt_ids(tokenizer, [{"role": "user", "content": "hello"}])[0, -1].item()
+    word = tokenizer(answer, add_special_tokens=False)["input_ids"][0]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        states = model.model.norm(model.model.embed_tokens.weight)  # the last hidden state of each token
+        head = torch.zeros_like(model.lm_head.weight)
+        for source, target in ((prompt_end, word), (word, im_end if ends else word), (im_end, word)):
+            head[target] += 100 * states[source] / states[source].norm()
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, word
+
+
+@pytest.fixture(scope="module")
+def base_chat(tmp_path_factory):
+    folder, word = build_base_chat_lm(tmp_path_factory.mktemp("base-chat"))
+    model, tokenizer = load_causal_lm(folder)
+    return model, tokenizer, word
+
+
+def test_the_templates_end_of_turn_token_stops_generation_where_eos_differs(base_chat):
+    model, tokenizer, word = base_chat
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.eos_token == "<|endoftext|>" and model.generation_config.eos_token_id != im_end
+    assert end_of_turn_token_id(tokenizer) == im_end
+    assert im_end in stop_token_ids(model, tokenizer) and tokenizer.eos_token_id in stop_token_ids(model, tokenizer)
+    reply = chat_completion(model, tokenizer, [{"role": "user", "content": "hello"}], max_new_tokens=8)
+    assert (reply.text, reply.finish_reason, reply.completion_tokens) == (tokenizer.decode([word]), "stop", 2)
+    assert generate_text(model, tokenizer, "hello", max_new_tokens=8, chat=True) == [tokenizer.decode([word]).strip()]
+
+
+def test_no_end_of_turn_token_without_a_template_or_with_plain_text_after_the_answer(base_chat):
+    _, tokenizer, _ = base_chat
+    plain = tokenizer.chat_template.replace("'<|im_end|>\\n'", "'\\n\\n'")
+    assert plain != tokenizer.chat_template
+    for template in (None, plain):
+        tokenizer.chat_template, saved = template, tokenizer.chat_template
+        try:
+            assert end_of_turn_token_id(tokenizer) is None
+        finally:
+            tokenizer.chat_template = saved

@@ -6,12 +6,13 @@ import pytest
 
 from conftest import toy_rows, write_jsonl
 from textune.errors import TextuneError
-from textune.infer import Predictor, read_inputs, write_jsonl as write_predictions
+from textune.infer import read_inputs, write_jsonl as write_predictions
+from textune.tasks.classification import ClassifierPredictor
 
 
 @pytest.fixture(scope="module")
 def predictor(trained_run):
-    return Predictor(trained_run, batch_size=4)
+    return ClassifierPredictor(trained_run, batch_size=4)
 
 
 def test_batched_length_sorted_predictions_keep_input_order(predictor):

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from conftest import TINY_CHAT_TEMPLATE, build_tiny_chat_lm, run_textune, write_jsonl
+from test_generate import build_base_chat_lm
 from textune.config import DataConfig, load_config
 from textune.errors import TextuneError
-from textune.tasks.instruction import (PackedCollator, answer_loss, check_conversation, check_packing,
+from textune.tasks.instruction import (InstructionPredictor, PackedCollator, answer_loss, answer_row_losses,
+                                       check_conversation, check_packing, generate_answers, prompt_ids,
                                        read_conversations, score_rows, tokenize_conversations, pack)
 
 CHAT = [{"role": "system", "content": "you are a helpful assistant"},
@@ -104,6 +106,22 @@ def test_the_loss_from_answer_logits_alone_is_the_models_own_loss(chat_lm):
     batch = dict(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)(list(ds.remove_columns(["length"]))))
     with torch.no_grad():
         assert answer_loss(model, batch).item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+
+
+def test_per_row_answer_losses_sum_to_each_conversations_own_loss(chat_lm):
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+
+    tokenizer = tokenizer_of(chat_lm)
+    model = AutoModelForCausalLM.from_pretrained(chat_lm).eval()
+    ds, _ = tokenize_conversations([CHAT, CHAT[1:3], CHAT[:3]], tokenizer, 256, "assistant")
+    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    rows = list(ds.remove_columns(["length"]))
+    with torch.no_grad():
+        sums, counts = answer_row_losses(model, dict(collate(rows)))
+        for row, total, count in zip(rows, sums, counts):
+            alone = dict(collate([row]))
+            assert count.item() == (alone["labels"][:, 1:] != -100).sum().item()
+            assert total.item() / count.item() == pytest.approx(model(**alone).loss.item(), rel=1e-5)
 
 
 def test_packing_is_refused_where_the_attention_crosses_examples():
@@ -245,3 +263,91 @@ def test_cli_train_evaluate_predict_end_to_end(llama, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["what is two plus three", "translate hello"]
     assert all(isinstance(r["response"], str) for r in rows)
+
+
+# ---------------------------------------------------------------- answers: where they stop, long prompts (issue 30)
+
+
+def ask(words: int) -> list[dict]:
+    return [{"role": "user", "content": " ".join(["two plus three"] * words)}]
+
+
+def test_evaluation_answers_stop_at_the_templates_end_of_turn_where_eos_differs(tmp_path):
+    from textune.generate import load_causal_lm
+
+    folder, word = build_base_chat_lm(tmp_path / "base")
+    model, tokenizer = load_causal_lm(folder)
+    assert generate_answers(model, tokenizer, [ask(1), ask(2)], max_new_tokens=6) == [tokenizer.decode([word]).strip()] * 2
+
+
+def test_prompts_the_loss_drops_are_not_answered_and_answers_stay_within_the_positions(chat_lm):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tokenizer_of(chat_lm)
+    model = AutoModelForCausalLM.from_pretrained(chat_lm).eval()  # 256 positions
+    prompts = [ask(n) for n in (1, 8, 12, 13, 60)]
+    lengths = [len(ids) for ids in prompt_ids(tokenizer, prompts)]
+    assert lengths == sorted(lengths) and lengths[2] < 64 <= lengths[3] and 250 < lengths[4] < 256
+    # The loss and the answers skip the same conversations at model.max_length 64.
+    _, counts = tokenize_conversations([p + [{"role": "assistant", "content": "five"}] for p in prompts], tokenizer,
+                                       64, "assistant")
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=4, max_length=64)
+    assert [a is None for a in answers] == [False, False, False, True, True] and counts["dropped"] == 2
+    # A window above the model's positions: the longest prompt is answered within them (GPT-2's learned
+    # positions raise an index error past 256), its answer cut to the room left.
+    widths, generate = [], model.generate
+    model.generate = lambda **kwargs: widths.append(generate(**kwargs).shape[1]) or generate(**kwargs)
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=20, max_length=1024, batch_size=2)
+    assert all(isinstance(a, str) for a in answers) and len(widths) == 3
+    assert widths[-1] == 256 and max(widths) <= 256  # the last batch ran out of positions, not of new tokens
+    assert generate_answers(model, tokenizer, [ask(100)], max_new_tokens=4, max_length=1024) == [None]
+
+
+def test_predict_max_new_tokens_and_long_prompts_through_the_cli(tmp_path):
+    from textune.cli import main
+
+    run = tmp_path / "run"
+    _, word = build_base_chat_lm(run / "model", ends=False)  # every answer runs to its token limit
+    (run / "config.yaml").write_text("task: instruction\nmodel:\n  max_length: 64\neval:\n  max_new_tokens: 2\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n" + "two plus three " * 40 + "\n")
+    for extra, n in (([], 2), (["--max-new-tokens", "5"], 5)):
+        assert main(["predict", str(run), "--input", str(prompts), "--output", str(tmp_path / "out.jsonl"), *extra]) == 0
+        short, long = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+        assert short == {"prompt": "hello", "response": ("five " * n).strip()}
+        assert long["response"] is None and "fills the 64 tokens this model answers from" in long["skipped"]
+    assert main(["predict", str(run), "--input", str(prompts), "--max-new-tokens", "0"]) == 2
+    with pytest.raises(TextuneError, match="--max-new-tokens must be at least 1, got 0"):
+        InstructionPredictor(run).predict([ask(1)], max_new_tokens=0)
+
+
+# ---------------------------------------------------------------- bad files: encoding, JSON line numbers (issue 30)
+
+
+def test_a_utf16_instruction_file_is_named_utf16_with_the_fix(tmp_path):
+    text = "".join(json.dumps(r) + "\n" for r in ROWS[:3])
+    for name, encoding in (("bom.jsonl", "utf-16"), ("no-bom.jsonl", "utf-16-le"), ("rows.csv", "utf-16")):
+        path = tmp_path / name
+        path.write_text(text if name.endswith("jsonl") else "instruction,output\nhello,yes\n", encoding=encoding)
+        with pytest.raises(TextuneError, match=rf"data.train file .*{name} is UTF-16 text, not UTF-8; save it as UTF-8"):
+            read_conversations(str(path), DataConfig(), "data.train")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n", encoding="utf-16-le")
+    from textune.data import read_text_lines
+
+    with pytest.raises(TextuneError, match="input file .*prompts.txt is UTF-16 text, not UTF-8; save it as UTF-8"):
+        read_text_lines(prompts, "input file")
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("broken.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": }\n',
+     r"line 3, column 32: Expecting value \(JSON Lines hold one JSON object per line\)"),
+    ("list.jsonl", '{"instruction": "a", "output": "b"}\n["c", "d"]\n', "line 2 is a list, not a JSON object"),
+    ("broken.json", '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]\n',
+     "line 3, column 23: Expecting ',' delimiter"),
+])
+def test_json_errors_count_lines_from_one_as_editors_do(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(TextuneError, match=rf"could not read data.train file .*{name} as JSON: {message}"):
+        read_conversations(str(path), DataConfig(), "data.train")

@@ -8,8 +8,8 @@ import pytest
 from conftest import needs_shared
 from textune.config import load_config
 from textune.data import load_task_data, tokenize_splits
-from textune.infer import Predictor
 from textune.models import load_tokenizer, resolve_model
+from textune.tasks import load_predictor
 from textune.train import train
 
 pytestmark = pytest.mark.integration
@@ -25,7 +25,9 @@ def test_minilm_learns_sst2_from_a_small_slice(tmp_path):
     run = train(cfg)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["validation"]["accuracy"] > 0.65, metrics["validation"]["accuracy"]  # chance is ~0.5
-    rows = Predictor(run).predict(["a gorgeous , moving film", "a dull , tedious mess"])
+    predictor = load_predictor(run)  # the README's Python API
+    assert predictor.task == "classification"
+    rows = predictor.predict(["a gorgeous , moving film", "a dull , tedious mess"])
     assert [r["label"] for r in rows] == ["positive", "negative"]
 
 

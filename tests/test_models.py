@@ -3,7 +3,6 @@ import pytest
 from textune.config import TuningConfig
 from textune.errors import TextuneError
 from textune.models import (
-    apply_tuning,
     count_parameters,
     default_model_dir,
     describe_model,
@@ -13,6 +12,7 @@ from textune.models import (
     resolve_run_model,
     set_attention,
 )
+from textune.tuning import apply_tuning
 
 
 def test_default_model_is_the_packaged_minilm():
@@ -138,13 +138,13 @@ def build_tiny_decoder(folder, kind: str, eos: bool = True):
 def test_decoder_only_classifier_pads_with_eos_and_trains(kind, tmp_path, toy_data):
     from conftest import toy_overrides
     from textune.config import load_config
-    from textune.infer import Predictor
+    from textune.tasks.classification import ClassifierPredictor
     from textune.train import train
 
     folder = build_tiny_decoder(tmp_path / kind, kind)
     run = train(load_config(None, toy_overrides(folder, toy_data, tmp_path / "run", **{"train.max_steps": 3})))
     assert (run / "metrics.json").is_file()
-    assert Predictor(run).predict(["a great film", "bad"])[0]["label"] in ("negative", "positive")
+    assert ClassifierPredictor(run).predict(["a great film", "bad"])[0]["label"] in ("negative", "positive")
     tokenizer = load_tokenizer(str(folder), for_classifier=True)
     assert tokenizer.pad_token == tokenizer.eos_token == "</s>"
     assert load_classifier(str(folder), ["a", "b"]).config.pad_token_id == tokenizer.pad_token_id

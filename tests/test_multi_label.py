@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,8 @@ from conftest import FILLER, run_textune, write_csv, write_jsonl
 from textune.config import load_config
 from textune.data import load_multi_label_data, parse_label_lists
 from textune.errors import ConfigError, TextuneError
-from textune.evaluate import best_thresholds, multi_label_metrics
 from textune.tasks import get_task, task_of
+from textune.tasks.multi_label import best_thresholds, multi_label_metrics
 
 
 def toy_row(rng: random.Random, sep: str | None = "|") -> dict:
@@ -73,6 +74,41 @@ def test_empty_label_names_the_row(value):
         parse_label_lists(["a", value], "data.train", "labels", "|")
 
 
+@pytest.mark.parametrize("cell, match", [
+    ({"sports": 1, "politics": 0}, r"holds a mapping \(\{'sports': 1, 'politics': 0\}\) where label names belong"),
+    ([["sports"], ["politics"]], r"holds a nested list \(\[\['sports'\], \['politics'\]\]\) where one flat list"),
+    (True, r"holds true/false \(True\) where label names belong \(a yes/no target is task: classification\)"),
+    ([True, False], r"holds true/false \(\[True, False\]\)"),
+    ([1, 0, 1], r"holds a vector of 0s and 1s \(\[1, 0, 1\]\) where label names belong"),
+])
+def test_label_cells_that_are_not_label_names_are_refused_naming_file_and_row(cell, match, tmp_path):
+    rows = [{"text": f"text {i}", "labels": ["sports"] if i % 2 else ["politics"]} for i in range(8)]
+    rows[4]["labels"] = cell
+    path = write_jsonl(tmp_path / "tags.jsonl", rows)
+    cfg = load_config(None, {"task": "multi-label", "data.train": str(path), "data.label_column": "labels"})
+    with pytest.raises(TextuneError, match=rf"^data\.train row 5 of {re.escape(str(path))}: label column 'labels' "
+                                           rf"{match}.*; give each row's labels as a list of names"):
+        load_multi_label_data(cfg.data, seed=0, task="multi-label")
+
+
+def test_training_rows_that_all_have_the_same_labels_are_refused(tmp_path):
+    path = write_jsonl(tmp_path / "same.jsonl", [{"text": f"text {i}", "labels": ["a", "b"]} for i in range(8)])
+    cfg = load_config(None, {"task": "multi-label", "data.train": str(path), "data.label_column": "labels"})
+    with pytest.raises(TextuneError, match=r"^data\.train: every training row has the same labels \(a, b\); a "
+                                           r"multi-label classifier .* add rows with other labels"):
+        load_multi_label_data(cfg.data, seed=0, task="multi-label")
+
+
+def test_a_text_column_holding_lists_is_refused_naming_file_row_and_column(tmp_path):
+    rows = [{"text": f"text {i}", "labels": ["a"] if i % 2 else ["b"]} for i in range(8)]
+    rows[2]["text"] = ["two", "pieces"]
+    path = write_jsonl(tmp_path / "lists.jsonl", rows)
+    cfg = load_config(None, {"task": "multi-label", "data.train": str(path), "data.label_column": "labels"})
+    with pytest.raises(TextuneError, match=rf"^data\.train row 3 of {re.escape(str(path))}: column 'text' holds a "
+                                           r"list \(\['two', 'pieces'\]\), not a text; write one string per row"):
+        load_multi_label_data(cfg.data, seed=0, task="multi-label")
+
+
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
 def test_label_lists_read_in_every_file_format(fmt, tmp_path):
     import pandas as pd
@@ -89,7 +125,7 @@ def test_label_lists_read_in_every_file_format(fmt, tmp_path):
         write_csv(path, flat, delimiter="\t" if fmt == "tsv" else ",")
     cfg = load_config(None, {"task": "multi-label", "data.train": str(path), "data.validation": str(path),
                              "data.label_column": "labels"})
-    data = load_multi_label_data(cfg.data, seed=0)
+    data = load_multi_label_data(cfg.data, seed=0, task="multi-label")
     assert data.label_names == ["neg", "pos", "story"]
     by_text = {t: y for t, y in zip(data.validation["text"], data.validation["labels"])}
     assert by_text == {"good film": [0, 1, 0], "bad story": [1, 0, 1], "the plot": [0, 0, 0],
@@ -171,12 +207,15 @@ def test_fixed_threshold_is_saved(tiny_model, ml_data, tmp_path):
 def test_serve_answers_label_sets(ml_run):
     from fastapi.testclient import TestClient
 
-    from textune.serve import ServeSettings, create_app
+    from openapi_check import assert_matches_schema
+    from textune.serving import ServeSettings, create_app
 
     predictor = get_task("multi-label").load_predictor(ml_run)
     with TestClient(create_app(predictor, ServeSettings(), "ml")) as client:
         r = client.post("/v1/classify", json={"texts": ["good film", "the plot"]})
         assert r.status_code == 200, r.text
+        assert_matches_schema(client, "POST", "/v1/classify", r)
+        assert client.get("/v1/models").json()["task"] == "multi-label"  # the registry's name, not classification
         results = r.json()["results"]
         assert results == predictor.predict(["good film", "the plot"])
         assert set(results[0]["probabilities"]) == {"neg", "pos", "story"} and isinstance(results[1]["labels"], list)

@@ -1,4 +1,4 @@
-"""Faster prediction: bf16 and int8 `Predictor`s keep the input order and mostly agree with fp32."""
+"""Faster prediction: bf16 and int8 `ClassifierPredictor`s keep the input order and mostly agree with fp32."""
 
 import json
 
@@ -9,19 +9,19 @@ import torch
 from conftest import toy_rows
 from textune.cli import main
 from textune.errors import TextuneError
-from textune.infer import Predictor
+from textune.tasks.classification import ClassifierPredictor
 
 TEXTS = [r["text"] for r in toy_rows(40, seed=11)] + ["good", "the movie was really very bad and boring"]
 
 
 @pytest.fixture(scope="module")
 def fp32_probs(trained_run):
-    return Predictor(trained_run, batch_size=8).predict_proba(TEXTS)
+    return ClassifierPredictor(trained_run, batch_size=8).predict_proba(TEXTS)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_reduced_precision_keeps_order_and_agrees_with_fp32(trained_run, fp32_probs, precision):
-    predictor = Predictor(trained_run, batch_size=8, precision=precision)
+    predictor = ClassifierPredictor(trained_run, batch_size=8, precision=precision)
     probs = predictor.predict_proba(TEXTS)
     assert probs.shape == fp32_probs.shape and probs.dtype == np.float32
     assert np.allclose(probs.sum(1), 1, atol=1e-3)
@@ -33,15 +33,15 @@ def test_reduced_precision_keeps_order_and_agrees_with_fp32(trained_run, fp32_pr
 
 
 def test_int8_quantises_linear_layers_and_bf16_casts_weights(trained_run):
-    int8 = Predictor(trained_run, precision="int8").model
+    int8 = ClassifierPredictor(trained_run, precision="int8").model
     assert not any(type(m) is torch.nn.Linear for m in int8.modules())
-    bf16 = Predictor(trained_run, precision="bf16").model
+    bf16 = ClassifierPredictor(trained_run, precision="bf16").model
     assert next(bf16.parameters()).dtype == torch.bfloat16
 
 
 def test_unknown_precision_is_refused(trained_run):
     with pytest.raises(TextuneError, match="precision 'fp8' is not one of fp32, bf16, int8"):
-        Predictor(trained_run, precision="fp8")
+        ClassifierPredictor(trained_run, precision="fp8")
 
 
 @pytest.mark.parametrize("flag", ["int8", "bf16"])

@@ -231,6 +231,26 @@ def test_nsp_pairs_train_bert_pretraining_heads(tiny_model, corpus, tmp_path):
     assert metrics["tokens"] > 0 and 0 <= metrics["nsp_accuracy"] <= 1
 
 
+SCRATCH_CLM = {"pretrain.objective": "clm", "model.init": "scratch", "model.architecture": "gpt2", "model.layers": 2,
+               "model.heads": 2, "model.hidden_size": 32}
+
+
+@pytest.mark.parametrize("overrides", [{}, SCRATCH_CLM, {"pretrain.nsp": True}], ids=["mlm", "clm", "nsp"])
+def test_held_out_loss_weighs_every_token_the_same_whatever_the_batches(tiny_model, corpus, tmp_path, overrides):
+    """The loss per predicted token, from per-row sums (what several processes gather): one batch, uneven
+    batches and the rows one by one agree."""
+    inputs = load_pretrain_inputs(load_config(None, lm_overrides(tiny_model, corpus, tmp_path / "run", **overrides)))
+    held_out = inputs.tokenized["validation"]
+    results = []
+    for batch_size in (len(held_out), 7, 1):
+        loader = torch.utils.data.DataLoader(held_out, batch_size=batch_size, collate_fn=inputs.collator("validation"))
+        results.append(inputs.evaluate(inputs.model, loader)[0])
+    assert len(held_out) % 7 and results[0]["tokens"] > 0
+    for other in results[1:]:
+        assert other["tokens"] == results[0]["tokens"] and other.get("nsp_accuracy") == results[0].get("nsp_accuracy")
+        assert other["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
+
+
 # ---------------------------------------------------------------- config errors name the key
 
 

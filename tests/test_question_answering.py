@@ -335,19 +335,29 @@ def test_cli_evaluate_predict_and_report(qa_run, qa_data, tmp_path):
 def test_serve_answer_and_refuse_classify(qa_run):
     from fastapi.testclient import TestClient
 
-    from textune.serve import ServeSettings, create_app
+    from openapi_check import assert_matches_schema
+    from textune.serving import ServeSettings, create_app
 
     predictor = get_task("question-answering").load_predictor(qa_run)
     with TestClient(create_app(predictor, ServeSettings(max_chars=200), "qa")) as client:
         r = client.post("/v1/answer", json={"questions": ["is it", "is it"],
                                             "contexts": ["the film was good", "awful acting"]})
         assert r.status_code == 200, r.text
+        assert_matches_schema(client, "POST", "/v1/answer", r)
+        assert client.get("/v1/models").json()["task"] == "question-answering"
         results = r.json()["results"]
         assert len(results) == 2 and {"answer", "score", "start", "end"} <= set(results[0])
         r = client.post("/v1/answer", json={"questions": ["is it"], "contexts": ["a", "b"]})
         assert r.status_code == 422 and "2 contexts" in r.json()["error"]["message"]
-        r = client.post("/v1/answer", json={"questions": ["is it"], "contexts": ["x" * 300]})
-        assert r.status_code == 413 and "contexts[0]" in r.json()["error"]["message"]
+        # A context longer than --max-chars is read whole, in windows (issue 30): the answer is the same as the
+        # predictor's; the questions keep the limit.
+        long_context = " ".join(["the film was good and the acting was awful"] * 12)
+        r = client.post("/v1/answer", json={"questions": ["is it"], "contexts": [long_context]})
+        assert r.status_code == 200 and len(long_context) > 200, r.text
+        assert r.json()["results"] == predictor.predict(["is it"], [long_context])
+        r = client.post("/v1/answer", json={"questions": ["x" * 300], "contexts": ["the film"]})
+        assert r.status_code == 413 and "questions[0]" in r.json()["error"]["message"]
+        assert_matches_schema(client, "POST", "/v1/answer", r)
         r = client.post("/v1/answer", json={"questions": ["is it"], "contexts": [" "]})
         assert r.status_code == 400 and "has no context" in r.json()["error"]["message"]
         r = client.post("/v1/classify", json={"texts": ["x"]})
@@ -394,7 +404,7 @@ def test_end_to_end_cli_on_squad(tiny_model, tmp_path):
     tiny model's word-level vocabulary reads most real words as [UNK])."""
     from fastapi.testclient import TestClient
 
-    from textune.serve import ServeSettings, create_app
+    from textune.serving import ServeSettings, create_app
 
     squad = needs_shared("squad")
     lines = (squad / "validation.jsonl").read_text().splitlines()
@@ -426,3 +436,65 @@ def test_end_to_end_cli_on_squad(tiny_model, tmp_path):
         first = json.loads(lines[40])
         r = client.post("/v1/answer", json={"questions": [first["question"]], "contexts": [first["context"]]})
         assert r.status_code == 200 and r.json()["results"][0]["answer"] == rows[0]["answer"]
+
+
+# ---------------------------------------------------------------- other tokenizers, defaults, saved forms
+
+
+def test_left_padding_tokenizer_trains_and_predicts_as_right_padding(tiny_model, qa_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    from test_token_classification import left_padding_copy
+    from textune.tasks.question_answering import QuestionAnswererPredictor
+    from textune.train import train
+
+    left = left_padding_copy(tiny_model, tmp_path / "left-model")
+    cfg = load_config(None, qa_overrides(left, qa_data, tmp_path / "unused"))
+    inputs = get_task(cfg.task).load_inputs(cfg)
+    # A batch of a long and a short window: each row's start and end positions still point at its answer.
+    windows = inputs.windows["validation"]  # 30-word contexts: two windows each, the second shorter
+    ds = windows.dataset
+    answerable = [w for w in range(len(ds)) if ds[w]["start_positions"] != windows.cls[w]]
+    short, long_ = min(answerable, key=lambda w: ds[w]["length"]), max(answerable, key=lambda w: ds[w]["length"])
+    assert ds[short]["length"] < ds[long_]["length"]
+    batch = inputs.collator("train")([ds[short], ds[long_]])
+    for row, w in enumerate((short, long_)):
+        answer = inputs.splits["validation"].answers[windows.example[w]][0][0]
+        s, e = int(batch["start_positions"][row]), int(batch["end_positions"][row])
+        assert inputs.tokenizer.decode(batch["input_ids"][row][s:e + 1]) == answer
+    runs = {name: train(load_config(None, qa_overrides(model, qa_data, tmp_path / name, **{"train.epochs": 2})))
+            for name, model in (("right", tiny_model), ("left", left))}
+    metrics = {k: json.loads((run / "metrics.json").read_text())["validation"] for k, run in runs.items()}
+    assert metrics["left"]["f1"] == metrics["right"]["f1"]
+    assert metrics["left"]["loss"] == pytest.approx(metrics["right"]["loss"], rel=1e-5)
+    right = get_task("question-answering").load_predictor(runs["right"])
+    around = QuestionAnswererPredictor.around(right.model, AutoTokenizer.from_pretrained(left), max_length=32)
+    contexts = ["the movie was very good", "it " * 40 + "awful plot", "the film"]
+    assert around.predict(["is it"] * 3, contexts) == right.predict(["is it"] * 3, contexts)
+
+
+def test_question_answering_trains_with_no_optional_key(tiny_model, tmp_path, monkeypatch):
+    """model.max_length 128 and data.doc_stride empty (a quarter of it): the defaults work together."""
+    from textune.train import train
+
+    monkeypatch.chdir(tmp_path)
+    data = {"train": write_jsonl(tmp_path / "t.jsonl", toy_rows(40, seed=1)),
+            "validation": write_jsonl(tmp_path / "v.jsonl", toy_rows(10, seed=2))}
+    cfg = load_config(None, {"task": "question-answering", "model.name": str(tiny_model), "data.train": str(data["train"]),
+                             "data.validation": str(data["validation"])})
+    assert cfg.data.doc_stride is None and cfg.model.max_length == 128
+    run = train(cfg)
+    assert json.loads((run / "data_stats.json").read_text())["doc_stride"] == 32
+    assert get_task("question-answering").load_predictor(run).doc_stride == 32
+
+
+def test_predictors_load_from_runs_and_model_folders_and_refuse_other_tasks(qa_run, trained_run):
+    from textune.tasks import load_predictor
+    from textune.tasks.question_answering import QuestionAnswererPredictor
+
+    questions, contexts = ["is it", "is it"], ["the film was good", "awful acting"]
+    from_run = load_predictor(qa_run).predict(questions, contexts)
+    from_model = load_predictor(qa_run / "model", batch_size=1)
+    assert from_model.predict(questions, contexts) == from_run
+    with pytest.raises(TextuneError, match=r"holds a classification model, not a question-answering one"):
+        QuestionAnswererPredictor(trained_run)

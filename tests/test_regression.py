@@ -15,8 +15,8 @@ from conftest import FILLER, NEGATIVE, POSITIVE, run_textune, write_csv, write_j
 from textune.config import load_config
 from textune.data import parse_numeric_labels
 from textune.errors import ConfigError, TextuneError
-from textune.evaluate import regression_metrics
 from textune.tasks import get_task, task_of
+from textune.tasks.regression import regression_metrics
 
 
 def toy_pair(rng: random.Random) -> dict:
@@ -140,12 +140,15 @@ def test_pipeline_round_trip(reg_run):
 def test_serve_answers_scores(reg_run):
     from fastapi.testclient import TestClient
 
-    from textune.serve import ServeSettings, create_app
+    from openapi_check import assert_matches_schema
+    from textune.serving import ServeSettings, create_app
 
     predictor = get_task("regression").load_predictor(reg_run)
     with TestClient(create_app(predictor, ServeSettings(), "reg")) as client:
         r = client.post("/v1/classify", json={"texts": ["good film"], "text_pairs": ["great acting"]})
         assert r.status_code == 200, r.text
+        assert_matches_schema(client, "POST", "/v1/classify", r)
+        assert client.get("/v1/models").json()["task"] == "regression"  # the registry's name, not classification
         (result,) = r.json()["results"]
         assert set(result) == {"score"} and 2.5 < result["score"] < 7
 

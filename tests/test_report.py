@@ -1,4 +1,5 @@
-"""The HTML run report: calibration maths, content, self-containment, and a headless Chromium screenshot."""
+"""The HTML run report: content, self-containment, and a headless Chromium screenshot (the calibration maths of
+the classification section are tested in test_classification.py)."""
 
 import base64
 import shutil
@@ -6,13 +7,12 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
-import numpy as np
 import pytest
 from matplotlib.image import imread
 
 from textune.cli import main
 from textune.errors import TextuneError
-from textune.report import build_report, expected_calibration_error, reliability_bins, write_report
+from textune.report import build_report, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -47,24 +47,6 @@ def parse(page: str) -> Resources:
     r = Resources()
     r.feed(page)
     return r
-
-
-def test_ece_of_a_calibrated_and_an_overconfident_model():
-    rng = np.random.default_rng(0)
-    conf = rng.uniform(0.5, 1.0, 200_000)
-    labels = (rng.uniform(size=conf.size) >= conf).astype(int)  # class 0 is right with probability conf
-    probs = np.stack([conf, 1 - conf], axis=1)
-    assert expected_calibration_error(probs, labels) < 0.01
-    # Always 90% sure, right 60% of the time: one bin, ECE = |0.6 - 0.9| = 0.3.
-    probs = np.tile([0.9, 0.1], (10, 1))
-    labels = np.array([0] * 6 + [1] * 4)
-    assert expected_calibration_error(probs, labels) == pytest.approx(0.3)
-
-
-def test_reliability_bins_put_edges_in_the_lower_bin():
-    count, mean_conf, acc = reliability_bins(np.array([0.1, 0.55, 0.6, 1.0]), np.array([1, 0, 1, 1]), 10)
-    assert count.tolist() == [1, 0, 0, 0, 0, 2, 0, 0, 0, 1]
-    assert mean_conf[5] == pytest.approx(0.575) and acc[5] == pytest.approx(0.5)
 
 
 def test_report_has_every_section_and_is_self_contained(trained_run):

@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import toy_overrides
+from conftest import build_tiny_chat_lm, toy_overrides
+from openapi_check import assert_matches_schema
 from textune.cli import main
 
 TOKEN = "test-token-123"
@@ -83,9 +84,9 @@ def client(server):
 @pytest.fixture(scope="module")
 def expected(trained_run):
     """What the model says about each of TEXTS, computed in this process."""
-    from textune.infer import Predictor
+    from textune.tasks.classification import ClassifierPredictor
 
-    predictor = Predictor(trained_run, device="cpu")
+    predictor = ClassifierPredictor(trained_run, device="cpu")
     return dict(zip(TEXTS, predictor.predict(TEXTS)))
 
 
@@ -171,7 +172,7 @@ def test_requests_name_an_adapter_and_mix_with_base_requests(client, expected, e
 def test_adapter_without_a_registry_is_a_clear_400():
     from fastapi.testclient import TestClient
 
-    from textune.serve import ServeSettings, create_app
+    from textune.serving import ServeSettings, create_app
 
     class Fixed:
         label_names = ["negative", "positive"]
@@ -226,6 +227,30 @@ def test_models_metrics_and_docs(client):
     assert "textune_request_seconds_bucket" in metrics.text and "textune_batch_texts_bucket" in metrics.text
     assert client.get("/docs").status_code == 200
     assert "/v1/classify" in json.loads(client.get("/openapi.json").text)["paths"]
+    assert models["task"] == "classification"
+
+
+def test_every_classifier_response_is_what_the_openapi_schema_promises(client, server):
+    """Each route's real answers, successes and errors alike, checked against the schema the app publishes."""
+    for method, path, body in [("POST", "/v1/classify", {"texts": TEXTS[:2]}),
+                               ("POST", "/v1/classify", {"texts": TEXTS[:1], "adapter": "toy-lora"}),
+                               ("POST", "/v1/classify", {"texts": ["x" * 201]}),
+                               ("POST", "/v1/classify", {"texts": []}),
+                               ("POST", "/v1/classify", {"texts": ["good"], "adapter": "sst2"}),
+                               ("POST", "/v1/entities", {"texts": ["good"]}),
+                               ("POST", "/v1/generate", {"prompt": "good"}),
+                               ("GET", "/v1/models", None)]:
+        r = client.request(method, path, json=body)
+        assert_matches_schema(client, method, path, r)
+    assert_matches_schema(client, "GET", "/health", httpx.get(f"{server}/health"))
+    unauthorised = httpx.post(f"{server}/v1/classify", json={"texts": ["good"]})
+    assert unauthorised.status_code == 401
+    assert_matches_schema(client, "POST", "/v1/classify", unauthorised)
+    schema = client.get("/openapi.json").json()
+    classify = schema["paths"]["/v1/classify"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert classify == {"$ref": "#/components/schemas/ClassifyResponse"}  # one typed answer, not a union
+    results = schema["components"]["schemas"]["ClassifyResponse"]["properties"]["results"]["items"]
+    assert results == {"$ref": "#/components/schemas/Prediction"}
 
 
 def test_serve_refuses_bad_settings_in_one_line(trained_run, capsys, monkeypatch):
@@ -249,19 +274,23 @@ def lm_dirs(tmp_path_factory):
 def lm_app(folder, **limits):
     from fastapi.testclient import TestClient
 
-    from textune.generate import LanguageModel
-    from textune.serve import ServeSettings, create_app
+    from textune.serving import ServeSettings, create_app
+    from textune.tasks.language_modeling import LanguageModelPredictor
 
-    model = LanguageModel(folder)
+    model = LanguageModelPredictor(folder)
     return model, TestClient(create_app(model, ServeSettings(**limits), folder.name))
 
 
-def test_the_served_models_task_comes_from_its_architecture(lm_dirs, trained_run):
-    from textune.generate import model_task
+def test_the_served_models_task_and_objective_come_from_its_architecture(lm_dirs, trained_run):
+    from textune.serving.server import load_served
+    from textune.serving import ServeSettings
 
-    assert model_task(lm_dirs["mlm"]) == "fill-mask"
-    assert model_task(lm_dirs["clm"]) == "text-generation"
-    assert model_task(trained_run) == "text-classification"
+    for folder, task, objective in ((lm_dirs["mlm"], "language-modeling", "mlm"),
+                                    (lm_dirs["clm"], "language-modeling", "clm"),
+                                    (trained_run, "classification", None)):
+        predictor, adapters, name = load_served(str(folder), ServeSettings())
+        assert (predictor.task, getattr(predictor, "objective", None), adapters) == (task, objective, None)
+        assert name == folder.name
 
 
 def test_masked_lm_answers_fill_mask_per_text_and_mask(lm_dirs):
@@ -276,7 +305,9 @@ def test_masked_lm_answers_fill_mask_per_text_and_mask(lm_dirs):
         got = r.json()["results"]
         assert [[[x["token"] for x in m] for m in t] for t in got] == [[[x["token"] for x in m] for m in t] for t in want]
         assert got[0][1][0]["score"] == pytest.approx(want[0][1][0]["score"], abs=1e-6)
-        assert c.get("/v1/models").json()["task"] == "fill-mask"
+        assert c.get("/v1/models").json()["task"] == "language-modeling"
+        assert_matches_schema(c, "POST", "/v1/fill-mask", r)
+        assert_matches_schema(c, "GET", "/v1/models", c.get("/v1/models"))
         for body, status, message in [
             ({"texts": ["a good film"]}, 400, r"no mask in 'a good film': write \[MASK\]"),
             ({"texts": ["a [MASK] film"], "top_k": 0}, 422, "top_k: Input should be greater than or equal to 1"),
@@ -285,6 +316,7 @@ def test_masked_lm_answers_fill_mask_per_text_and_mask(lm_dirs):
         ]:
             r = c.post("/v1/fill-mask", json=body)
             assert r.status_code == status and re.search(message, r.json()["error"]["message"]), r.text
+            assert_matches_schema(c, "POST", "/v1/fill-mask", r)
         for path in ("classify", "generate"):
             r = c.post(f"/v1/{path}", json={"texts": ["a film"]})
             assert r.status_code == 404
@@ -302,7 +334,8 @@ def test_causal_lm_answers_generate_greedy_and_seeded_sampling(lm_dirs):
         sampled = {"prompt": "a film", "max_new_tokens": 6, "do_sample": True, "num_return_sequences": 3, "seed": 4}
         first = c.post("/v1/generate", json=sampled).json()["texts"]
         assert len(first) == 3 and c.post("/v1/generate", json=sampled).json()["texts"] == first
-        assert c.get("/v1/models").json()["task"] == "text-generation"
+        assert c.get("/v1/models").json()["task"] == "language-modeling"
+        assert_matches_schema(c, "POST", "/v1/generate", r)
         for body, status, message in [
             ({"prompt": "a film", "num_return_sequences": 2}, 400, "needs --do-sample"),
             ({"prompt": "a film", "max_new_tokens": 21}, 413, "max_new_tokens 21 is over the limit of 20"),
@@ -313,6 +346,7 @@ def test_causal_lm_answers_generate_greedy_and_seeded_sampling(lm_dirs):
         ]:
             r = c.post("/v1/generate", json=body)
             assert r.status_code == status and re.search(message, r.json()["error"]["message"]), r.text
+            assert_matches_schema(c, "POST", "/v1/generate", r)
         r = c.post("/v1/classify", json={"texts": ["a film"]})
         assert r.status_code == 404 and "is a causal language model and does not support classify" in r.text
 
@@ -337,3 +371,21 @@ def test_serve_command_serves_a_causal_lm_at_generate(lm_dirs, tmp_path):
 def test_serve_refuses_an_adapter_registry_for_a_language_model(lm_dirs, tmp_path, capsys):
     assert main(["serve", str(lm_dirs["mlm"]), "--adapters", str(tmp_path)]) == 2
     assert "is a masked language model; leave out --adapters" in capsys.readouterr().err
+
+
+def test_serve_without_a_model_serves_the_default_causal_lm_by_its_name(monkeypatch, tmp_path, capsys):
+    """As generate and chat do: SmolLM2-135M-Instruct converted from its GGUF file (here a tiny chat model in a
+    folder marked as converted, so nothing is downloaded or converted), named after the GGUF model rather than
+    the hashed cache folder it is converted into."""
+    import textune.gguf
+    from textune.serving import ServeSettings
+    from textune.serving.server import load_served
+
+    folder = build_tiny_chat_lm(tmp_path / "SmolLM2-135M-Instruct.Q4_1-0123456789ab")
+    (folder / textune.gguf.PROVENANCE).write_text(json.dumps({"source": "/pkgs/SmolLM2-135M-Instruct.Q4_1.gguf"}))
+    monkeypatch.setattr(textune.gguf, "default_causal_lm_dir", lambda: folder)
+    predictor, _, name = load_served(None, ServeSettings())
+    assert (predictor.task, predictor.causal, name) == ("language-modeling", True, "SmolLM2-135M-Instruct.Q4_1")
+    # The command takes no model now; its settings are still checked first.
+    assert main(["serve", "--max-texts", "100", "--max-queue", "10"]) == 2
+    assert "--max-queue (10) must be at least --max-texts (100)" in capsys.readouterr().err

@@ -151,7 +151,7 @@ def test_a_tag_training_never_saw_and_a_conll_file_for_a_classifier(tmp_path, ti
     val = tmp_path / "val.conll"
     val.write_text("good\tB-POS\nfilm\tB-GENRE\n")
     cfg = load_config(None, ner_overrides(tiny_model, ner_data, tmp_path / "r", **{"data.validation": str(val)}))
-    with pytest.raises(TextuneError, match=r"val.conll line 1: tag 'B-GENRE' never occurs in training"):
+    with pytest.raises(TextuneError, match=r"val.conll line 2: tag 'B-GENRE' never occurs in training"):
         get_task(cfg.task).load_inputs(cfg)
     cfg = load_config(None, {**ner_overrides(tiny_model, ner_data, tmp_path / "r"), "task": "classification"})
     with pytest.raises(TextuneError, match="is a CoNLL file of tagged tokens.*set task: token-classification"):
@@ -222,22 +222,29 @@ def test_cli_evaluate_predict_and_report(ner_run, ner_data, tmp_path):
     assert main(["report", str(ner_run)]) == 0
     page = (ner_run / "report.html").read_text()
     assert "entity F1" in page and "Which types are confused" in page and "the most entity errors" in page
+    assert "Label balance: entities per type" in page and "<td class=\"l\">NEG</td>" in page
 
 
 def test_serve_entities_and_refuse_classify(ner_run):
     from fastapi.testclient import TestClient
 
-    from textune.serve import ServeSettings, create_app
+    from openapi_check import assert_matches_schema
+    from textune.serving import ServeSettings, create_app
 
     predictor = get_task("token-classification").load_predictor(ner_run)
     with TestClient(create_app(predictor, ServeSettings(), "ner")) as client:
         r = client.post("/v1/entities", json={"texts": ["the film was very good", "a plot"]})
         assert r.status_code == 200
+        assert_matches_schema(client, "POST", "/v1/entities", r)
+        assert client.get("/v1/models").json()["task"] == "token-classification"
         results = r.json()["results"]
         assert results[0]["entities"][0]["text"] == "very good" and results[1]["entities"] == []
         r = client.post("/v1/classify", json={"texts": ["x"]})
         assert r.status_code == 404 and "token classifier" in r.json()["error"]["message"]
-        assert client.post("/v1/entities", json={"texts": []}).status_code == 422
+        assert_matches_schema(client, "POST", "/v1/classify", r)
+        r = client.post("/v1/entities", json={"texts": []})
+        assert r.status_code == 422
+        assert_matches_schema(client, "POST", "/v1/entities", r)
 
 
 def test_lora_token_classification_and_adapter_registry(tiny_model, ner_data, tmp_path):
@@ -272,3 +279,184 @@ def test_end_to_end_cli_train(tiny_model, ner_data, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "textune", "validate-data", str(cfg)], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "entities   train: NEG" in proc.stdout
+
+
+# ---------------------------------------------------------------- other tokenizers, long texts, saved forms
+
+
+def build_tiny_roberta(folder: Path) -> Path:
+    """A 2-layer, 32-wide RoBERTa encoder with a byte-level BPE tokenizer trained here on the toy words, small
+    enough that most words split into several sub-tokens."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" ".join(FILLER + POSITIVE + NEGATIVE)], vocab_size=300, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    state = json.loads(bpe._tokenizer.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
+    tokenizer = RobertaTokenizer(vocab=state["vocab"], merges=merges)
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    RobertaModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def left_padding_copy(model: Path, folder: Path) -> Path:
+    """The model folder with its tokenizer saved to pad on the left, as Llama's, Mistral's and Gemma's do."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model, folder)
+    AutoTokenizer.from_pretrained(folder, padding_side="left").save_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder).padding_side == "left"
+    return folder
+
+
+@pytest.mark.parametrize("windows, step, expected", [
+    # one window: each word from its first sub-token
+    ([([None, 0, 0, 1, None], [(0, 0), (0, 2), (2, 4), (5, 7), (0, 0)], "xabcx")], 3,
+     {0: ("a", 0, 4), 1: ("c", 5, 7)}),
+    # two windows of 4 sub-tokens moving by 2: words 2 and 3 are in both; each is read where it has more context
+    # on the side the window cuts (word 2 in the first, word 3 in the second)
+    ([([None, 0, 1, 2, 3, None], [(0, 0), (0, 1), (2, 3), (4, 5), (6, 7), (0, 0)], "xabcdx"),
+      ([None, 2, 3, 4, 5, None], [(0, 0), (4, 5), (6, 7), (8, 9), (10, 11), (0, 0)], "xCDefx")], 2,
+     {0: ("a", 0, 1), 1: ("b", 2, 3), 2: ("c", 4, 5), 3: ("D", 6, 7), 4: ("e", 8, 9), 5: ("f", 10, 11)}),
+    # a word cut between windows: its first sub-token is in the first window, its end in the second
+    ([([None, 0, 1, None], [(0, 0), (0, 3), (4, 6), (0, 0)], "xabx"),
+      ([None, 1, 1, None], [(0, 0), (4, 6), (6, 9), (0, 0)], "xcdx")], 1,
+     {0: ("a", 0, 3), 1: ("b", 4, 9)}),
+])
+def test_words_of_windows(windows, step, expected):
+    from textune.tasks.token_classification import words_of_windows
+
+    got = words_of_windows([(w, o, list(p)) for w, o, p in windows], step)
+    assert {w: (p, s, e) for w, (p, s, e) in got.items()} == expected
+
+
+def test_conll_messages_name_the_tag_line(tmp_path):
+    from textune.tasks.token_classification import TASK, Sentences
+
+    path = tmp_path / "iob1.conll"
+    path.write_text("the\tO\ngood\tB-POS\nfilm\tO\nvery\tI-NEG\n\nbad\tB-NEG\n")
+    splits = {"train": read_conll(path, "data.train")}
+    finding = next(f for f in TASK.data_report(splits).findings if f.kind == "scheme")
+    assert f"first at {path} line 4" in finding.message
+    table = Sentences([["a", "b"], ["c", "d"]], [["O", "O"], ["B-X", "PERSON"]], ["t.jsonl row 1", "t.jsonl row 2"])
+    with pytest.raises(TextuneError, match=r"the first, 'PERSON', is at t.jsonl row 2, word 2"):
+        tag_names(table, None)
+
+
+def test_left_padding_tokenizer_trains_and_predicts_as_right_padding(tiny_model, ner_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    from textune.tasks.token_classification import TokenClassifierPredictor
+    from textune.train import train
+
+    left = left_padding_copy(tiny_model, tmp_path / "left-model")
+    runs = {name: train(load_config(None, ner_overrides(model, ner_data, tmp_path / name, **{"train.epochs": 2})))
+            for name, model in (("right", tiny_model), ("left", left))}
+    metrics = {k: json.loads((run / "metrics.json").read_text())["validation"] for k, run in runs.items()}
+    assert metrics["left"]["f1"] == metrics["right"]["f1"]
+    assert metrics["left"]["loss"] == pytest.approx(metrics["right"]["loss"], rel=1e-5)
+    assert AutoTokenizer.from_pretrained(runs["left"] / "model").padding_side == "right"  # saved as the task needs
+    # A left-padding tokenizer given to the predictor directly (as the adapter registry does): rows of
+    # different lengths in one batch read the same sub-tokens as with right padding.
+    right = get_task("token-classification").load_predictor(runs["right"])
+    left_tokenizer = AutoTokenizer.from_pretrained(left)
+    around = TokenClassifierPredictor.around(right.model, left_tokenizer, max_length=32)
+    texts = ["the film was very good", "awful", "this plot is boring and the acting is superb really"]
+    assert around.predict(texts) == right.predict(texts)
+    words = [t.split() for t in texts]
+    assert around.predict(words) == right.predict(words)
+
+
+@pytest.fixture(scope="module")
+def bpe_models(tmp_path_factory) -> dict[str, Path]:
+    from conftest import build_tiny_chat_lm
+
+    d = tmp_path_factory.mktemp("bpe")
+    return {"roberta": build_tiny_roberta(d / "roberta"), "gpt2": build_tiny_chat_lm(d / "gpt2", "gpt2")}
+
+
+@pytest.mark.parametrize("kind", ["roberta", "gpt2"])
+def test_byte_level_bpe_words_get_the_sub_tokens_of_raw_text(kind, bpe_models, ner_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    from textune.train import train
+
+    cfg = load_config(None, ner_overrides(bpe_models[kind], ner_data, tmp_path / "run", **{
+        "model.max_length": 64, "train.max_steps": 2}))
+    inputs = get_task(cfg.task).load_inputs(cfg)
+    words = inputs.splits["train"].tokens[0]
+    trained_ids = inputs.tokenized["train"][0]["input_ids"]
+    plain = AutoTokenizer.from_pretrained(bpe_models[kind])
+    assert plain(words, is_split_into_words=True)["input_ids"] != trained_ids  # what transformers 5 does unasked
+    pieces = inputs.tokenizer.convert_ids_to_tokens(trained_ids)
+    assert sum(p.startswith("Ġ") for p in pieces) == len(words)  # every word begins with its space marker
+    run = train(cfg)
+    predictor = get_task("token-classification").load_predictor(run)
+    assert predictor.tokenizer(" ".join(words))["input_ids"] == trained_ids  # raw text: the same sub-tokens
+    assert predictor.tokenizer(words, is_split_into_words=True)["input_ids"] == trained_ids
+    text = "  the film was very good and awful"
+    for e in predictor.predict([text])[0]["entities"]:
+        assert text[e["start"]:e["end"]] == e["text"] and e["text"] == e["text"].strip()
+
+
+def test_label_all_tokens_scores_words(bpe_models, ner_data, tmp_path):
+    """Training labels every sub-token; evaluation, metrics.json and the report's rows are per word."""
+    from textune.train import train
+
+    run = train(load_config(None, ner_overrides(bpe_models["roberta"], ner_data, tmp_path / "run", **{
+        "model.max_length": 64, "train.epochs": 2, "data.label_all_tokens": True})))
+    saved = json.loads((run / "metrics.json").read_text())["validation"]
+    predictor = get_task("token-classification").load_predictor(run)
+    per_word = get_task("token-classification").evaluate_file(predictor, str(ner_data["validation"]), {})
+    for key in ("f1", "precision", "recall", "accuracy", "entities"):
+        assert saved[key] == pytest.approx(per_word[key]), key
+    gold = read_conll(ner_data["validation"], "v")
+    rows = [json.loads(line) for line in (run / "validation_predictions.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in rows] == gold.tokens and [r["tags"] for r in rows] == gold.tags
+    assert all(len(r["pred"]) == len(r["tokens"]) for r in rows)
+
+
+def test_long_texts_are_read_in_windows(ner_run):
+    predictor = get_task("token-classification").load_predictor(ner_run)
+    assert predictor.max_length == 32
+    rng = random.Random(3)
+    words = [rng.choice([w for w in FILLER if w != "very"]) for _ in range(90)]
+    words[80] = "awful"  # far past the first window of 30 sub-tokens
+    tags = predictor.predict([words])[0]["tags"]
+    assert len(tags) == 90 and tags[80] == "B-NEG"
+    text = " ".join(words)
+    entities = predictor.predict([text])[0]["entities"]
+    assert ("NEG", "awful") in [(e["entity"], e["text"]) for e in entities]
+    assert all(text[e["start"]:e["end"]] == e["text"] for e in entities)
+
+
+def test_predictors_load_from_runs_and_model_folders_and_refuse_other_tasks(ner_run, trained_run):
+    from textune.tasks import load_predictor
+    from textune.tasks.token_classification import TokenClassifierPredictor
+
+    texts = ["the film was very good", "awful acting"]
+    assert load_predictor(ner_run / "model").predict(texts) == load_predictor(ner_run).predict(texts)
+    with pytest.raises(TextuneError, match=r"holds a classification model, not a token-classification one; load it "
+                                           r"with textune.tasks.load_predictor"):
+        TokenClassifierPredictor(trained_run)
+
+
+def test_tags_outside_label_names_and_predict_input_without_word_lists(tmp_path):
+    from textune.tasks.token_classification import TASK, Sentences
+
+    table = Sentences([["a", "b"]], [["O", "B-LOC"]], ["t.jsonl row 1"])
+    with pytest.raises(TextuneError, match=r"tags \['B-LOC'\] are not in data.label_names .*\(the first at t.jsonl "
+                                           r"row 1, word 2\)"):
+        tag_names(table, ["O", "B-PER", "I-PER"])
+    source = write_jsonl(tmp_path / "in.jsonl", [{"tokens": "the film"}])
+    with pytest.raises(TextuneError, match=r"in.jsonl row 1: 'tokens' must hold a list of words, got 'the film'"):
+        TASK.read_inputs(str(source), {}, None)

@@ -102,3 +102,19 @@ def test_a_run_stopped_by_an_error_ends_its_mlflow_run_in_the_store_the_environm
     client = MlflowClient(store)
     (found,) = client.search_runs([client.get_experiment_by_name("textune").experiment_id])
     assert found.info.status != "RUNNING"
+
+
+def test_an_mlflow_file_store_is_one_line_saying_what_mlflow_wants_and_leaves_no_run_folder(
+        tiny_model, toy_data, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:./mlruns")  # MLflow 3 refuses this store unless asked
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    (tmp_path / "c.yaml").write_text("logging: {report_to: [mlflow]}\ntrain: {max_steps: 1}\n")
+    assert main(["train", str(tmp_path / "c.yaml"), "--model.name", str(tiny_model), "--data.train",
+                 str(toy_data["train"]), "--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert ("logging.report_to: mlflow refuses MLFLOW_TRACKING_URI=file:./mlruns, a file store, unless "
+            "MLFLOW_ALLOW_FILE_STORE=true; set that, point MLFLOW_TRACKING_URI at a database") in err[0]
+    assert not (tmp_path / "run").exists()

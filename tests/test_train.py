@@ -288,3 +288,17 @@ def test_off_a_terminal_progress_is_one_plain_line_per_logging_step(tiny_model, 
     assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"], log[-3000:]
     for part in ("epoch ", "loss ", "lr ", "samples/s", "left"):
         assert part in lines[0], lines[0]
+
+
+def test_a_resumed_config_with_relative_data_paths_is_not_called_changed(tmp_path, monkeypatch):
+    from textune.config import save_config
+    from textune.train import warn_if_config_changed
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, {"data.train": "train.csv"})
+    save_config(cfg, tmp_path / "config.yaml")  # holds the resolved path
+    said = []
+    warn_if_config_changed(cfg, tmp_path / "config.yaml", said.append)
+    assert said == []
+    warn_if_config_changed(load_config(None, {"data.train": "other.csv"}), tmp_path / "config.yaml", said.append)
+    assert len(said) == 1 and "(data.train)" in said[0]

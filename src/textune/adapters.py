@@ -13,10 +13,12 @@ import json
 import re
 import shutil
 import time
+import types
 from pathlib import Path
 
 import torch
-from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model
+from peft import (IA3Config, LoraConfig, PeftConfig, PeftModel, PeftModelForQuestionAnswering, PrefixTuningConfig,
+                  TaskType, get_peft_model)
 from peft.utils import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
@@ -32,8 +34,10 @@ from textune.atomic import replace_atomically
 from textune.config import TuningConfig
 from textune.errors import TextuneError
 from textune.model_card import write_model_card
-from textune.models import (HEAD_MODULE_NAMES, head_class, inference_device, inference_max_length, load_classifier,
-                            load_tokenizer, resolve_model, resolve_run_model, saved_run_config)
+from textune.models import (HEAD_MODULE_NAMES, auto_model_class, copy_prediction_files, inference_device,
+                            inference_max_length, load_classifier, load_tokenizer, resolve_model, resolve_run_model,
+                            saved_run_config)
+from textune.tasks import DEFAULT_TASK, SEQUENCE_HEAD, architecture_of, get_task, task_of
 
 PEFT_METHODS = ("lora", "prefix", "ia3")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -54,19 +58,27 @@ def apply_peft(model: PreTrainedModel, tuning: TuningConfig) -> PeftModel:
     """
     if tuning.method == "prefix":
         _accept_past_key_values(model)
-    return get_peft_model(model, peft_config_for(model, tuning))
+    return _pass_every_input(get_peft_model(model, peft_config_for(model, tuning)))
+
+
+def _pass_every_input(model: PeftModel) -> PeftModel:
+    """PEFT's question-answering wrapper (peft 0.21) passes neither token_type_ids nor position_ids on to a
+    LoRA/IA3 model: a BERT-style model would train with question and context both in segment 0, while its merged
+    form reads them as two segments and answers otherwise. PEFT's generic forward passes every input on; give
+    the wrapper that one. Prefix tuning keeps the wrapper's own (it adds the prefix's segment ids)."""
+    if isinstance(model, PeftModelForQuestionAnswering) and not model.active_peft_config.is_prompt_learning:
+        model.forward = types.MethodType(PeftModel.forward, model)
+    return model
 
 
 def peft_config_for(model: PreTrainedModel, tuning: TuningConfig) -> PeftConfig:
     """The PEFT config of `tuning` for this model: target modules checked, head saved with the adapter.
 
-    A causal LM (textune pretrain, objective clm) gets PEFT's CAUSAL_LM task type, whose wrapper passes
-    labels through and generates; its LM head stays frozen (tied to the embeddings in GPT-2/Llama)."""
+    PEFT's task type is the model's architecture's (`tasks.Architecture.peft_task_type`): a causal LM (textune
+    pretrain, objective clm; instruction tuning) gets CAUSAL_LM, whose wrapper passes labels through and
+    generates; its LM head stays frozen (tied to the embeddings in GPT-2/Llama)."""
     heads = head_modules(model)
-    name = type(model).__name__
-    task = (TaskType.CAUSAL_LM if name.endswith(("ForCausalLM", "LMHeadModel"))
-            else TaskType.TOKEN_CLS if name.endswith("ForTokenClassification")
-            else TaskType.QUESTION_ANS if name.endswith("ForQuestionAnswering") else TaskType.SEQ_CLS)
+    task = TaskType[(architecture_of([type(model).__name__]) or SEQUENCE_HEAD).peft_task_type]
     if tuning.method == "prefix":
         return PrefixTuningConfig(task_type=task, num_virtual_tokens=tuning.num_virtual_tokens,
                                   modules_to_save=heads)
@@ -198,6 +210,9 @@ def _base_path(info: dict, folder: Path) -> str:
 def load_adapter_classifier(folder: str | Path, merge: bool = True):
     """Load base model + adapter from an adapter folder; return (model in eval mode, tokenizer).
 
+    The model takes the config textune saved beside the adapter (labels, and what its task needs to predict:
+    `problem_type`, a regression's `label_scale`), not the base's; its Auto class is its architecture's.
+
     Args:
         merge: fold LoRA/IA3 weights into the base (a plain transformers model, as fast as the base);
             prefix tuning cannot be folded and stays a PEFT model.
@@ -207,10 +222,11 @@ def load_adapter_classifier(folder: str | Path, merge: bool = True):
     if info["labels"] is None:
         raise TextuneError(f"adapter {folder} has no config.json, so its labels are unknown; "
                            f"it was not saved by textune train")
-    model = load_classifier(_base_path(info, folder), info["labels"], auto_class=head_class(info["architectures"]))
+    model = load_classifier(_base_path(info, folder), info["labels"],
+                            auto_class=auto_model_class(info["architectures"]), like=folder)
     if info["prompt_learning"]:
         _accept_past_key_values(model)
-    model = PeftModel.from_pretrained(model, folder)
+    model = _pass_every_input(PeftModel.from_pretrained(model, folder))
     if merge and not info["prompt_learning"]:
         model = model.merge_and_unload()
     return model.eval(), load_tokenizer(str(folder))
@@ -219,7 +235,9 @@ def load_adapter_classifier(folder: str | Path, merge: bool = True):
 def merge_adapter(run_or_model: str | Path, output: str | Path | None = None, overwrite: bool = False) -> Path:
     """Write base + LoRA/IA3 adapter as one plain transformers model folder (with named labels); return it.
 
-    The default output is RUN/merged.
+    The default output is RUN/merged. It carries what the task's predictor reads besides the weights (its
+    config.json's settings, and the run files of `Task.prediction_files`), so it predicts as the run does,
+    wherever it is moved: it is both model and run folder.
 
     Raises:
         TextuneError: the folder holds a full model or a prefix-tuning adapter, or the output exists.
@@ -238,9 +256,11 @@ def merge_adapter(run_or_model: str | Path, output: str | Path | None = None, ov
         if not (target / "config.json").is_file():
             raise TextuneError(f"{target} exists and is not a model folder; refusing to overwrite it")
     model, tokenizer = load_adapter_classifier(model_dir, merge=True)
+    task = get_task(task_of(run or model_dir))
     with replace_atomically(target, folder=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        copy_prediction_files(task.prediction_files, model_dir, run, tmp)
         if run is not None:  # a bare adapter folder has no run files to describe it with
             write_model_card(run, tmp)
     return target
@@ -291,7 +311,8 @@ class AdapterRegistry:
         """Copy a run's adapter into the registry under `name` (default: the run folder's name); return the name.
 
         Raises:
-            TextuneError: not an adapter, trained on another base, another PEFT type, or the name is taken.
+            TextuneError: not an adapter, trained on another base, another PEFT type or another kind of head,
+                or the name is taken.
         """
         model_dir, run = resolve_run_model(run_or_model)
         name = name or (run or model_dir).name
@@ -302,6 +323,26 @@ class AdapterRegistry:
                                f"with tuning.method {', '.join(PEFT_METHODS)} can be added")
         info = adapter_info(model_dir)
         base = _normalise_base(info["base_model"])
+        self._check_fits(run_or_model, info, base, name)
+        if name in self.index["adapters"] and not overwrite:
+            raise TextuneError(f"adapter {name!r} is already in registry {self.root}; pass --overwrite or choose "
+                               f"another --name")
+        self.root.mkdir(parents=True, exist_ok=True)
+        task = task_of(run or model_dir)
+        with replace_atomically(self.root / name, folder=True) as tmp:
+            shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+            # what the task predicts with besides the weights: the copy is both model and run folder
+            copy_prediction_files(get_task(task).prediction_files, model_dir, run, tmp)
+        entry = {"method": _method(info["peft_type"]), "task": task, "labels": info["labels"],
+                 "architectures": info["architectures"], "source": str(Path(run or model_dir).resolve()),
+                 "added": time.strftime("%Y-%m-%d %H:%M:%S"), **_run_settings(run)}
+        self.index.update(base_model=base, peft_type=info["peft_type"])
+        self.index["adapters"][name] = entry
+        self._write()
+        return name
+
+    def _check_fits(self, run_or_model, info: dict, base: str, name: str) -> None:
+        """Refuse an adapter that cannot share the registry's loaded base model with the adapters it holds."""
         if self.base_model is not None and base != self.base_model:
             raise TextuneError(f"adapter {run_or_model} was trained on the base model {base}, but registry "
                                f"{self.root} holds adapters for {self.base_model}; an adapter only works on the base "
@@ -310,21 +351,15 @@ class AdapterRegistry:
             raise TextuneError(f"registry {self.root} holds {_method(self.index['peft_type'])} adapters and PEFT "
                                f"switches only between adapters of one type on a loaded base; put this "
                                f"{_method(info['peft_type'])} adapter in another --registry")
-        if name in self.index["adapters"] and not overwrite:
-            raise TextuneError(f"adapter {name!r} is already in registry {self.root}; pass --overwrite or choose "
-                               f"another --name")
-        self.root.mkdir(parents=True, exist_ok=True)
-        with replace_atomically(self.root / name, folder=True) as tmp:
-            shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
-        from textune.tasks import task_of
-
-        entry = {"method": _method(info["peft_type"]), "task": task_of(run or model_dir), "labels": info["labels"],
-                 "architectures": info["architectures"], "source": str(Path(run or model_dir).resolve()),
-                 "added": time.strftime("%Y-%m-%d %H:%M:%S"), **_run_settings(run)}
-        self.index.update(base_model=base, peft_type=info["peft_type"])
-        self.index["adapters"][name] = entry
-        self._write()
-        return name
+        # The base is loaded once, by the Auto class of the first adapter's architecture (a sequence classifier,
+        # a token classifier, a question answerer): adapters of another kind of head cannot switch in on it.
+        kind = architecture_of(info["architectures"]) or SEQUENCE_HEAD
+        held = {(architecture_of(e.get("architectures")) or SEQUENCE_HEAD).auto_class
+                for n, e in self.index["adapters"].items() if n != name}
+        if held and kind.auto_class not in held:
+            raise TextuneError(f"registry {self.root} holds adapters loaded with {', '.join(sorted(held))}, and "
+                               f"{run_or_model} needs {kind.auto_class}: the registry loads its base once, with one "
+                               f"kind of head; put this adapter in another --registry")
 
     def remove(self, name: str) -> None:
         self.entry(name)
@@ -403,7 +438,7 @@ class AdapterPredictor:
         self.model: PeftModel | None = None
         self.adapter: str | None = None
         self.predictor = None  # the active adapter's task predictor
-        self.task = self.registry.entry(self.registry.names()[0]).get("task", "classification")
+        self.task = self.registry.entry(self.registry.names()[0]).get("task", DEFAULT_TASK)
         self.label_names: list[str] = []
         self.max_length = inference_max_length(self.tokenizer, max_length)
 
@@ -424,8 +459,6 @@ class AdapterPredictor:
             TextuneError: `name` is None (each adapter has its own head: there is no adapter-less model)
                 or not in the registry.
         """
-        from textune.tasks import get_task
-
         if name is None:
             raise TextuneError(f"name the adapter to predict with: one of {', '.join(self.registry.names())}")
         if name == self.adapter:
@@ -433,20 +466,22 @@ class AdapterPredictor:
         entry, folder = self.registry.entry(name), self.registry.path(name)
         if self.model is None:
             base = load_classifier(resolve_model(self.registry.base_model), entry["labels"],
-                                   auto_class=head_class(entry.get("architectures")))
+                                   auto_class=auto_model_class(entry.get("architectures")), like=folder)
             if adapter_info(folder)["prompt_learning"]:
                 _accept_past_key_values(base)
-            self.model = PeftModel.from_pretrained(base, folder, adapter_name=name)
+            self.model = _pass_every_input(PeftModel.from_pretrained(base, folder, adapter_name=name))
         elif name not in self.model.peft_config:
             _load_adapter_with_own_head(self.model, folder, name)
         self.model.set_adapter(name)
         self.model.to(self.device).eval()
         self.adapter, self.label_names = name, entry["labels"]
-        self.task = entry.get("task", "classification")
+        self.task = entry.get("task", DEFAULT_TASK)
         self.max_length = inference_max_length(self.tokenizer, self.requested_max_length, entry.get("max_length"))
         predictor_class = type(get_task(self.task)).predictor_class
-        self.predictor = predictor_class.around(self.model, self.tokenizer, self.batch_size, self.max_length, self.device)
-        self.predictor.label_names = entry["labels"]  # the active adapter's head, not the first one's config
+        # The loaded base's config is the first adapter's: the adapter's own copy says its labels, settings
+        # and run files (thresholds, a regression's scale, QA windows and null threshold).
+        self.predictor = predictor_class.around(self.model, self.tokenizer, self.batch_size, self.max_length,
+                                                self.device, folder=folder)
 
     def _active(self, adapter: str | None):
         if adapter is not None:

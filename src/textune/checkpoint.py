@@ -7,6 +7,8 @@ dropout masks), the position in the data order, the loop counters and the histor
 written to a hidden temporary folder and renamed into place, so a crash mid-write leaves the previous
 checkpoint intact and never a half-written one under a real name. Only tensors and plain containers are
 stored, and they are read back with `torch.load(weights_only=True)`: loading a checkpoint runs no code.
+A run keeps its newest `train.keep_last` checkpoints; with that key empty, two while training and none once
+the run has finished and saved its model (a finished run is not resumed).
 """
 
 from __future__ import annotations
@@ -128,10 +130,22 @@ def list_checkpoints(run: Path) -> list[Path]:
                   and (p / "state.json").is_file())
 
 
+def remove_checkpoints(run: Path) -> int:
+    """Delete the run's checkpoints (complete ones and any half-written); return how many complete ones there were."""
+    found = len(list_checkpoints(run))
+    shutil.rmtree(run / CHECKPOINTS, ignore_errors=True)
+    return found
+
+
 def find_checkpoint(run: Path, resume: str) -> Path:
     """`latest` -> the newest checkpoint of `run`; otherwise a checkpoint folder path."""
     if resume == "latest":
         found = list_checkpoints(run)
+        if not found and (run / "metrics.json").is_file():
+            raise TextuneError(f"--resume latest: {run} is a finished run, and its checkpoints were deleted once its "
+                               f"model was saved, so there is nothing to resume; to train it further, start a new run "
+                               f"from it (model.name: {run / 'model'}), or keep checkpoints next time with "
+                               f"train.keep_last N")
         if not found:
             raise TextuneError(f"--resume latest: no checkpoint in {run / CHECKPOINTS}; start without --resume "
                                f"(add --overwrite to replace the run)")

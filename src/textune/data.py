@@ -5,8 +5,10 @@ Every problem with the user's data is raised as a `TextuneError` naming the file
 
 from __future__ import annotations
 
+import codecs
 import csv
 import importlib.util
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -58,6 +60,9 @@ def read_text_lines(path: Path, what: str) -> list[str]:
     non-UTF-8 file."""
     if not path.is_file():
         raise TextuneError(f"{what} not found: {path}")
+    encoding = _utf16_problem(path)
+    if encoding:  # UTF-16 without a byte-order mark even decodes as UTF-8, into lines full of NUL characters
+        raise TextuneError(f"{what} {path} is {encoding} text, not UTF-8; save it as UTF-8")
     try:
         return path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
@@ -103,7 +108,47 @@ def _read_error(e: Exception, split_name: str, path: Path, fmt: str) -> TextuneE
     msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
     if isinstance(cause, UnicodeDecodeError):
         msg = "it is not UTF-8 text; re-save it as UTF-8"
+    elif fmt == "json":
+        msg = _json_problem(path) or msg
     return TextuneError(f"could not read {split_name} file {path} as {fmt.upper()}: {msg}")
+
+
+def _json_problem(path: Path) -> str | None:
+    """Where a JSON or JSON Lines file is broken, counting lines from 1 as editors do (the parser behind
+    `datasets`, pyarrow, says "row 2" for line 3, or gives a character position); None if Python reads it."""
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    try:
+        json.loads(text)
+        return None  # one JSON document: the parser's complaint was about its shape, not its syntax
+    except json.JSONDecodeError as whole:
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        if not first.lstrip().startswith("{") or first.count("{") != first.count("}"):
+            return f"line {whole.lineno}, column {whole.colno}: {whole.msg}"
+    for n, line in enumerate(text.splitlines(), 1):  # JSON Lines: one object per line
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {n}, column {e.colno}: {e.msg} (JSON Lines hold one JSON object per line)"
+        if not isinstance(row, dict):
+            return f"line {n} is a {type(row).__name__}, not a JSON object (JSON Lines hold one object per line)"
+    return None
+
+
+def _utf16_problem(path: Path) -> str | None:
+    """The encoding of a UTF-16 or UTF-32 text file (Windows tools write them, e.g. PowerShell's `>` and
+    Excel's "Unicode text"), which every reader here would misread as UTF-8; None for anything else."""
+    with path.open("rb") as f:
+        head = f.read(4096)
+    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                      (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
+        if head.startswith(bom):
+            return name
+    # Without a byte-order mark: ASCII text in UTF-16 has a zero byte beside every character.
+    if len(head) >= 4 and (head[1::2].count(0) > len(head) // 4 or head[0::2].count(0) > len(head) // 4):
+        return "UTF-16"
+    return None
 
 
 def _reader_options(path: str | Path, split_name: str) -> tuple[Path, str, str, dict[str, Any]]:
@@ -117,6 +162,11 @@ def _reader_options(path: str | Path, split_name: str) -> tuple[Path, str, str, 
                            f"use one of .csv, .tsv, .jsonl, .json, .parquet")
     if path.stat().st_size == 0:
         raise TextuneError(f"{split_name} file {path} is empty")
+    encoding = _utf16_problem(path) if fmt != "parquet" else None
+    if encoding:
+        raise TextuneError(f"{split_name} file {path} is {encoding} text, not UTF-8; save it as UTF-8 (e.g. "
+                           f"`iconv -f {encoding} -t UTF-8 {path.name} > utf8{path.suffix}`, or UTF-8 in the editor's "
+                           f"save dialog)")
     if fmt in ("csv", "tsv") and _count_lines(path, stop_at=2) < 2:
         raise TextuneError(f"{split_name} file {path} has a header but no rows")
     kwargs: dict[str, Any] = {}
@@ -188,8 +238,9 @@ def read_checked_splits(cfg: DataConfig, notes: list[str]) -> tuple[dict[str, Da
     splits = {"train": raw_train, "validation": raw_val, "test": raw_test}
     for split, ds in splits.items():
         if ds is not None:
+            path = getattr(cfg, split) if cfg.train is not None else None
             splits[split] = _drop_unlabelled(_check_columns(ds, split, cfg.text_column, cfg.text_pair_column,
-                                                            cfg.label_column), split, cfg.label_column, notes)
+                                                            cfg.label_column, path), split, cfg.label_column, notes)
     return splits, stream
 
 
@@ -383,7 +434,10 @@ def _drop_unlabelled(ds: Dataset, split: str, label_col: str, notes: list[str]) 
     return ds.select(np.flatnonzero(labels != -1))
 
 
-def _check_columns(ds: Dataset, split: str, text_col: str, pair_col: str | None, label_col: str) -> Dataset:
+def _check_columns(ds: Dataset, split: str, text_col: str, pair_col: str | None, label_col: str,
+                   path: str | Path | None = None) -> Dataset:
+    """The split with only its text, pair and label columns, texts as strings. `path` (the split's file) is named
+    in messages about its rows."""
     wanted = {"data.text_column": text_col, "data.label_column": label_col}
     if pair_col:
         wanted["data.text_pair_column"] = pair_col
@@ -394,6 +448,8 @@ def _check_columns(ds: Dataset, split: str, text_col: str, pair_col: str | None,
     keep = [c for c in ds.column_names if c in wanted.values()]
     ds = ds.select_columns(keep)
     for col in [text_col] + ([pair_col] if pair_col else []):
+        if not isinstance(ds.features[col], Value):  # lists or objects in JSONL/Parquet: the cast would fail or
+            check_text_cells(column_values(ds, col), f"data.{split}", col, path)  # write them as JSON text
         if ds.features[col] != Value("string"):
             ds = ds.cast_column(col, Value("string"))  # a column of numbers is still text to a tokenizer
         missing = [i for i, t in enumerate(column_values(ds, col)) if t is None]
@@ -401,6 +457,22 @@ def _check_columns(ds: Dataset, split: str, text_col: str, pair_col: str | None,
             raise TextuneError(f"{split} data: column {col!r} is empty in {len(missing)} rows (first: row "
                                f"{missing[0] + 1}); fill or remove those rows")
     return ds
+
+
+def check_text_cells(values: list, split: str, column: str, path: str | Path | None = None) -> None:
+    """Refuse a text column whose cells are lists or objects (JSONL, Parquet): a tokenizer takes one string per
+    row; `datasets` would stop at the first such cell with a cast traceback, or write every cell as JSON text.
+
+    Raises:
+        TextuneError: naming the split, its file, the row (1 = the first data row) and the column.
+    """
+    for i, v in enumerate(values):
+        if isinstance(v, (list, tuple, dict)):
+            kind = "an object" if isinstance(v, dict) else "a list"
+            raise TextuneError(f"{split} row {i + 1}{f' of {path}' if path else ''}: column {column!r} holds {kind} "
+                               f"({_clipped(v)}), not a text; write "
+                               f"one string per row (join the pieces into one text), or set data.text_column / "
+                               f"data.text_pair_column to the column that holds the texts")
 
 
 _INTEGER = re.compile(r"[+-]?\d+")
@@ -467,11 +539,12 @@ def _encode_labels(ds: Dataset, split: str, label_col: str, label_names: list[st
 # ---------------------------------------------------------------- regression and multi-label targets
 
 
-def load_regression_data(cfg: DataConfig, seed: int) -> TaskData:
+def load_regression_data(cfg: DataConfig, seed: int, task: str) -> TaskData:
     """The splits of a regression run: the same reading and column checks as classification, the label column
     parsed into a float `labels` column (on the user's scale), validation a random split of training where no
-    file is given. `label_names` is [data.label_column], the name of the one output."""
-    splits, notes = _read_target_splits(cfg, "regression")
+    file is given. `label_names` is [data.label_column], the name of the one output. `task`: the task's name,
+    for messages."""
+    splits, notes = _read_target_splits(cfg, task)
     for split, ds in splits.items():
         if ds is not None:
             values = parse_numeric_labels(column_values(ds, cfg.label_column), f"data.{split}", cfg.label_column)
@@ -480,21 +553,27 @@ def load_regression_data(cfg: DataConfig, seed: int) -> TaskData:
     return _target_task_data(cfg, seed, splits, [cfg.label_column], notes)
 
 
-def load_multi_label_data(cfg: DataConfig, seed: int) -> TaskData:
+def load_multi_label_data(cfg: DataConfig, seed: int, task: str) -> TaskData:
     """The splits of a multi-label run: the label column (a list in JSONL/Parquet, or a string of labels joined
     by `data.label_separator` in CSV/TSV) parsed into a multi-hot float `labels` column over the label names
-    (`data.label_names`, else every label training holds, sorted). An empty cell is a text with no label."""
-    splits, notes = _read_target_splits(cfg, "multi-label")
+    (`data.label_names`, else every label training holds, sorted). An empty cell is a text with no label.
+    `task`: the task's name, for messages."""
+    splits, notes = _read_target_splits(cfg, task)
     feature = splits["train"].features[cfg.label_column]
     inner = getattr(feature, "feature", None)  # a Hub Sequence(ClassLabel) names its ids
     id_names = inner.names if isinstance(inner, ClassLabel) else None
     parsed = {split: parse_label_lists(column_values(ds, cfg.label_column), f"data.{split}", cfg.label_column,
-                                       cfg.label_separator, id_names)
+                                       cfg.label_separator, id_names, getattr(cfg, split) if cfg.train else None)
               for split, ds in splits.items() if ds is not None}
     seen = sorted({label for labels in parsed["train"] for label in labels})
     if not seen:
         raise TextuneError(f"data.train: no row of column {cfg.label_column!r} holds a label; a multi-label "
                            f"classifier needs labelled rows (check data.label_column and data.label_separator)")
+    if len({frozenset(labels) for labels in parsed["train"]}) == 1:
+        raise TextuneError(f"data.train: every training row has the same labels ({', '.join(parsed['train'][0])}); "
+                           f"a multi-label classifier learns which labels each text has, so it needs rows whose label "
+                           f"sets differ: add rows with other labels (or check data.label_column "
+                           f"{cfg.label_column!r} and data.label_separator {cfg.label_separator!r})")
     names = list(cfg.label_names) if cfg.label_names else seen
     index = {n: i for i, n in enumerate(names)}
     for split, rows in parsed.items():  # train first: data.label_names is checked against it
@@ -566,12 +645,18 @@ def parse_numeric_labels(values: list, split: str, label_col: str) -> np.ndarray
 
 
 def parse_label_lists(values: list, split: str, label_col: str, separator: str,
-                      id_names: list[str] | None = None) -> list[list[str]]:
+                      id_names: list[str] | None = None, path: str | Path | None = None) -> list[list[str]]:
     """Each row's label set as a list of names, duplicates dropped, in order of appearance. A cell is a list
     (JSONL, Parquet; integer ids are named by `id_names` where given) or a string split at `separator` (CSV,
-    TSV); an empty cell or list is a row without labels. An empty label ("a||b", "a|") stops the run."""
+    TSV); an empty cell or list is a row without labels. An empty label ("a||b", "a|") stops the run, and so
+    does a cell that is no list of names (`label_cell_problem`); `path` names the file in that message."""
     out = []
     for i, v in enumerate(values):
+        problem = label_cell_problem(v)
+        if problem:
+            raise TextuneError(f"{split} row {i + 1}{f' of {path}' if path else ''}: label column {label_col!r} "
+                               f"{problem}; give each row's labels as a list of names, e.g. [\"a\", \"b\"], or as "
+                               f"names joined by data.label_separator {separator!r}, e.g. 'a{separator}b'")
         if v is None:
             items = []
         elif isinstance(v, (list, tuple)):
@@ -587,6 +672,29 @@ def parse_label_lists(values: list, split: str, label_col: str, separator: str,
                                f"(e.g. 'a{separator}b'), or leave the cell empty for a text without labels")
         out.append(list(dict.fromkeys(items)))
     return out
+
+
+def label_cell_problem(cell) -> str | None:
+    """What makes a multi-label cell something other than a list of label names, or None: a mapping, a nested
+    list, booleans, or a multi-hot vector of 0s and 1s (each would train as label names such as "True")."""
+    items = cell if isinstance(cell, (list, tuple)) else [cell]
+    if isinstance(cell, dict):
+        return (f"holds a mapping ({_clipped(cell)}) where label names belong (list the names whose value marks "
+                f"the label)")
+    if any(isinstance(x, (list, tuple, dict)) for x in items):
+        return f"holds a nested list ({_clipped(cell)}) where one flat list of label names belongs"
+    if any(isinstance(x, bool) for x in items):
+        return (f"holds true/false ({_clipped(cell)}) where label names belong (a yes/no target is task: "
+                f"classification)")
+    if isinstance(cell, (list, tuple)) and len(cell) > 1 and set(cell) <= {0, 1} and len(set(cell)) < len(cell):
+        return (f"holds a vector of 0s and 1s ({_clipped(cell)}) where label names belong (list the names of the "
+                f"labels marked 1)")
+    return None
+
+
+def _clipped(value, limit: int = 60) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[:limit - 3] + "..."
 
 
 def _text_columns(data: TaskData) -> list[str]:

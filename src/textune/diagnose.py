@@ -1,4 +1,5 @@
-"""Diagnose a run from its learning curves: healthy, overfitting, underfitting, unstable or diverged.
+"""Diagnose a run from its learning curves: healthy, still learning, overfitting, underfitting, unstable or
+diverged.
 
 Works on RUN/history.jsonl alone (plus, optionally, the label counts from RUN/data_stats.json and the
 metric that selects the checkpoint from RUN/config.yaml), so it needs no torch and runs on a finished, a running or a copied run folder. Rules are checked from the
@@ -15,10 +16,11 @@ from pathlib import Path
 
 from textune.errors import TextuneError
 
-VERDICTS = ("healthy", "overfitting", "underfitting", "unstable", "diverged", "inconclusive")
+VERDICTS = ("healthy", "still-learning", "overfitting", "underfitting", "unstable", "diverged", "inconclusive")
 
 # Fewer logged training losses than this show neither a trend nor a spike (one point is a number,
-# two are a line); below it, and with fewer than MIN_EVALS evaluations, the verdict is "inconclusive".
+# two are a line): below it the verdict is "inconclusive", for every task, however many evaluations there are
+# (runs that evaluate at step 0 have two after a single logged loss, and that is not a learning curve).
 MIN_TRAIN_POINTS = 3
 # One evaluation says where validation ended, not where it went; trends need at least two.
 MIN_EVALS = 2
@@ -63,7 +65,8 @@ UNDERFIT_ACCURACY_MARGIN = 0.03
 LARGE_GAP = 0.3
 # "Levelled off": the median training loss of the last quarter of logged points is below that of the
 # quarter before by less than this share of the start (medians ignore single noisy points); a bigger
-# fall means the run was stopped while still learning.
+# fall means the run was stopped while still learning: the verdict is then "still-learning", not "healthy"
+# (a few steps of a run leave its metrics wherever they were; train longer and look again).
 LEVEL_OFF_SHARE = 0.05
 
 
@@ -109,22 +112,20 @@ def diagnose_curves(history_records: list[dict], label_counts: dict[str, int] | 
 
     if _diverged(train, losses, evals, eval_losses, d):
         return d
-    if len(losses) < MIN_TRAIN_POINTS and len(evals) < MIN_EVALS:
+    if len(losses) < MIN_TRAIN_POINTS:
         d.verdict = "inconclusive"
         d.evidence.append(f"only {len(losses)} training-loss point(s) and {len(evals)} evaluation(s): too few to "
-                          f"judge (need {MIN_TRAIN_POINTS} and {MIN_EVALS})")
-        d.remedies.append("log and evaluate more often: lower train.logging_steps, set train.eval_steps")
+                          f"judge (need {MIN_TRAIN_POINTS} training-loss points)")
+        d.remedies.append("train longer, or log more often: lower train.logging_steps (and set train.eval_steps)")
         return d
-    if len(losses) < MIN_TRAIN_POINTS:
-        d.evidence.append(f"only {len(losses)} training-loss point(s): spikes and swings not judged")
-    elif _unstable(train, losses, d):
+    if _unstable(train, losses, d):
         return d
     if len(evals) < MIN_EVALS:
         d.evidence.append(f"only {len(evals)} evaluation(s): overfitting cannot be judged "
                           "(set train.eval_steps to evaluate during an epoch)")
     elif _overfitting(train, evals, eval_losses, d, _selection(evals, metric), greater_is_better):
         return d
-    if _underfitting(losses, evals, eval_losses, label_counts, d):
+    if _still_learning(losses, d) or _underfitting(losses, evals, eval_losses, label_counts, d):
         return d
     _healthy(losses, evals, eval_losses, d)
     return d
@@ -260,6 +261,28 @@ def _overconfident(evals, eval_losses, best: int, name: str, values: list[float]
                    "calibrate them, e.g. temperature scaling on validation, rather than stopping early"]
 
 
+def _late_fall(losses: list[float]) -> float | None:
+    """How much the median training loss fell from the second-last to the last quarter of the logged points, as
+    a share of the starting loss (None below 4 points)."""
+    if len(losses) < 4 or losses[0] <= 0:
+        return None
+    q = len(losses) // 4
+    return (_median(losses[-2 * q:-q]) - _median(losses[-q:])) / losses[0]
+
+
+def _still_learning(losses, d: Diagnosis) -> bool:
+    fall = _late_fall(losses)
+    if fall is None or fall <= LEVEL_OFF_SHARE:
+        return False
+    d.verdict = "still-learning"
+    d.evidence.append(f"training loss was still falling at the end: by {fall:.0%} of its start in the last quarter "
+                      f"of the run ({losses[0]:.4f} at the start, {_late(losses):.4f} at the end)")
+    d.evidence.append("the metrics are those of a model part way through learning; judge it once the loss levels off")
+    d.remedies += ["train longer: more train.epochs (or a higher train.max_steps)",
+                   "then run textune diagnose again"]
+    return True
+
+
 def _underfitting(losses, evals, eval_losses, label_counts, d: Diagnosis) -> bool:
     total = sum(label_counts.values()) if label_counts else 0
     if total:
@@ -294,21 +317,19 @@ def _underfitting(losses, evals, eval_losses, label_counts, d: Diagnosis) -> boo
 
 
 def _healthy(losses, evals, eval_losses, d: Diagnosis) -> None:
+    if _late_fall(losses) is None:  # healthy means it levelled off, which needs a quarter to compare with
+        d.verdict = "inconclusive"
+        d.evidence.append(f"only {len(losses)} training-loss points: too few to judge whether the loss levelled "
+                          f"off (need 4)")
+        d.remedies.append("train longer, or log more often: lower train.logging_steps")
+        return
     d.verdict = "healthy"
     if len(losses) >= 2:
         d.evidence.append(f"training loss fell from {losses[0]:.4f} to {_late(losses):.4f}")
     if evals:
         d.evidence.append(f"validation loss lowest at epoch {d.best_epoch:g} (step {d.best_step}): "
                           f"{min(eval_losses):.4f}; last {eval_losses[-1]:.4f}")
-    if len(losses) >= 4:
-        q = len(losses) // 4
-        fall = (_median(losses[-2 * q:-q]) - _median(losses[-q:])) / losses[0]
-        if fall > LEVEL_OFF_SHARE:
-            d.evidence.append(f"training loss was still falling at the end (by {fall:.0%} of its start in the "
-                              "last quarter of the run)")
-            d.remedies.append("more epochs may still help (train.epochs)")
-        else:
-            d.evidence.append("training loss levelled off")
+    d.evidence.append("training loss levelled off")  # else _still_learning would have given the verdict
     if evals and losses:
         gap = eval_losses[-1] - _late(losses)
         d.evidence.append(f"validation - training loss gap {gap:+.4f}")

@@ -1,12 +1,15 @@
-"""Export a fine-tuned encoder to ONNX, check it against PyTorch, and run the export behind the model call the
-predictors make.
+"""Export a fine-tuned encoder to ONNX and check it against PyTorch.
 
 `export_onnx(RUN)` writes RUN/onnx: `model.onnx` (fp32, or int8 weights with `quantize="int8"`), the model's
-config.json and tokenizer, and the run files its task's predictor reads (config.yaml: max_length, columns, QA
-windows; metrics.json: the QA null threshold; data_stats.json: the regression scale; thresholds.json: the
-multi-label thresholds). Such a folder is both model and run folder: `textune predict`, `evaluate` and `serve`
-take it as they take a run, through `OnnxModel`, which answers `model(input_ids=..., attention_mask=...)` like
-a transformers model, so every task's predictor runs on ONNX Runtime unchanged.
+config.json and tokenizer, and the files its task's predictor reads besides the weights (`Task.
+prediction_files`: config.yaml for max_length, columns and QA windows; metrics.json for the QA null threshold;
+thresholds.json for multi-label). Such a folder is both model and run folder: `textune predict`, `evaluate` and
+`serve` take it as they take a run, through `textune.onnx_model.OnnxModel`, which answers `model(input_ids=...,
+attention_mask=...)` like a transformers model, so every task's predictor runs on ONNX Runtime unchanged.
+
+What is exported, and how the export is checked, is the task's (`Task.export_spec`, a `tasks.base.ExportSpec`):
+its outputs, whether they hold a value per token, how check inputs are truncated, its built-in sample inputs and
+the decisions an int8 export must agree on. A task without one is refused in one line.
 
 The exporter is torch's own TorchScript one (`torch.onnx.export(..., dynamo=False)`). Hugging Face's
 optimum-onnx would know each architecture's inputs and outputs, but its only release pins transformers<4.58
@@ -17,11 +20,9 @@ sampling) is not a single graph worth exporting this way.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -31,72 +32,17 @@ import torch
 
 from textune.atomic import replace_atomically
 from textune.errors import ONNX_EXPORT_INFO, ONNX_MODEL_FILE, TextuneError, is_onnx_export
-from textune.models import inference_max_length, load_tokenizer, resolve_run_model, saved_run_config
+from textune.models import (copy_prediction_files, inference_max_length, resolve_run_model, run_data_file,
+                            saved_run_config)
+from textune.onnx_model import OnnxModel, require
+from textune.tasks import TASKS, architecture_of, get_task, task_of
+from textune.tasks.base import ExportSpec, Task
 
-EXPORTABLE_TASKS = ("classification", "regression", "multi-label", "token-classification", "question-answering")
-HEAD_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
 # Opset 17 has LayerNormalization as one operator (fused by ONNX Runtime) and is the newest the TorchScript
 # exporter covers well; every onnxruntime the `onnx` extra allows (>= 1.18) runs it.
 OPSET = 17
 FP32_TOLERANCE = 1e-3  # max abs logit difference: float32 kernels differ in summation order, not more
 CHECK_ROWS = 32
-# Run files a predictor reads, copied beside the model (each where the run has it).
-RUN_FILES = ("config.yaml", "metrics.json", "data_stats.json")
-MODEL_FILES = ("thresholds.json",)
-SAMPLE_TEXTS = ["a great film", "the plot was boring and the acting was poor, I would not watch it again",
-                "Ada Lovelace wrote the first program in London.", "ok", "What a superb story, really moving.",
-                "The service was slow but the food was nice.", "hate it", "Paris is the capital of France."]
-SAMPLE_QUESTIONS = ["Who wrote the first program?", "What is the capital of France?"]
-INSTALL_HINT = "pip install 'textune[onnx]' (onnx and onnxruntime)"
-
-
-def _require(*packages: str) -> None:
-    missing = [p for p in packages if importlib.util.find_spec(p) is None]
-    if missing:
-        raise TextuneError(f"ONNX export and inference need {' and '.join(missing)}; run: {INSTALL_HINT}")
-
-
-class OnnxOutput(dict):
-    """The outputs of one call, by name, also as attributes (`out.logits`), as transformers' ModelOutput."""
-
-    __getattr__ = dict.__getitem__
-
-
-class OnnxModel:
-    """An exported model on an ONNX Runtime CPU session, called as the predictors call a transformers model:
-    `model(input_ids=..., attention_mask=..., token_type_ids=...)` -> `OnnxOutput` of torch tensors
-    (`logits`, or `start_logits` and `end_logits`), with the model's `config`. Inputs the export does not
-    take are ignored."""
-
-    def __init__(self, folder: str | Path):
-        _require("onnxruntime")
-        import onnxruntime as ort
-        from transformers import AutoConfig
-
-        options = ort.SessionOptions()
-        # the thread count torch was given (predict, serve --threads) holds for the session too
-        options.intra_op_num_threads = torch.get_num_threads()
-        self.session = ort.InferenceSession(str(Path(folder) / ONNX_MODEL_FILE), options,
-                                            providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.config = AutoConfig.from_pretrained(folder)
-        self.device = torch.device("cpu")
-
-    def __call__(self, **inputs) -> OnnxOutput:
-        feed = {n: inputs[n].detach().cpu().numpy().astype(np.int64) for n in self.input_names}
-        return OnnxOutput(zip(self.output_names, map(torch.from_numpy, self.session.run(self.output_names, feed))))
-
-    def to(self, device) -> OnnxModel:  # the session stays on the CPU; predictors read `device` from it
-        return self
-
-    def eval(self) -> OnnxModel:
-        return self
-
-
-def load_onnx_model(folder: str | Path) -> tuple[OnnxModel, object]:
-    """(OnnxModel, tokenizer) of an export folder."""
-    return OnnxModel(folder), load_tokenizer(str(folder))
 
 
 class _Traced(torch.nn.Module):
@@ -113,17 +59,18 @@ class _Traced(torch.nn.Module):
 
 def export_onnx(run_or_model: str | Path, output: str | Path | None = None, quantize: str | None = None,
                 overwrite: bool = False, say: Callable[[str], None] = print) -> Path:
-    """Export the model of a run (or model folder) of an encoder task to ONNX; return the export folder.
+    """Export the model of a run (or model folder) of a task that has an export spec to ONNX; return the
+    export folder.
 
-    The export is checked before it is kept: its logits on up to 32 real inputs (the run's validation rows
-    where its config names a readable file, else built-in sample texts) against PyTorch's, the max absolute
-    difference reported through `say`. A PEFT run's LoRA/IA3 adapter is merged into its base first.
+    The export is checked before it is kept: its outputs on up to 32 real inputs (the run's validation rows
+    where its config names a file that can be read from here, else the task's built-in samples, the message
+    saying why) against PyTorch's, the max absolute difference reported through `say`. A PEFT run's LoRA/IA3
+    adapter is merged into its base first.
 
     Args:
         output: the folder to write (default: RUN/onnx, or beside a bare model folder).
         quantize: None (float32) or "int8": dynamic quantisation of the weights (onnxruntime's
-            `quantize_dynamic`, QInt8); its difference from PyTorch and its label agreement are reported,
-            not enforced.
+            `quantize_dynamic`, QInt8); its difference from PyTorch and its agreement are reported, not enforced.
         overwrite: replace an existing export at `output`.
 
     Raises:
@@ -133,70 +80,83 @@ def export_onnx(run_or_model: str | Path, output: str | Path | None = None, quan
     """
     from textune.adapters import is_peft_model  # PEFT: imported only when a model is exported
     from textune.infer import load_trained_model
-    from textune.tasks import get_task
 
     if quantize not in (None, "int8"):
         raise TextuneError(f"--quantize {quantize}: ONNX export quantises to int8 only (or leave it out for float32)")
-    _require("onnx", "onnxruntime")
+    require("onnx", "onnxruntime")
     model_dir, run_dir = resolve_run_model(run_or_model)
-    task = _exportable_task(run_or_model, model_dir)
-    target = Path(output).expanduser() if output else (run_dir or model_dir.parent) / "onnx"
+    task = exportable_task(run_or_model, model_dir)
+    spec = task.export_spec
+    # a folder that is both model and run (a merged folder) is exported beside itself, as a bare model folder
+    beside = run_dir if run_dir is not None and run_dir != model_dir else model_dir.parent
+    target = Path(output).expanduser() if output else beside / "onnx"
     _check_target(target, overwrite)
     model, tokenizer = load_trained_model(model_dir)
     if is_peft_model(model):  # what load_trained_model could not merge
         raise TextuneError("prefix tuning adds learned keys and values at run time, which cannot be folded into "
                            "the weights nor exported; use the run itself (textune predict RUN)")
     max_length = inference_max_length(tokenizer, (saved_run_config(run_dir).get("model") or {}).get("max_length"))
-    first, second, where = check_inputs(get_task(task), task, run_dir)
-    batch = _encode(tokenizer, first, second, max_length, "only_second" if task == "question-answering" else True)
-    output_names = ["start_logits", "end_logits"] if task == "question-answering" else ["logits"]
-    per_token = task in ("token-classification", "question-answering")
+    first, second, where = check_inputs(task, run_dir)
+    batch = _encode(tokenizer, first, second, max_length, spec.truncation)
     with replace_atomically(target, folder=True) as tmp:
-        input_names = _write_onnx(model, batch, output_names, per_token, tmp / ONNX_MODEL_FILE)
+        input_names = _write_onnx(model, batch, list(spec.outputs), spec.per_token, tmp / ONNX_MODEL_FILE)
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        for folder, names in ((run_dir, RUN_FILES), (model_dir, MODEL_FILES)):
-            for name in [n for n in names if folder is not None and (folder / n).is_file()]:
-                shutil.copy2(folder / name, tmp / name)
-        with torch.inference_mode():
-            out = model(**{n: batch[n] for n in input_names}, return_dict=True)
-        reference = {n: out[n].float().numpy() for n in output_names}
-        mask = batch["attention_mask"].numpy().astype(bool)
-        diff, _ = compare_outputs(reference, _onnx_outputs(tmp, batch), mask, task)
-        say(f"ONNX Runtime vs PyTorch on {len(first)} {where}: max abs logit difference {diff:.2e}")
-        if not diff <= FP32_TOLERANCE:
-            raise TextuneError(f"the ONNX export of {type(model).__name__} differs from PyTorch by {diff:.2e} (more "
-                               f"than {FP32_TOLERANCE:g}) on {where}; nothing was written")
-        info = {"source": str((run_dir or model_dir).resolve()), "task": task, "architecture": type(model).__name__,
-                "opset": OPSET, "inputs": input_names, "outputs": output_names, "quantize": quantize,
-                "check": {"rows": len(first), "on": where, "max_abs_diff": diff}}
-        if quantize == "int8":
-            _quantize_int8(tmp / ONNX_MODEL_FILE)
-            diff8, agreement = compare_outputs(reference, _onnx_outputs(tmp, batch), mask, task)
-            agreed = "" if agreement is None else f", {agreement:.1%} of {AGREEMENT[task]} agree"
-            say(f"int8 (dynamic quantisation) vs PyTorch: max abs logit difference {diff8:.2e}{agreed}")
-            info["check"].update(int8_max_abs_diff=diff8, int8_agreement=agreement)
+        copy_prediction_files(task.prediction_files, model_dir, run_dir, tmp)
+        check = _check_export(model, batch, input_names, spec, tmp, where, quantize, say)
+        info = {"source": str((run_dir or model_dir).resolve()), "task": task.name,
+                "architecture": type(model).__name__, "opset": OPSET, "inputs": input_names,
+                "outputs": list(spec.outputs), "quantize": quantize, "check": check}
         (tmp / ONNX_EXPORT_INFO).write_text(json.dumps(info, indent=2))
     return target
 
 
-def _exportable_task(run_or_model, model_dir: Path) -> str:
-    """The task of a run or model folder, if ONNX export covers it.
+def exportable_task(run_or_model, model_dir: Path) -> Task:
+    """The task of a run or model folder, if it can be exported and the folder holds a model of its kind.
 
     Raises:
-        TextuneError: a language model (by its run's task, or a bare model folder by its architecture).
+        TextuneError: a task without an export spec, or a model whose architecture is not one its task builds.
     """
-    from textune.tasks import task_of
-
-    task = task_of(run_or_model)
-    if task not in EXPORTABLE_TASKS:
-        raise TextuneError(f"{run_or_model} holds a language model (task: {task}); ONNX export covers the encoder "
-                           f"tasks ({', '.join(EXPORTABLE_TASKS)})")
+    name = task_of(run_or_model)
+    task = get_task(name)
+    covered = ", ".join(n for n in TASKS if get_task(n).export_spec is not None)
+    if task.export_spec is None:
+        raise TextuneError(f"{run_or_model}: {name} models cannot be exported to ONNX yet; ONNX export covers the "
+                           f"encoder tasks ({covered})")
     architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
-    if architectures and not any(a.endswith(HEAD_SUFFIXES) for a in architectures):
-        raise TextuneError(f"{run_or_model} holds a {architectures[0]}, not a classifier, tagger or question "
-                           f"answerer; ONNX export covers the encoder tasks ({', '.join(EXPORTABLE_TASKS)})")
+    if architectures and architecture_of(architectures) not in TASKS[name].architectures:
+        endings = " or ".join(s for arch in TASKS[name].architectures for s in arch.suffixes)
+        raise TextuneError(f"{run_or_model} holds a {architectures[0]}, not a {name} model (whose class "
+                           f"name ends in {endings}); ONNX export covers the encoder tasks ({covered})")
     return task
+
+
+def _check_export(model, batch: dict[str, torch.Tensor], input_names: list[str], spec: ExportSpec, folder: Path,
+                  where: str, quantize: str | None, say: Callable[[str], None]) -> dict:
+    """Compare the export in `folder` with PyTorch on `batch` (the inputs the export takes), quantise it where
+    asked; return what the export's info records of the check.
+
+    Raises:
+        TextuneError: the float32 export differs from PyTorch by more than FP32_TOLERANCE.
+    """
+    with torch.inference_mode():
+        out = model(**{n: batch[n] for n in input_names}, return_dict=True)
+    reference = {n: out[n].float().numpy() for n in spec.outputs}
+    mask = batch["attention_mask"].numpy().astype(bool)
+    rows = len(mask)
+    diff, _ = compare_outputs(reference, _onnx_outputs(folder, batch), mask, spec)
+    say(f"ONNX Runtime vs PyTorch on {rows} {where}: max abs logit difference {diff:.2e}")
+    if not diff <= FP32_TOLERANCE:
+        raise TextuneError(f"the ONNX export of {type(model).__name__} differs from PyTorch by {diff:.2e} (more "
+                           f"than {FP32_TOLERANCE:g}) on {where}; nothing was written")
+    check = {"rows": rows, "on": where, "max_abs_diff": diff}
+    if quantize == "int8":
+        _quantize_int8(folder / ONNX_MODEL_FILE)
+        diff8, agreement = compare_outputs(reference, _onnx_outputs(folder, batch), mask, spec)
+        agreed = "" if agreement is None else f", {agreement:.1%} of {spec.decisions} agree"
+        say(f"int8 (dynamic quantisation) vs PyTorch: max abs logit difference {diff8:.2e}{agreed}")
+        check.update(int8_max_abs_diff=diff8, int8_agreement=agreement)
+    return check
 
 
 def _quantize_int8(path: Path) -> None:
@@ -226,57 +186,49 @@ def _check_target(target: Path, overwrite: bool) -> None:
             raise TextuneError(f"{target} exists and is not an ONNX export; refusing to overwrite it")
 
 
-# What int8 agreement counts, per task: the decisions a prediction is made of.
-AGREEMENT = {"classification": "predicted labels", "multi-label": "label decisions at 0.5",
-             "token-classification": "token tags", "question-answering": "answer start and end tokens",
-             "regression": ""}
-
-
 def compare_outputs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], mask: np.ndarray,
-                    task: str) -> tuple[float, float | None]:
-    """(max abs difference, share of agreeing decisions or None for regression) of two models' outputs on
-    one padded batch. Per-token outputs are compared on real tokens only: what padding positions hold is
-    never read."""
+                    spec: ExportSpec) -> tuple[float, float | None]:
+    """(max abs difference, share of agreeing decisions or None where the task makes none) of two models'
+    outputs on one padded batch. Per-token outputs are compared on real tokens only: what padding positions
+    hold is never read."""
     diffs, agree = [], []
     for name, ref in reference.items():
         out = got[name]
-        if task == "question-answering":  # one logit per token: the answer starts/ends at the best real token
-            diffs.append(np.abs(ref - out)[mask].max())
-            agree.append(np.where(mask, ref, -np.inf).argmax(-1) == np.where(mask, out, -np.inf).argmax(-1))
-        elif task == "token-classification":
-            diffs.append(np.abs(ref - out)[mask].max())
-            agree.append(ref[mask].argmax(-1) == out[mask].argmax(-1))
-        else:
-            diffs.append(np.abs(ref - out).max())
-            if task == "multi-label":
-                agree.append(((ref > 0) == (out > 0)).ravel())
-            elif task != "regression":
-                agree.append(ref.argmax(-1) == out.argmax(-1))
+        diffs.append(np.abs(ref - out)[mask].max() if spec.per_token else np.abs(ref - out).max())
+        if spec.decide is not None:
+            agree.append(np.ravel(spec.decide(ref, mask) == spec.decide(out, mask)))
     return float(max(diffs)), (float(np.concatenate(agree).mean()) if agree else None)
 
 
-def check_inputs(task_obj, task: str, run_dir: Path | None) -> tuple[list, list | None, str]:
-    """(first texts or word lists, second texts or None, where they come from) to check an export on: the
-    run's validation rows where its config names a file the task can read, else built-in samples."""
+def check_inputs(task: Task, run_dir: Path | None) -> tuple[list, list | None, str]:
+    """(first texts or word lists, second texts or None, which rows they are) to check an export on: the first
+    rows of the run's validation file where it can be read from here, else the task's built-in samples, with
+    the reason."""
     cfg = saved_run_config(run_dir)
     data = cfg.get("data") or {}
-    if data.get("validation"):
+    path = run_data_file(data["validation"], run_dir, cfg.get("output_dir")) if data.get("validation") else None
+    if path is not None:
         try:
-            inputs, _ = task_obj.read_inputs(str(data["validation"]), data, None)
+            inputs, _ = task.read_inputs(str(path), data, None)
             first = list(inputs[0][:CHECK_ROWS])
-            second = list(inputs[1][:CHECK_ROWS]) if len(inputs) > 1 and inputs[1] is not None else None
             if first:
-                return first, second, f"validation rows of {data['validation']}"
-        except (TextuneError, OSError):  # moved, deleted, or a format only training reads (SQuAD JSON)
-            pass
-    if task == "question-answering":
-        return (SAMPLE_QUESTIONS * 4), SAMPLE_TEXTS, "built-in sample questions"
-    pairs = SAMPLE_TEXTS[::-1] if data.get("text_pair_column") else None
-    return SAMPLE_TEXTS, pairs, "built-in sample texts"
+                second = list(inputs[1][:CHECK_ROWS]) if len(inputs) > 1 and inputs[1] is not None else None
+                return first, second, f"validation rows of {path}"
+            why = f"its validation file {path} holds no rows"
+        except (TextuneError, OSError) as e:  # a format only training reads (SQuAD JSON), or unreadable
+            why = f"its validation file {path} cannot be read as prediction input: {str(e).splitlines()[0]}"
+    elif data.get("validation"):
+        why = f"its validation file {data['validation']} is not found from here"
+    elif data.get("name"):
+        why = f"the run read the data set {data['name']}, not files"
+    else:
+        why = "the run names no validation file" if cfg else "the model folder has no run config.yaml"
+    first, second = task.export_spec.samples(data)
+    return first, second, f"{task.export_spec.samples_name} ({why})"
 
 
 def _encode(tokenizer, first: list, second: list | None, max_length: int, truncation) -> dict[str, torch.Tensor]:
-    """One padded batch, truncated as the task's predictor truncates (QA: the context only)."""
+    """One padded batch, truncated as the task's predictor truncates (`ExportSpec.truncation`)."""
     return dict(tokenizer(first, second, is_split_into_words=isinstance(first[0], list), padding=True,
                           truncation=truncation, max_length=max_length, return_tensors="pt"))
 

@@ -21,12 +21,9 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 from textune.adapters import adapter_info, is_adapter_dir
 from textune.errors import TextuneError
 from textune.models import load_tokenizer, resolve_model, resolve_run_model, safetensors_only
+from textune.tasks import CAUSAL_LM, MASKED_LM, TASKS, Architecture, architecture_of
 
 MASK_PLACEHOLDER = "[MASK]"  # what users write; translated to the model's own mask token (e.g. RoBERTa's <mask>)
-# Architectures whose saved weights include a next-token head: anything else (an encoder, a masked LM) would
-# "generate" with a fresh random head or bidirectional attention.
-CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-MASKED_SUFFIXES = ("ForMaskedLM", "ForPreTraining")  # BertForPreTraining = MLM + NSP heads
 
 
 def _model_dir(model: str | Path) -> str:
@@ -46,25 +43,25 @@ def _adapter_base(model_dir: str) -> str | None:
     return adapter_info(model_dir)["base_model"] if is_adapter_dir(model_dir) else None
 
 
-def model_task(run_or_model: str | Path) -> str:
-    """What a model or run folder does, from its saved architecture (or its adapter's task type):
-    "fill-mask", "text-generation", or "text-classification" (everything else, including folders that
-    cannot be read: the classifier's loader then says why)."""
+def model_architecture(run_or_model: str | Path) -> Architecture | None:
+    """The task registry's `Architecture` of a model or run folder: from its saved `config.architectures` (an
+    adapter folder's config.json, which textune writes beside it), else an adapter's PEFT task type; None where
+    it is none the registry knows or the folder cannot be read (the loader then says why). Compare it with
+    `tasks.CAUSAL_LM` / `tasks.MASKED_LM` to ask which LM it is."""
     from peft import PeftConfig
 
     try:
         model_dir = _model_dir(run_or_model)
-        if _adapter_base(model_dir) is not None:
-            causal = PeftConfig.from_pretrained(model_dir).task_type == "CAUSAL_LM"
-            return "text-generation" if causal else "text-classification"
-        architectures = AutoConfig.from_pretrained(model_dir).architectures or []
+        adapter = is_adapter_dir(model_dir)
+        if not adapter or (Path(model_dir) / "config.json").is_file():
+            arch = architecture_of(AutoConfig.from_pretrained(model_dir).architectures)
+            if arch is not None or not adapter:
+                return arch
+        task_type = PeftConfig.from_pretrained(model_dir).task_type
+        known = [arch for spec in TASKS.values() for arch in spec.architectures]
+        return next((arch for arch in known if arch.peft_task_type == task_type), None)
     except (TextuneError, OSError, ValueError):
-        return "text-classification"
-    if any(a.endswith(CAUSAL_SUFFIXES) for a in architectures):
-        return "text-generation"
-    if any(a.endswith(MASKED_SUFFIXES) for a in architectures):
-        return "fill-mask"
-    return "text-classification"
+        return None
 
 
 def _load_with_head(auto_class, model_dir: str, what: str, how: str) -> PreTrainedModel:
@@ -122,7 +119,9 @@ def load_causal_lm(model: str | Path | None = None) -> tuple[PreTrainedModel, ob
         return PeftModel.from_pretrained(lm, model_dir).merge_and_unload().eval(), tokenizer
     tokenizer = load_tokenizer(model_dir)
     architectures = AutoConfig.from_pretrained(model_dir).architectures or []
-    if architectures and not any(a.endswith(CAUSAL_SUFFIXES) for a in architectures):
+    # Only a causal LM's saved weights hold a next-token head: anything else (an encoder, a masked LM) would
+    # "generate" with a fresh random head or bidirectional attention.
+    if architectures and architecture_of(architectures) is not CAUSAL_LM:
         raise TextuneError(f"{model_dir} is a {architectures[0]}, not a causal language model; generate needs a "
                            f"GPT-2/Llama-style model (e.g. from `textune pretrain` with objective clm); "
                            f"masked LMs answer `textune fill-mask`")
@@ -164,7 +163,7 @@ def fill_mask(model: PreTrainedModel, tokenizer, texts: list[str], top_k: int = 
     if not texts:
         return []
     top_k = min(top_k, model.config.vocab_size)
-    fill = pipeline("fill-mask", model=model, tokenizer=tokenizer, device=model.device)
+    fill = pipeline(MASKED_LM.pipeline_tag, model=model, tokenizer=tokenizer, device=model.device)
     out = fill(texts, top_k=top_k, batch_size=batch_size, tokenizer_kwargs={"truncation": True})
     # The pipeline's output nests differently for one text / one mask; make it texts x masks x top_k.
     if len(texts) == 1:
@@ -183,15 +182,17 @@ def fill_mask(model: PreTrainedModel, tokenizer, texts: list[str], top_k: int = 
 @torch.inference_mode()
 def generate_text(model: PreTrainedModel, tokenizer, prompt: str, max_new_tokens: int = 50,
                   num_return_sequences: int = 1, do_sample: bool = False, temperature: float = 1.0,
-                  top_k: int = 50, top_p: float = 1.0, seed: int | None = None, chat: bool = False) -> list[str]:
+                  top_k: int = 50, top_p: float = 1.0, seed: int | None = None, chat: bool = False,
+                  system: str | None = None) -> list[str]:
     """Continue `prompt`: `num_return_sequences` texts, each the prompt followed by what the model wrote.
 
     Greedy by default (deterministic, so only one sequence); `do_sample` draws from the distribution
     reshaped by `temperature`, `top_k` (0 = off) and `top_p` (1.0 = off). `seed` makes sampling
     reproducible (it seeds Python, NumPy and torch). `chat` wraps the prompt in the tokenizer's chat
-    template as a user turn and returns only the assistant's answer; plain completion (the default) is
-    what continues "Once upon a time" best with SmolLM2-135M-Instruct (see README).
-    Generation stops early at the model's end-of-sequence token.
+    template as a user turn (after a `system` turn, when given) and returns only the assistant's answer; plain
+    completion (the default) is what continues "Once upon a time" best with SmolLM2-135M-Instruct (see README).
+    Generation stops early at the model's end-of-sequence token (with `chat`, also at the template's
+    end-of-turn token).
 
     Raises:
         TextuneError: an empty prompt, out-of-range settings, or `chat` for a tokenizer without a template.
@@ -217,12 +218,14 @@ def generate_text(model: PreTrainedModel, tokenizer, prompt: str, max_new_tokens
         raise TextuneError("; ".join(problems))
     if chat:
         require_chat_template(tokenizer, fix="; or leave out --chat for plain completion")
-        ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+        system_turn = [{"role": "system", "content": system}] if system else []  # `system`: with `chat` only
+        ids = chat_prompt_ids(tokenizer, system_turn + [{"role": "user", "content": prompt}])
     else:
         # As transformers' text-generation pipeline does: no [CLS]/[SEP]-style tokens around a prompt that
         # the model is to continue.
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    eos = model.generation_config.eos_token_id
+    # A chat answer ends at the template's end-of-turn token too (see stop_token_ids).
+    eos = stop_token_ids(model, tokenizer) if chat else model.generation_config.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
     config = GenerationConfig(max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
                               do_sample=do_sample, bos_token_id=model.generation_config.bos_token_id,
@@ -251,7 +254,7 @@ class ChatReply:
     """One assistant answer.
 
     `text` is what the model wrote (special tokens left out), cut before the first stop string.
-    `finish_reason` is "stop" (the model's end-of-sequence token or a stop string ended it) or "length"
+    `finish_reason` is "stop" (an end-of-sequence or end-of-turn token or a stop string ended it) or "length"
     (`max_new_tokens` ran out, or the model's context did). `prompt_tokens` counts the conversation as the chat
     template formatted it; `completion_tokens` the tokens generated, the end-of-sequence token included.
     """
@@ -407,14 +410,41 @@ class _UntilSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+END_OF_TURN_PROBE = "Four."  # a known answer to find in the rendered template: what follows it ends the turn
+
+
+def end_of_turn_token_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant's answer (ChatML's <|im_end|>,
+    Llama 3's <|eot_id|>, Gemma's <end_of_turn>), or None (no template, or plain text follows the answer).
+
+    Found by rendering a conversation with a known answer and reading the token after it, as TRL does: the
+    template, not the tokenizer's eos, says how a turn ends, and the two differ on base models (Qwen2.5 base:
+    eos <|endoftext|>, turns end with <|im_end|>) and on any model given `model.chat_template`."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    conversation = [{"role": "user", "content": "What is two plus two?"},
+                    {"role": "assistant", "content": END_OF_TURN_PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception:  # a template that refuses this conversation (Jinja raise_exception) tells us nothing
+        return None
+    at = text.rfind(END_OF_TURN_PROBE)
+    after = text[at + len(END_OF_TURN_PROBE):] if at >= 0 else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return ids[0] if ids and ids[0] in special else None
+
+
 def stop_token_ids(model: PreTrainedModel, tokenizer) -> list[int]:
-    """Where generation stops: the generation config's end-of-sequence ids, and the tokenizer's: a chat
-    template's end-of-turn token (ChatML's <|im_end|>) is often the tokenizer's eos while a base model's
-    generation config names another."""
+    """Where generation stops: the generation config's end-of-sequence ids, the tokenizer's, and the chat
+    template's end-of-turn token (see `end_of_turn_token_id`): a base model's generation config and tokenizer
+    often name <|endoftext|> while its template ends each turn with another token, and without stopping there
+    the model writes past its answer."""
     eos = model.generation_config.eos_token_id
     ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
+    for extra in (tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)):
+        if extra is not None and extra not in ids:
+            ids.append(extra)
     return ids
 
 
@@ -428,10 +458,10 @@ def chat_completion(model: PreTrainedModel, tokenizer, messages: list[dict], max
     The tokenizer's chat template formats the conversation and opens the assistant's turn. Greedy decoding when
     `temperature` is 0, else sampling at that temperature with nucleus `top_p` (no top-k cut, as OpenAI's API);
     `seed` makes sampling reproducible (it seeds Python, NumPy and torch). Generation ends at the model's
-    end-of-sequence token, at the first of the `stop` strings (left out of the answer), after `max_new_tokens`,
-    or where the model's context ends. `on_text`, when given, receives the answer piece by piece while it is
-    written (the pieces join into `ChatReply.text`); it is called in the calling thread. Setting `cancel`
-    stops generation at the next token.
+    end-of-sequence or the template's end-of-turn token (`stop_token_ids`), at the first of the `stop` strings
+    (left out of the answer), after `max_new_tokens`, or where the model's context ends. `on_text`, when given,
+    receives the answer piece by piece while it is written (the pieces join into `ChatReply.text`); it is called
+    in the calling thread. Setting `cancel` stops generation at the next token.
 
     Raises:
         TextuneError: no chat template, malformed messages, out-of-range settings; ConversationTooLong when the
@@ -496,29 +526,3 @@ class ChatSession:
                                 **self.settings)
         self.history += [turn, {"role": "assistant", "content": reply.text}]
         return reply
-
-
-class LanguageModel:
-    """A loaded masked or causal LM with the settings-taking calls `textune serve` makes.
-
-    `task` is "fill-mask" or "text-generation" (default: read from the folder, see `model_task`).
-    """
-
-    def __init__(self, run_or_model: str | Path, task: str | None = None):
-        self.task = task or model_task(run_or_model)
-        if self.task not in ("fill-mask", "text-generation"):
-            raise TextuneError(f"{run_or_model} is a {self.task} model, not a masked or causal language model")
-        load = load_masked_lm if self.task == "fill-mask" else load_causal_lm
-        self.model, self.tokenizer = load(run_or_model)
-        self.run_dir = Path(run_or_model) if (Path(run_or_model) / "model").is_dir() else None
-
-    def fill_mask(self, texts: list[str], top_k: int = 5) -> list[list[list[dict]]]:
-        return fill_mask(self.model, self.tokenizer, texts, top_k=top_k)
-
-    def generate(self, prompt: str, **settings) -> list[str]:
-        """`generate_text` with keyword `settings` (max_new_tokens, do_sample, seed, ...)."""
-        return generate_text(self.model, self.tokenizer, prompt, **settings)
-
-    def chat(self, messages: list[dict], **settings) -> ChatReply:
-        """`chat_completion` with keyword `settings` (max_new_tokens, temperature, stop, on_text, cancel, ...)."""
-        return chat_completion(self.model, self.tokenizer, messages, **settings)

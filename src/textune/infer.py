@@ -1,4 +1,6 @@
-"""Inference: batched, length-sorted prediction with a fine-tuned classifier, in the input's order."""
+"""Inference: what every task's predictor shares (`ModelPredictor`: the model loaded at a precision on a device)
+and the inputs and outputs of `textune predict`. The predictors themselves live with their tasks
+(`textune.tasks.load_predictor` finds the one for a run)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 import torch
 
 from textune.data import column_values, read_table, read_text_lines
@@ -19,10 +20,11 @@ from textune.models import (inference_device, inference_max_length, load_saved_m
 
 class ModelPredictor:
     """A fine-tuned model loaded for prediction: model, tokenizer, device, precision and the run's max_length.
-    Each task's predictor (`Predictor` here for classifiers, `tasks.token_classification.TokenClassifierPredictor`)
-    adds its `predict`; `around` wraps a model already in memory (the adapter registry's active adapter)."""
+    Each task's predictor (`tasks.classification.ClassifierPredictor`, `tasks.token_classification.
+    TokenClassifierPredictor`, ...) adds its `predict` and sets `task`, the registry's name of its task;
+    `around` wraps a model already in memory (the adapter registry's active adapter)."""
 
-    task = "classification"
+    task: str  # the registry's task name ("classification", "regression", ...): /v1/models reports it
 
     def __init__(self, run_or_model: str | Path, batch_size: int = 64, max_length: int | None = None,
                  device: str | None = None, precision: str = "fp32"):
@@ -32,15 +34,25 @@ class ModelPredictor:
         does not apply to it, and a precision other than fp32 is refused (quantise at export instead)."""
         model_dir, run_dir = resolve_run_model(run_or_model, onnx_ok=True)
         model, tokenizer = load_trained_model(model_dir)
-        self.model_dir = model_dir
+        self.model_dir, self.config = model_dir, model.config
         max_length = max_length or (saved_run_config(run_dir).get("model") or {}).get("max_length")
         self._setup(model, tokenizer, run_dir, batch_size, max_length, device, precision)
 
     @classmethod
-    def around(cls, model, tokenizer, batch_size: int = 64, max_length: int | None = None, device=None):
-        """A predictor for a model already loaded (and already on its device)."""
+    def around(cls, model, tokenizer, batch_size: int = 64, max_length: int | None = None, device=None,
+               folder: str | Path | None = None):
+        """A predictor for a model already loaded (and already on its device).
+
+        `folder`: the saved form its weights came from (the adapter registry's copy of a run), read as a run
+        folder for what the task needs besides the weights: its config.json (`self.config`: labels, a
+        regression's scale) and run files (`Task.prediction_files`). None: the model's own config, no run.
+        """
+        from transformers import AutoConfig
+
         self = cls.__new__(cls)
-        self._setup(model, tokenizer, None, batch_size, max_length, device, "fp32")
+        self.model_dir = Path(folder) if folder is not None else None
+        self.config = AutoConfig.from_pretrained(folder) if folder is not None else model.config
+        self._setup(model, tokenizer, self.model_dir, batch_size, max_length, device, "fp32")
         return self
 
     def _setup(self, model, tokenizer, run_dir, batch_size, max_length, device, precision) -> None:
@@ -49,46 +61,16 @@ class ModelPredictor:
         self.device = inference_device(device) if isinstance(model, torch.nn.Module) else model.device
         self.model = with_precision(model.to(self.device), precision, self.device)
         self.max_length = inference_max_length(tokenizer, max_length)
-        self.label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-
-
-class Predictor(ModelPredictor):
-    """A loaded classifier. `Predictor("runs/sst2").predict(["great film"])` -> [{"label": ..., ...}].
-
-    Inputs are tokenised once, sorted by length and batched, so each batch pads to a similar length;
-    results come back in the input order.
-    """
-
-    @torch.inference_mode()
-    def predict_proba(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:
-        """Class probabilities, shape (len(texts), num_labels), rows in input order."""
-        if text_pairs is not None and len(text_pairs) != len(texts):
-            raise TextuneError(f"got {len(texts)} texts but {len(text_pairs)} text pairs; give one pair per text")
-        if not texts:
-            return np.zeros((0, len(self.label_names)), dtype=np.float32)
-        enc = self.tokenizer(texts, text_pairs, truncation=True, max_length=self.max_length)
-        order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
-        out = np.empty((len(texts), len(self.label_names)), dtype=np.float32)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            batch = self.tokenizer.pad([{k: enc[k][i] for k in enc.keys()} for i in idx], return_tensors="pt")
-            logits = self.model(**batch.to(self.device)).logits.float()
-            out[idx] = torch.softmax(logits, dim=-1).cpu().numpy()
-        return out
-
-    def predict(self, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
-        """One dict per input: `label`, `score` (its probability) and `probabilities` by label name."""
-        probs = self.predict_proba(texts, text_pairs)
-        return [{"label": self.label_names[int(p.argmax())], "score": round(float(p.max()), 6),
-                 "probabilities": {n: round(float(x), 6) for n, x in zip(self.label_names, p)}} for p in probs]
+        # `config`: the saved model's, which the model in memory may share with other adapters (`around`)
+        self.label_names = [self.config.id2label[i] for i in range(self.config.num_labels)]
 
 
 def load_trained_model(model_dir: str | Path):
     """(model in eval mode, tokenizer) of a fine-tuned model folder as `textune train` saves it: a full model,
     or an adapter, which is loaded on its base model and merged where PEFT can; or an ONNX export, run by
-    ONNX Runtime behind the same call (see `textune.export.OnnxModel`)."""
+    ONNX Runtime behind the same call (see `textune.onnx_model.OnnxModel`)."""
     if is_onnx_export(model_dir):
-        from textune.export import load_onnx_model  # onnxruntime: imported only for exports
+        from textune.onnx_model import load_onnx_model  # onnxruntime: imported only for exports
 
         return load_onnx_model(model_dir)
     model_dir = resolve_model(str(model_dir))
@@ -133,10 +115,16 @@ def with_precision(model: torch.nn.Module, precision: str, device: torch.device)
 
 
 
-def read_inputs(source: str, text_column: str = "text", text_pair_column: str | None = None
-                ) -> tuple[list[str], list[str] | None]:
-    """Texts to predict from `-` (stdin, one text per line), a .txt file (one per line), or a data file."""
-    if source == "-" or source.endswith(".txt"):
+def is_text_lines(source: str) -> bool:
+    """Whether `--input` is read as one text per line (stdin or a .txt file) rather than as a data file."""
+    return source == "-" or source.endswith(".txt")
+
+
+def read_inputs(source: str, text_column: str = "text", text_pair_column: str | None = None,
+                keep_blank_lines: bool = False) -> tuple[list[str], list[str] | None]:
+    """Texts to predict from `-` (stdin, one text per line), a .txt file (one per line), or a data file.
+    Blank lines are dropped, or with `keep_blank_lines` kept as they are (see `BlankLine`)."""
+    if is_text_lines(source):
         if source == "-":
             lines = sys.stdin.read().splitlines()
         else:
@@ -144,7 +132,7 @@ def read_inputs(source: str, text_column: str = "text", text_pair_column: str | 
         texts = [line for line in lines if line.strip()]
         if not texts:
             raise TextuneError(f"no texts to predict in {'standard input' if source == '-' else source}")
-        return texts, None
+        return (lines if keep_blank_lines else texts), None
     ds = read_table(source, "input")
     for col in [text_column] + ([text_pair_column] if text_pair_column else []):
         if col not in ds.column_names:
@@ -154,6 +142,29 @@ def read_inputs(source: str, text_column: str = "text", text_pair_column: str | 
     pairs = ([str(t) if t is not None else "" for t in column_values(ds, text_pair_column)]
              if text_pair_column else None)
     return texts, pairs
+
+
+class BlankLine(dict):
+    """The echo row of a blank line of text input (`Task.read_inputs`): `textune predict` writes it as it is, an
+    empty result, without asking the model, so output line N still belongs to input line N."""
+
+
+def text_echo(texts: list[str], source: str, key: str = "text") -> list[dict]:
+    """Echo rows `{key: text}` for `texts` read from `source`; a blank line of a text source is a `BlankLine`."""
+    lines = is_text_lines(source)
+    return [BlankLine({key: t}) if lines and not t.strip() else {key: t} for t in texts]
+
+
+def predict_rows(predictor, inputs: tuple, echo: list[dict]) -> list[dict]:
+    """One output row per echo row: the echo merged with its prediction; a `BlankLine` as it is.
+
+    `inputs` are `predictor.predict`'s arguments as `Task.read_inputs` returns them: lists with one entry per echo
+    row (blank lines drop out of them before the model sees them) and settings (anything else), passed on."""
+    keep = [i for i, row in enumerate(echo) if not isinstance(row, BlankLine)]
+    if len(keep) < len(echo):
+        inputs = tuple([x[i] for i in keep] if isinstance(x, list) and len(x) == len(echo) else x for x in inputs)
+    predicted = iter(predictor.predict(*inputs))
+    return [dict(row) if isinstance(row, BlankLine) else {**row, **next(predicted)} for row in echo]
 
 
 def write_jsonl(rows: Iterable[dict], path: str | None) -> None:

@@ -19,7 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from textune.diagnose import diagnose_curves, load_history, run_label_counts, selection_from_config
 from textune.errors import TextuneError
 from textune.models import saved_run_config
-from textune.tasks import TASKS
+from textune.tasks import TASKS, architecture_of
 
 # The Hub model the packaged default (model.name empty: textune.models.DEFAULT_MODEL_PACKAGE) holds.
 DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -56,12 +56,10 @@ def data_sources(config: dict) -> list[str]:
 
 
 def pipeline_tag(task: str, model_dir: Path) -> str:
-    # A masked LM is pretrained under task language-modeling, whose registry tag is text-generation; its
-    # saved architecture says which pipeline can load it.
-    architectures = _read_json(model_dir / "config.json").get("architectures") or []
-    if any(a.endswith("ForMaskedLM") for a in architectures):
-        return "fill-mask"
-    return TASKS[task].pipeline_tag
+    """The pipeline tag of the saved model's architecture where its task builds it (a language-modeling run
+    saves a masked or a causal LM: fill-mask or text-generation), else the task's."""
+    arch = architecture_of(_read_json(model_dir / "config.json").get("architectures"))
+    return arch.pipeline_tag if arch in TASKS[task].architectures else TASKS[task].pipeline_tag
 
 
 def card_data(config: dict, metrics: dict, model_dir: Path, name: str) -> ModelCardData:

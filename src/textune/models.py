@@ -1,18 +1,19 @@
-"""Models: resolve where a model lives, load tokenizer and classifier, choose what trains, describe it."""
+"""Models: resolve where a model lives (and the run folder that goes with it), load tokenizer and classifier,
+describe them."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer,
-                          PreTrainedModel)
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from textune.config import TuningConfig
 from textune.errors import TextuneError, is_onnx_export, onnx_export_error
+from textune.tasks import SEQUENCE_HEAD, architecture_of
 
 # transformers draws a progress bar for every weight load and save; textune's own output says enough.
 hf_logging.disable_progress_bar()
@@ -106,13 +107,17 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, for_class
 
 
 def load_classifier(name_or_path: str, label_names: list[str], trust_remote_code: bool = False,
-                    auto_class=AutoModelForSequenceClassification) -> PreTrainedModel:
+                    auto_class=AutoModelForSequenceClassification, like: str | Path | None = None) -> PreTrainedModel:
     """Load an encoder with a (new or existing) classification head sized for `label_names`: a sequence
     classifier, or a token classifier with `auto_class=AutoModelForTokenClassification`.
 
     The label names go into the model config (`id2label`/`label2id`), so `transformers.pipeline` on the
     saved folder returns named labels. A config without `pad_token_id` (decoder-only models) gets the pad
     token `load_tokenizer(..., for_classifier=True)` chooses: the model finds each text's last token by it.
+
+    `like`: a folder holding the config.json of a model fine-tuned from this one (an adapter folder): the model
+    takes that config, with what its task saved there to turn outputs into predictions (`problem_type`, a
+    regression's `label_scale`), instead of the base's.
     """
     id2label = dict(enumerate(label_names))
     try:
@@ -123,6 +128,8 @@ def load_classifier(name_or_path: str, label_names: list[str], trust_remote_code
         raise _hub_error(name_or_path, "model", e) from None
     # Reuse a trained head only when it was trained on these labels; otherwise start a fresh one.
     same_labels = getattr(config, "id2label", None) == id2label and getattr(config, "num_labels", None) == len(label_names)
+    if like is not None:
+        config = AutoConfig.from_pretrained(like, trust_remote_code=trust_remote_code)
     config.num_labels = len(label_names)
     config.id2label = id2label
     if getattr(config, "pad_token_id", None) is None:
@@ -139,16 +146,12 @@ def load_classifier(name_or_path: str, label_names: list[str], trust_remote_code
     return model
 
 
-def head_class(architectures: list[str] | None):
-    """The transformers auto class of a saved head (token or sequence classifier, or extractive question
-    answering), from config.architectures."""
-    if any(a.endswith("ForTokenClassification") for a in architectures or []):
-        return AutoModelForTokenClassification
-    if any(a.endswith("ForQuestionAnswering") for a in architectures or []):
-        from transformers import AutoModelForQuestionAnswering
+def auto_model_class(architectures: list[str] | None):
+    """The transformers Auto class that loads a saved model of these `config.architectures`, from the task
+    registry's architecture table (`tasks.architecture_of`); a sequence classifier's where none matches."""
+    import transformers
 
-        return AutoModelForQuestionAnswering
-    return AutoModelForSequenceClassification
+    return getattr(transformers, (architecture_of(architectures) or SEQUENCE_HEAD).auto_class)
 
 
 def inference_device(device: str | None = None):
@@ -163,10 +166,10 @@ def inference_max_length(tokenizer, *preferred: int | None) -> int:
 
 
 def load_saved_model(model_dir: str | Path) -> tuple[PreTrainedModel, object]:
-    """A fine-tuned full model (sequence or token classifier, by its saved architecture) and its tokenizer."""
+    """A fine-tuned full model (loaded by the Auto class of its saved architecture) and its tokenizer."""
     tokenizer = load_tokenizer(str(model_dir))
     try:
-        auto = head_class(AutoConfig.from_pretrained(model_dir).architectures)
+        auto = auto_model_class(AutoConfig.from_pretrained(model_dir).architectures)
         model = auto.from_pretrained(model_dir, **safetensors_only())
     except (OSError, ValueError) as e:
         raise TextuneError(f"could not load a classifier from {model_dir}: {str(e).splitlines()[0]}") from None
@@ -176,8 +179,9 @@ def load_saved_model(model_dir: str | Path) -> tuple[PreTrainedModel, object]:
 def resolve_run_model(path: str | Path, onnx_ok: bool = False) -> tuple[Path, Path | None]:
     """`RUN_OR_MODEL` -> (model folder, run folder or None).
 
-    An ONNX export (`textune export`) is both: it holds the model and the run files its predictor reads.
-    Only prediction takes one (`onnx_ok`); everything else needs PyTorch weights and is told so.
+    A folder that holds the model and its run's files together (config.yaml beside config.json: a merged
+    folder, an adapter registry's copy of a run, an ONNX export) is both. An ONNX export is taken only for
+    prediction (`onnx_ok`); everything else needs PyTorch weights and is told so.
     """
     path = Path(path).expanduser()
     if is_onnx_export(path):
@@ -187,8 +191,9 @@ def resolve_run_model(path: str | Path, onnx_ok: bool = False) -> tuple[Path, Pa
     if (path / "model" / "config.json").is_file():
         return path / "model", path
     if (path / "config.json").is_file():
-        run = path.parent if (path.parent / "config.yaml").is_file() and path.name == "model" else None
-        return path, run
+        if path.name == "model" and (path.parent / "config.yaml").is_file():
+            return path, path.parent
+        return path, (path if (path / "config.yaml").is_file() else None)
     if not path.exists():
         raise TextuneError(f"no run or model folder at {path}")
     raise TextuneError(f"{path} is neither a textune run folder (with model/) nor a model folder (with config.json)")
@@ -202,6 +207,36 @@ def saved_run_config(run_dir: Path | None) -> dict:
     import yaml
 
     return yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+
+
+def copy_prediction_files(names: tuple[str, ...], model_dir: Path, run_dir: Path | None, target: Path) -> None:
+    """Copy what a task's predictor reads besides the weights (`Task.prediction_files`: paths in a run folder,
+    "model/NAME" for its model folder's) from a saved form into `target`, a folder that holds the model too
+    (a merged folder, an adapter registry's copy, an ONNX export). Files the source lacks are skipped."""
+    for name in names:
+        in_model = name.startswith("model/")
+        folder, base = (model_dir, name[len("model/"):]) if in_model else (run_dir, name)
+        source = None if folder is None else Path(folder) / base
+        if source is not None and source.is_file() and source.resolve() != (Path(target) / base).resolve():
+            shutil.copy2(source, Path(target) / base)
+
+
+def run_data_file(given: str, run_dir: Path | None, output_dir: str | None) -> Path | None:
+    """A data path from a run's config.yaml as a file that exists here, or None.
+
+    Paths are saved as given, relative to the folder training ran in. That folder is found from the run's
+    `output_dir` as given (a run trained in /work with output_dir runs/x lives at /work/runs/x), so the path
+    still reads from another folder; else the path is tried as it is, from the current folder.
+    """
+    path = Path(given).expanduser()
+    out = Path(output_dir).expanduser() if output_dir else None
+    if not path.is_absolute() and run_dir is not None and out is not None and not out.is_absolute():
+        run = Path(run_dir).resolve()
+        if out.parts and run.parts[-len(out.parts):] == out.parts:
+            trained_in = Path(*run.parts[:-len(out.parts)])
+            if (trained_in / path).is_file():
+                return trained_in / path
+    return path if path.is_file() else None
 
 
 def set_attention(model: PreTrainedModel, attention: str) -> PreTrainedModel:
@@ -219,38 +254,6 @@ def set_attention(model: PreTrainedModel, attention: str) -> PreTrainedModel:
         raise TextuneError(f"model.attention: {type(model).__name__} cannot use {attention} attention "
                            f"({str(e).splitlines()[0]}); set model.attention: eager") from None
     return model
-
-
-def apply_tuning(model: PreTrainedModel, tuning: TuningConfig) -> PreTrainedModel:
-    """Choose what trains; return the model to train (PEFT methods wrap it).
-
-    `full`: everything trains. `head`: freeze the encoder; the classification head trains, with BERT's pooler
-    (dense + tanh on [CLS]) that the head reads, as the PEFT methods do (see `adapters.head_modules`):
-    sentence-transformers checkpoints such as the packaged MiniLM ship that pooler untrained.
-    `lora`, `prefix`, `ia3`: a PEFT model whose adapter and head train (see textune.adapters).
-    """
-    method = tuning.method
-    if method in ("lora", "prefix", "ia3"):
-        from textune.adapters import apply_peft  # adapters builds on this module: import late
-
-        return apply_peft(model, tuning)
-    if method == "full":
-        model.requires_grad_(True)
-        return model
-    if method == "head":
-        model.requires_grad_(False)
-        head_names = HEAD_MODULE_NAMES
-        trainable = [n for n, _ in model.named_children() if n in head_names]
-        if not trainable:
-            raise TextuneError(f"tuning.method head: {type(model).__name__} has no classification head named one "
-                               f"of {head_names}; use tuning.method full")
-        for n in trainable:
-            getattr(model, n).requires_grad_(True)
-        pooler = getattr(getattr(model, model.base_model_prefix, None), "pooler", None)
-        if isinstance(pooler, torch.nn.Module):
-            pooler.requires_grad_(True)
-        return model
-    raise TextuneError(f"tuning.method {method!r} is not supported here")
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -17,6 +17,8 @@ from typing import Any
 
 from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, WandBTracker, on_main_process
 
+from textune.errors import TextuneError
+
 PROJECT = "textune"  # MLflow experiment and W&B project; each run is named after its folder
 
 
@@ -31,6 +33,7 @@ class RunFolderMLflowTracker(MLflowTracker):
     @on_main_process
     def start(self):
         import mlflow
+        from mlflow.exceptions import MlflowException
 
         # Set every time, also to the environment's URI: an earlier run in this process set its own store, which
         # MLflow would otherwise keep using.
@@ -38,12 +41,27 @@ class RunFolderMLflowTracker(MLflowTracker):
         mlflow.set_tracking_uri(uri or f"sqlite:///{self.run_dir / 'mlflow.db'}")
         if not uri:  # the experiment's artifact folder, beside its store (a server keeps its own default)
             self.logging_dir = str(self.run_dir / "mlartifacts")
-        super().start()
+        try:
+            super().start()  # the store is opened here
+        except MlflowException as e:
+            raise mlflow_start_error(uri, e) from e
+
+
+def mlflow_start_error(uri: str | None, error: Exception) -> TextuneError:
+    """What MLflow wants, in one line, for a store it refused to open (its own message is a paragraph)."""
+    where = f"MLFLOW_TRACKING_URI={uri}" if uri else "its store in the run folder"
+    if "MLFLOW_ALLOW_FILE_STORE" in str(error):  # MLflow 3 keeps the plain-folder store for those who opt in
+        return TextuneError(f"logging.report_to: mlflow refuses {where}, a file store, unless "
+                            f"MLFLOW_ALLOW_FILE_STORE=true; set that, point MLFLOW_TRACKING_URI at a database "
+                            f"(sqlite:///mlflow.db) or a server, or unset it (the run then logs to RUN/mlflow.db)")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return TextuneError(f"logging.report_to: mlflow could not open {where}: {first}; fix MLFLOW_TRACKING_URI or "
+                        f"remove mlflow from logging.report_to")
 
 
 def build_trackers(names: list[str], run: Path) -> list[GeneralTracker]:
     """Accelerate trackers for `logging.report_to` (config validation checked the names and packages), not yet
-    started: `Accelerator.init_trackers` starts them once the run folder exists."""
+    started: `start_trackers` starts them once the run folder exists, before any of its files is written."""
     trackers: list[GeneralTracker] = []
     for name in names:
         if name == "tensorboard":
@@ -55,6 +73,23 @@ def build_trackers(names: list[str], run: Path) -> list[GeneralTracker]:
             mode = {} if os.environ.get("WANDB_MODE") else {"mode": "offline"}
             trackers.append(WandBTracker(PROJECT, name=run.name, dir=str(run), **mode))
     return trackers
+
+
+def start_trackers(accelerator, project: str, config: dict[str, Any]) -> None:
+    """Start the trackers given to `accelerator` (on the main process) and log the config to each.
+
+    Raises:
+        TextuneError: a tracker could not start; it says which and, for MLflow's stores, what MLflow wants.
+    """
+    try:
+        accelerator.init_trackers(project, config=config)
+    except TextuneError:
+        raise
+    except Exception as e:  # a tracker library's own error: one line, not its traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        names = ", ".join(getattr(t, "name", type(t).__name__) for t in accelerator.log_with or [])
+        raise TextuneError(f"logging.report_to: a tracker ({names}) could not start: {type(e).__name__}: {first}; "
+                           f"fix its settings or remove it from logging.report_to") from e
 
 
 def finish_trackers(trackers: list[GeneralTracker]) -> None:

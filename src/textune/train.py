@@ -1,8 +1,11 @@
 """Fine-tuning: one training loop on Accelerate, readable top to bottom.
 
-`train(cfg)` checks everything it can (config, data, model) before it creates the run folder, so a user
-mistake leaves nothing half-written. Then: AdamW with linear/cosine warm-up, gradient accumulation and
+`train(cfg)` checks everything it can (config, data, model, trackers) before it writes the run folder, so a
+user mistake leaves nothing half-written. Then: AdamW with linear/cosine warm-up, gradient accumulation and
 clipping, mixed precision, evaluation every epoch or N steps, best-checkpoint keeping, early stopping.
+
+`_train` reads as the list of its stages (as torchtune's recipes set up): `locate_run`, `setup_accelerator`,
+`load_inputs`, `open_run`, `plan_training`, `TrainingLoop.run`, `finish_run`.
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, get_scheduler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from textune.config import Config, TrainConfig, save_config
+from textune.config import Config, TrainConfig, save_config, with_resolved_paths
 from textune.data import column_values
 from textune.diagnose import diagnose_curves, format_diagnosis
 from textune.compiling import CompiledForward, plan_compile
-from textune.checkpoint import check_checkpoint_matches, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from textune.checkpoint import (check_checkpoint_matches, find_checkpoint, list_checkpoints, load_checkpoint,
+                                remove_checkpoints, save_checkpoint)
 from textune.atomic import old_copy, replace_atomically
 from textune.errors import TextuneError, TrainingInterrupted, is_onnx_export, onnx_export_error
 from textune.launch import FSDP_WITHOUT_GPU, batch_split_problem
@@ -45,9 +49,11 @@ from textune.model_card import write_model_card
 from textune.models import HEAD_MODULE_NAMES, count_parameters
 from textune.tasks import get_task
 from textune.tasks.base import TaskInputs
-from textune.tracking import PROJECT, build_trackers, final_values, finish_trackers, flat_config, record_values
+from textune.tracking import (PROJECT, build_trackers, final_values, finish_trackers, flat_config, record_values,
+                              start_trackers)
 
 RUN_MARKERS = ("config.yaml", "history.jsonl")
+KEEP_WHILE_TRAINING = 2  # checkpoints kept during a run when train.keep_last is empty (all deleted at its end)
 
 
 # ---------------------------------------------------------------- set-up helpers
@@ -293,7 +299,8 @@ def warn_if_config_changed(cfg: Config, saved: Path, say) -> None:
         return
     import yaml
 
-    before, now = yaml.safe_load(saved.read_text()), cfg.to_dict()
+    # Paths compared resolved: config.yaml holds them resolved, the config being run perhaps relative.
+    before, now = (with_resolved_paths(c)[0] for c in (yaml.safe_load(saved.read_text()), cfg.to_dict()))
     changed = [f"{section}.{k}" for section, values in now.items() if isinstance(values, dict)
                for k, v in values.items() if (before.get(section) or {}).get(k) != v]
     if changed:
@@ -365,17 +372,22 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def write_run_header(run: Path, cfg: Config, inputs: TaskInputs, resuming: bool) -> None:
-    """Create (or, resuming, reuse) the run folder; write the resolved config and the data statistics."""
+def make_run_folder(run: Path, resuming: bool) -> None:
+    """Create the run folder empty (replacing the run `prepare_run_folder` allowed to overwrite), or, resuming,
+    reuse it."""
     if resuming:
         # A kill between save_model's two renames leaves only model.old: put it back.
         if not (run / "model").exists() and old_copy(run / "model").exists():
             old_copy(run / "model").rename(run / "model")
         run.mkdir(parents=True, exist_ok=True)  # resuming another run's checkpoint into a new folder
-    else:
-        if run.exists():
-            shutil.rmtree(run)
-        run.mkdir(parents=True)
+        return
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+
+
+def write_run_header(run: Path, cfg: Config, inputs: TaskInputs) -> None:
+    """The resolved config and the data statistics, the run folder's first files."""
     save_config(cfg, run / "config.yaml")
     (run / "data_stats.json").write_text(json.dumps(inputs.data_stats(cfg), indent=2))
 
@@ -476,7 +488,8 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
             metrics.json (see `TaskInputs.compute_metrics`); train.metric still selects among the task's own.
 
     Raises:
-        TextuneError: bad config, data or model; non-finite loss beyond `train.skip_nonfinite_steps`.
+        TextuneError: bad config, data or model; a tracker that cannot start; non-finite loss beyond
+            `train.skip_nonfinite_steps`.
         TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was written first.
     """
     # The trackers are closed however the run ends (an error, a search pruning this trial by raising), so a
@@ -490,14 +503,41 @@ def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], No
 
 def _train(cfg: Config, trackers: list, overwrite: bool, on_evaluate: Callable[[dict], None] | None,
            resume: str | None, compute_metrics: Callable[..., dict] | None) -> Path:
-    """`train`'s body, logging to `trackers` (Accelerate tracker objects, started once the run folder exists)."""
-    t = cfg.train
-    if resume:
-        run = Path(cfg.output_dir).expanduser().resolve()
-        refuse_onnx_export(run)
-        checkpoint = find_checkpoint(run, resume)
-    else:
-        run = prepare_run_folder(cfg.output_dir, overwrite)
+    """`train`'s body: its stages in order (as torchtune's recipes set up). Everything that can fail because of
+    user input (the run folder, the device, the data, the model, a checkpoint that does not fit, a tracker) is
+    checked before the run folder's files are written."""
+    run, checkpoint = locate_run(cfg.output_dir, overwrite, resume)
+    accelerator, precision, precision_note = setup_accelerator(cfg.train, trackers)
+    set_seed(cfg.seed)
+    inputs = load_inputs(cfg, accelerator, precision, precision_note, checkpoint, compute_metrics)
+    history = open_run(cfg, run, inputs, accelerator, checkpoint)
+    plan = plan_training(cfg, inputs, accelerator, precision)
+    state = LoopState()
+    if checkpoint is not None:
+        saved = load_checkpoint(checkpoint, plan.model, plan.optimizer, plan.scheduler, accelerator)
+        state = LoopState(**saved["loop"])
+        history.rewrite(saved["history"])  # drop what was logged after the checkpoint: it will be redone
+    loop = TrainingLoop(cfg, plan, inputs, accelerator, run, history, state, on_evaluate)
+    loop.run()
+    finish_run(cfg, run, plan, inputs, accelerator, loop)
+    return run
+
+
+# ---------------------------------------------------------------- the stages of a run
+
+
+def locate_run(output_dir: str, overwrite: bool, resume: str | None) -> tuple[Path, Path | None]:
+    """The run folder, and the checkpoint to resume from (None for a new run). Nothing is written yet."""
+    if not resume:
+        return prepare_run_folder(output_dir, overwrite), None
+    run = Path(output_dir).expanduser().resolve()
+    refuse_onnx_export(run)
+    return run, find_checkpoint(run, resume)
+
+
+def setup_accelerator(t: TrainConfig, trackers: list) -> tuple[Accelerator, str, str | None]:
+    """The Accelerator for `train.device` and `train.mixed_precision`; returns (accelerator, precision, note
+    on the precision for the user or None)."""
     precision, precision_note = choose_mixed_precision(t.mixed_precision, t.device)
     if t.device == "cuda" and not torch.cuda.is_available():
         raise TextuneError("train.device: cuda was asked for but no CUDA GPU is visible; use auto or cpu")
@@ -514,160 +554,248 @@ def _train(cfg: Config, trackers: list, overwrite: bool, on_evaluate: Callable[[
                               cpu=on_cpu, dataloader_config=DataLoaderConfiguration(split_batches=True),
                               log_with=trackers or None)
     check_process_count(t, accelerator)
-    say = accelerator.print
-    set_seed(cfg.seed)
+    return accelerator, precision, precision_note
 
-    # 1. Everything that can fail because of user input happens before the run folder exists. The task
-    # (textune.tasks) reads and checks its data, tokenises it and loads the model with its head.
+
+def load_inputs(cfg: Config, accelerator: Accelerator, precision: str, precision_note: str | None,
+                checkpoint: Path | None, compute_metrics: Callable[..., dict] | None) -> TaskInputs:
+    """The task (textune.tasks) reads and checks its data, tokenises it and loads the model with its head;
+    a checkpoint to resume from must fit that model. Says what will be trained."""
     inputs = get_task(cfg.task).load_inputs(cfg)
     inputs.compute_metrics = compute_metrics
-    model, tokenizer, tokenized = inputs.model, inputs.tokenizer, inputs.tokenized
-    if t.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    trainable, total = count_parameters(model)
-    if resume:
-        check_checkpoint_matches(checkpoint, model)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(inputs.model)
+    trainable, total = count_parameters(inputs.model)
+    if checkpoint is not None:
+        check_checkpoint_matches(checkpoint, inputs.model)
+    say = accelerator.print
     say(inputs.summary(cfg))
     say(f"tuning     {cfg.tuning.method}: {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})")
     say(f"device     {accelerator.device} | precision {precision}" + (f" ({precision_note})" if precision_note else ""))
+    return inputs
 
-    # 2. The run folder: resolved config and data statistics first, the rest as training goes.
-    if resume:
-        say(f"resume     from {checkpoint}")
+
+def open_run(cfg: Config, run: Path, inputs: TaskInputs, accelerator: Accelerator,
+             checkpoint: Path | None) -> History:
+    """Create (or, resuming, reuse) the run folder, start the experiment trackers, then write the resolved config
+    and the data statistics; the history that the loop appends to."""
+    say = accelerator.print
+    if checkpoint is not None:
+        finished = " (the run had finished: the steps after it are trained again)" if (
+            run / "metrics.json").is_file() else ""
+        say(f"resume     from {checkpoint}{finished}")
         warn_if_config_changed(cfg, run / "config.yaml", say)
     accelerator.wait_for_everyone()  # every process has checked the run folder before the main one writes it
     if accelerator.is_main_process:
-        write_run_header(run, cfg, inputs, resuming=bool(resume))
-    accelerator.init_trackers(PROJECT, config=flat_config(cfg))  # main process only, like every tracker call
-    history = History(run / "history.jsonl", write=accelerator.is_main_process, log=accelerator.log)
+        make_run_folder(run, resuming=checkpoint is not None)
+    # The trackers start before any file of the run is written: a tracker that cannot start (a store MLflow
+    # refuses) leaves no half-written run behind. They start on the main process only, so every process
+    # learns of a failure (the others would otherwise wait for it at their next collective call).
+    failure = None
+    try:
+        start_trackers(accelerator, PROJECT, flat_config(cfg))
+    except TextuneError as e:
+        failure = e
+    failed = failure is not None
+    if accelerator.num_processes > 1:
+        failed = bool(accelerator.reduce(torch.tensor(int(failed), device=accelerator.device), reduction="sum"))
+    if failed:
+        if checkpoint is None and accelerator.is_main_process:
+            shutil.rmtree(run, ignore_errors=True)  # it holds only what the trackers began to write
+        raise failure or TextuneError("logging.report_to: a tracker could not start on the main process")
+    if accelerator.is_main_process:
+        write_run_header(run, cfg, inputs)
+    return History(run / "history.jsonl", write=accelerator.is_main_process, log=accelerator.log)
 
+
+@dataclass
+class TrainingPlan:
+    """What the loop runs: the prepared model, optimizer, scheduler and loaders, and how many steps."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_loader: DataLoader
+    eval_loader: DataLoader
+    total_steps: int
+    batches_per_epoch: int | None  # None for a stream, which has no length
+    compile_plan: object  # compiling.CompilePlan
+
+
+def plan_training(cfg: Config, inputs: TaskInputs, accelerator: Accelerator, precision: str) -> TrainingPlan:
+    """Loaders, the number of steps, the optimizer and the learning-rate schedule, all through
+    `accelerator.prepare`; says the schedule."""
+    t, say = cfg.train, accelerator.print
     train_data = inputs.train_data
-    streaming = isinstance(train_data, IterableDataset)
     planned_samples = (t.max_steps * t.batch_size * t.gradient_accumulation_steps if t.max_steps
                        else math.ceil(len(train_data) * t.epochs))
     compile_plan = plan_compile(t.compile, accelerator.device.type, precision, planned_samples, cfg.model.max_length,
                                 t.pad_to_multiple_of)
     say(f"compile    {compile_plan.describe()}")
-    train_loader = make_loader(train_data, tokenizer, t.batch_size, True, t.group_by_length, cfg.seed,
+    train_loader = make_loader(train_data, inputs.tokenizer, t.batch_size, True, t.group_by_length, cfg.seed,
                                t.num_workers, collate=inputs.collator("train", compile_plan.pad_to_multiple_of))
-    eval_loader = make_loader(tokenized["validation"], tokenizer, eval_batch_size(t, accelerator), False, False,
-                              cfg.seed, collate=inputs.collator("validation"))
+    eval_loader = make_loader(inputs.tokenized["validation"], inputs.tokenizer, eval_batch_size(t, accelerator),
+                              False, False, cfg.seed, collate=inputs.collator("validation"))
     # A stream has no length: it runs train.max_steps steps (config validation made sure there is one).
-    batches_per_epoch = None if streaming else len(train_loader)
+    batches_per_epoch = None if isinstance(train_data, IterableDataset) else len(train_loader)
     steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps) if batches_per_epoch else None
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
-    optimizer = build_optimizer(model, t)
-    loss_fn = inputs.loss_fn  # the task's choice (mixup, class weights), None = the model's own loss
+    optimizer = build_optimizer(inputs.model, t)
     scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
                               num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler)
+        inputs.model, optimizer, train_loader, eval_loader, scheduler)
     epochs = f"{total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch:,}" if steps_per_epoch else "streamed"
     say(f"schedule   {total_steps:,} steps ({epochs}), batch {t.batch_size} over {accelerator.num_processes} "
         f"process(es) x {t.gradient_accumulation_steps} accumulated, lr {t.lr:g}, "
         f"{t.scheduler} with {warmup} warm-up steps")
+    return TrainingPlan(model, optimizer, scheduler, train_loader, eval_loader, total_steps, batches_per_epoch,
+                        compile_plan)
 
-    # 3. The loop: the step is in train_step; here we decide when to log, evaluate, checkpoint and stop.
-    state = LoopState()
-    if resume:
-        saved = load_checkpoint(checkpoint, model, optimizer, scheduler, accelerator)
-        state = LoopState(**saved["loop"])
-        history.rewrite(saved["history"])  # drop what was logged after the checkpoint: it will be redone
-    # Running sums stay on the device between logging steps: reading them would force a host sync.
-    loss_sum = torch.tensor(state.loss_sum, device=accelerator.device)
-    tokens = torch.tensor(state.tokens, dtype=torch.long, device=accelerator.device)
 
-    def checkpoint_now() -> Path:
+class TrainingLoop:
+    """The loop. The step is `train_step`; `run` decides when to log, evaluate, checkpoint and stop. It knows
+    the task only through `inputs` (the contract of tasks/base.py)."""
+
+    def __init__(self, cfg: Config, plan: TrainingPlan, inputs: TaskInputs, accelerator: Accelerator, run: Path,
+                 history: History, state: LoopState, on_evaluate: Callable[[dict], None] | None):
+        self.cfg, self.t, self.plan, self.inputs, self.accelerator = cfg, cfg.train, plan, inputs, accelerator
+        self.run_dir, self.history, self.state, self.on_evaluate = run, history, state, on_evaluate
+        # Running sums stay on the device between logging steps: reading them would force a host sync.
+        self.loss_sum = torch.tensor(state.loss_sum, device=accelerator.device)
+        self.tokens = torch.tensor(state.tokens, dtype=torch.long, device=accelerator.device)
+        self.samples_at_start, self.step_at_start = state.samples, state.step
+        self.window = AccumulationWindow()
+        self.forward: CompiledForward | None = None  # None: the eager model
+        self.start = self.seconds = 0.0
+        # Off a terminal (a log file, nohup, CI) a bar's carriage returns make one ever-growing line: print one
+        # plain line per logging step there instead.
+        self.plain_progress = accelerator.is_main_process and not sys.stderr.isatty()
+        self.bar = None
+
+    def run(self) -> None:
+        """Train until the planned steps are done, early stopping, or a stop signal (checkpoint, then raise)."""
+        t, state, plan, accelerator = self.t, self.state, self.plan, self.accelerator
+        if self.inputs.evaluate_first and state.step == 0:  # where the learning curve starts (pretraining)
+            run_evaluation(plan.model, plan.eval_loader, self.inputs.evaluate, accelerator, self.inputs.tokenizer,
+                           self.run_dir, self.history, state, t, 0.0)
+        self.bar = tqdm(total=plan.total_steps, initial=state.step, desc="training", unit="step",
+                        disable=not accelerator.is_main_process or self.plain_progress, dynamic_ncols=True)
+        self.start = time.perf_counter()
+        plan.model.train()
+        self.forward = self.compiled_forward()
+        with StopRequest() as stop:
+            while state.step < plan.total_steps and not state.stopped_early:
+                reseed_loader(plan.train_loader, self.cfg.seed, state.epoch)
+                skip = state.batch
+                batches = accelerator.skip_first_batches(plan.train_loader, skip) if skip else plan.train_loader
+                for i, batch in enumerate(batches, start=skip):
+                    state.batch = i + 1
+                    if not self.step(batch):  # accumulating, or a skipped step: not an optimizer step
+                        continue
+                    epoch_float = state.epoch + ((i + 1) / plan.batches_per_epoch if plan.batches_per_epoch else 0)
+                    end_of_epoch = i + 1 == plan.batches_per_epoch
+                    done = state.step >= plan.total_steps
+                    if state.step % t.logging_steps == 0 or done:
+                        self.log(epoch_float)
+                    evaluated = (t.eval_steps and state.step % t.eval_steps == 0) or (
+                        not t.eval_steps and end_of_epoch) or done
+                    if evaluated:
+                        self.evaluate(epoch_float)
+                    if end_of_epoch:
+                        state.epoch, state.batch = state.epoch + 1, 0
+                    stop_signal = synced_stop_signal(stop.signal, accelerator)
+                    if not done and (evaluated or (t.checkpoint_steps and state.step % t.checkpoint_steps == 0)
+                                     or stop_signal):
+                        self.checkpoint(stop_signal)
+                    if done or state.stopped_early:
+                        break
+                else:  # the loader ran out without a step closing the epoch (e.g. its last batch was skipped)
+                    if state.batch:
+                        state.epoch, state.batch = state.epoch + 1, 0
+        self.bar.close()
+        self.seconds = time.perf_counter() - self.start
+        self.tokens = accelerator.reduce(self.tokens, reduction="sum")
+
+    def compiled_forward(self) -> CompiledForward | None:
+        """The compiled model per `train.compile` (its first shape compiled, or fallen back, before the first
+        step), or None for the eager model."""
+        plan, accelerator = self.plan, self.accelerator
+        if not plan.compile_plan.enabled:
+            return None
+        forward = CompiledForward(plan.model, plan.compile_plan.max_shapes, accelerator.print)
+        if plan.batches_per_epoch is not None:  # a stream is not indexable: its first batch compiles in the loop
+            data = plan.train_loader.dataset
+            first = [data[i] for i in range(min(len(data), self.t.batch_size // accelerator.num_processes))]
+            forward.probe({k: v.to(accelerator.device) for k, v in plan.train_loader.collate_fn(first).items()})
+        return forward
+
+    def step(self, batch: dict) -> bool:
+        """One micro-batch through `train_step`; True when it closed an optimizer step."""
+        state, plan, accelerator = self.state, self.plan, self.accelerator
+        examples = len(batch["input_ids"])
+        state.samples += examples * accelerator.num_processes  # equal shares (split_batches)
+        self.tokens += batch["attention_mask"].sum()
+        loss, finite, stepped = train_step(plan.model, batch, plan.optimizer, plan.scheduler, accelerator,
+                                           self.t.max_grad_norm, self.inputs.loss_fn, self.window, self.forward)
+        if not finite:
+            handle_nonfinite(state, self.t, self.run_dir, float(loss))
+            return False
+        self.loss_sum += loss * examples  # the logged loss is a mean over examples too
+        state.loss_count += examples
+        if not stepped:  # accumulating, or fp16's scaler skipped an overflowing step: not a step
+            return False
+        state.step += 1
+        self.bar.update(1)
+        return True
+
+    def log(self, epoch: float) -> None:
+        """A training record: the mean loss since the last one, the lr and the throughput."""
+        state = self.state
+        # the mean over processes of their shares' losses = the loss of the whole batch
+        mean_loss = self.accelerator.reduce(self.loss_sum / state.loss_count, reduction="mean")
+        elapsed = time.perf_counter() - self.start
+        record = {"type": "train", "step": state.step, "epoch": round(epoch, 4), "loss": mean_loss.item(),
+                  "lr": self.plan.scheduler.get_last_lr()[0],
+                  "samples_per_s": round((state.samples - self.samples_at_start) / elapsed, 2)}
+        self.history.append(record)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        if self.plain_progress:
+            print(progress_line(record, self.plan.total_steps, time.perf_counter() - self.start,
+                                state.step - self.step_at_start), file=sys.stderr, flush=True)
+        self.loss_sum.zero_()
+        state.loss_count = 0
+
+    def evaluate(self, epoch: float) -> None:
+        """Evaluate, keep the best model, count towards early stopping; then tell `on_evaluate`."""
+        run_evaluation(self.plan.model, self.plan.eval_loader, self.inputs.evaluate, self.accelerator,
+                       self.inputs.tokenizer, self.run_dir, self.history, self.state, self.t, epoch)
+        if self.on_evaluate is not None:
+            self.on_evaluate(self.history.records[-1])
+        if self.state.stopped_early:
+            tqdm.write(f"early stopping: no {self.t.metric} improvement in {self.t.early_stopping_patience} "
+                       f"evaluations")
+
+    def checkpoint(self, stop_signal: int | None) -> None:
+        """Write a checkpoint; after a stop signal, stop the run with how to resume it."""
+        state, plan = self.state, self.plan
         # Every process takes part: each writes its own RNG state (its dropout masks), the main one the rest.
-        loop = {**vars(state), "loss_sum": loss_sum.item(), "tokens": int(tokens)}
-        return save_checkpoint(run, state.step, model, optimizer, scheduler, accelerator, loop, history.records,
-                               t.keep_last)
+        loop = {**vars(state), "loss_sum": self.loss_sum.item(), "tokens": int(self.tokens)}
+        path = save_checkpoint(self.run_dir, state.step, plan.model, plan.optimizer, plan.scheduler,
+                               self.accelerator, loop, self.history.records, self.t.keep_last or KEEP_WHILE_TRAINING)
+        if stop_signal:
+            raise TrainingInterrupted(f"stopped by {signal.Signals(stop_signal).name} at step {state.step}; checkpoint "
+                                      f"written to {path}; continue with: textune train CONFIG --resume latest")
 
-    if inputs.evaluate_first and state.step == 0:  # where the learning curve starts (pretraining)
-        run_evaluation(model, eval_loader, inputs.evaluate, accelerator, tokenizer, run, history, state, t, 0.0)
-    # Off a terminal (a log file, nohup, CI) a bar's carriage returns make one ever-growing line: print one
-    # plain line per logging step there instead.
-    plain_progress = accelerator.is_main_process and not sys.stderr.isatty()
-    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
-               disable=not accelerator.is_main_process or plain_progress, dynamic_ncols=True)
-    start, samples_at_start, step_at_start = time.perf_counter(), state.samples, state.step
-    window = AccumulationWindow()
-    model.train()
-    forward = None  # the eager model
-    if compile_plan.enabled:
-        forward = CompiledForward(model, compile_plan.max_shapes, say)
-        if not streaming:  # compile the first shape (and fall back, if it fails) before the first step
-            first = [train_loader.dataset[i] for i in range(min(len(train_loader.dataset),
-                                                                  t.batch_size // accelerator.num_processes))]
-            forward.probe({k: v.to(accelerator.device) for k, v in train_loader.collate_fn(first).items()})
-    with StopRequest() as stop:
-        while state.step < total_steps and not state.stopped_early:
-            reseed_loader(train_loader, cfg.seed, state.epoch)
-            skip = state.batch
-            batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-            for i, batch in enumerate(batches, start=skip):
-                state.batch = i + 1
-                state.samples += len(batch["input_ids"]) * accelerator.num_processes  # equal shares (split_batches)
-                tokens += batch["attention_mask"].sum()
-                loss, finite, stepped = train_step(model, batch, optimizer, scheduler, accelerator, t.max_grad_norm,
-                                                   loss_fn, window, forward)
-                if not finite:
-                    handle_nonfinite(state, t, run, float(loss))
-                    continue
-                loss_sum += loss * len(batch["input_ids"])  # the logged loss is a mean over examples too
-                state.loss_count += len(batch["input_ids"])
-                if not stepped:  # accumulating, or fp16's scaler skipped an overflowing step: not a step
-                    continue
-                state.step += 1
-                bar.update(1)
-                epoch_float = state.epoch + ((i + 1) / batches_per_epoch if batches_per_epoch else 0)
-                end_of_epoch = i + 1 == batches_per_epoch
-                done = state.step >= total_steps
-                if state.step % t.logging_steps == 0 or done:
-                    # the mean over processes of their shares' losses = the loss of the whole batch
-                    mean_loss = accelerator.reduce(loss_sum / state.loss_count, reduction="mean")
-                    record = {"type": "train", "step": state.step, "epoch": round(epoch_float, 4),
-                              "loss": mean_loss.item(), "lr": scheduler.get_last_lr()[0],
-                              "samples_per_s": round((state.samples - samples_at_start)
-                                                     / (time.perf_counter() - start), 2)}
-                    history.append(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                    if plain_progress:
-                        print(progress_line(record, total_steps, time.perf_counter() - start,
-                                            state.step - step_at_start), file=sys.stderr, flush=True)
-                    loss_sum.zero_()
-                    state.loss_count = 0
-                evaluated = (t.eval_steps and state.step % t.eval_steps == 0) or (not t.eval_steps and end_of_epoch) or done
-                if evaluated:
-                    run_evaluation(model, eval_loader, inputs.evaluate, accelerator, tokenizer, run, history, state,
-                                   t, epoch_float)
-                    if on_evaluate is not None:
-                        on_evaluate(history.records[-1])
-                    if state.stopped_early:
-                        tqdm.write(f"early stopping: no {t.metric} improvement in {t.early_stopping_patience} evaluations")
-                if end_of_epoch:
-                    state.epoch, state.batch = state.epoch + 1, 0
-                stop_signal = synced_stop_signal(stop.signal, accelerator)
-                if not done and (evaluated or (t.checkpoint_steps and state.step % t.checkpoint_steps == 0)
-                                 or stop_signal):
-                    path = checkpoint_now()
-                    if stop_signal:
-                        raise TrainingInterrupted(
-                            f"stopped by {signal.Signals(stop_signal).name} at step {state.step}; checkpoint "
-                            f"written to {path}; continue with: textune train CONFIG --resume latest")
-                if done or state.stopped_early:
-                    break
-            else:  # the loader ran out without a step closing the epoch (e.g. its last batch was skipped)
-                if state.batch:
-                    state.epoch, state.batch = state.epoch + 1, 0
-    bar.close()
-    train_seconds = time.perf_counter() - start
-    tokens = accelerator.reduce(tokens, reduction="sum")
+
+def finish_run(cfg: Config, run: Path, plan: TrainingPlan, inputs: TaskInputs, accelerator: Accelerator,
+               loop: TrainingLoop) -> None:
+    """The best (or last) model saved, final metrics, validation predictions for the report, the model card;
+    the checkpoints deleted unless `train.keep_last` asks to keep them. Says how the run went."""
+    t, state, say = cfg.train, loop.state, accelerator.print
     accelerator.wait_for_everyone()  # the main process has finished writing model/ before the others read it
-
-    # 4. Finish: the best (or last) model, final metrics, validation predictions for the report.
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(plan.model)
     # (model/ can be missing when another run's checkpoint was resumed into a new folder: save the last.)
     best_saved = t.load_best_at_end and state.best_step is not None and (run / "model").is_dir()
     if best_saved and is_peft_model(unwrapped):
@@ -675,32 +803,45 @@ def _train(cfg: Config, trackers: list, overwrite: bool, on_evaluate: Callable[[
     elif best_saved:
         load_saved_weights(unwrapped, run / "model")
     elif accelerator.is_main_process:
-        save_model(unwrapped, tokenizer, run / "model")
+        save_model(unwrapped, inputs.tokenizer, run / "model")
     # Evaluate the model being saved once more: exact metrics and probabilities, also after a resume.
-    final_val, predictions = inputs.evaluate(model, eval_loader, accelerator)
-    metrics = {"validation": final_val, "best_step": state.best_step, "best_metric": state.best_metric,
-               "metric": t.metric, "stopped_early": state.stopped_early,
-               "train": {"steps": state.step, "seconds": round(train_seconds, 1),
-                         "samples_per_s": round((state.samples - samples_at_start) / train_seconds, 2),
-                         "tokens_per_s": round(int(tokens) / train_seconds, 1),
-                         "compiled": forward is not None and forward.compiled is not None,
-                         "compiled_shapes": len(forward.shapes) if forward is not None else 0},
-               "parameters": {"trainable": trainable, "total": total, "ratio": trainable / total}}
-    if "test" in tokenized:
-        test_loader = accelerator.prepare(make_loader(tokenized["test"], tokenizer, eval_batch_size(t, accelerator),
-                                                      False, False, cfg.seed, collate=inputs.collator("test")))
-        metrics["test"], _ = inputs.evaluate(model, test_loader, accelerator)
+    final_val, predictions = inputs.evaluate(plan.model, plan.eval_loader, accelerator)
+    metrics = final_metrics(final_val, loop, count_parameters(unwrapped))
+    if "test" in inputs.tokenized:
+        test_loader = accelerator.prepare(make_loader(inputs.tokenized["test"], inputs.tokenizer,
+                                                      eval_batch_size(t, accelerator), False, False, cfg.seed,
+                                                      collate=inputs.collator("test")))
+        metrics["test"], _ = inputs.evaluate(plan.model, test_loader, accelerator)
         say(f"test       {headline(metrics['test'])}")
+    deleted = 0
     if accelerator.is_main_process:
         if predictions is not None:  # a language model has none
             inputs.write_predictions(predictions, run / "validation_predictions.jsonl")
         (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
         write_model_card(run)  # RUN/model/README.md, from the files just written
+        if t.keep_last is None:  # a finished run is not resumed: its checkpoints would only take disk
+            deleted = remove_checkpoints(run)
     accelerator.log(final_values(metrics), step=state.step)
     say(f"best       step {state.best_step}: {headline(final_val)}")
-    say(f"run        {run}  ({train_seconds / 60:.1f} min, {metrics['train']['samples_per_s']} samples/s)")
-    say(format_diagnosis(diagnose_curves(history.records, inputs.label_counts(), t.metric, t.greater_is_better)))
-    return run
+    if deleted:
+        say(f"cleanup    {deleted} checkpoint(s) deleted now that the model is saved (train.keep_last N keeps the "
+            f"last N)")
+    say(f"run        {run}  ({loop.seconds / 60:.1f} min, {metrics['train']['samples_per_s']} samples/s)")
+    say(format_diagnosis(diagnose_curves(loop.history.records, inputs.label_counts(), t.metric, t.greater_is_better)))
+
+
+def final_metrics(validation: dict, loop: TrainingLoop, parameters: tuple[int, int]) -> dict:
+    """metrics.json: the final validation metrics, the best evaluation, and how training went."""
+    state, t, seconds = loop.state, loop.t, loop.seconds
+    trainable, total = parameters
+    return {"validation": validation, "best_step": state.best_step, "best_metric": state.best_metric,
+            "metric": t.metric, "stopped_early": state.stopped_early,
+            "train": {"steps": state.step, "seconds": round(seconds, 1),
+                      "samples_per_s": round((state.samples - loop.samples_at_start) / seconds, 2),
+                      "tokens_per_s": round(int(loop.tokens) / seconds, 1),
+                      "compiled": loop.forward is not None and loop.forward.compiled is not None,
+                      "compiled_shapes": len(loop.forward.shapes) if loop.forward is not None else 0},
+            "parameters": {"trainable": trainable, "total": total, "ratio": trainable / total}}
 
 
 def run_evaluation(model, eval_loader, evaluate: Callable, accelerator, tokenizer, run: Path, history: History,

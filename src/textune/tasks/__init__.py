@@ -116,8 +116,10 @@ def task_of(run_or_model: str | Path) -> str:
 
     path = Path(run_or_model).expanduser()
     for run in (path, path.parent):
-        config = run / "config.yaml"  # an ONNX export carries its run's config.yaml beside the model
-        if config.is_file() and ((run / "model").is_dir() or is_onnx_export(run)):
+        # a merged folder, an adapter registry's copy and an ONNX export carry their run's config.yaml beside
+        # the model's config.json
+        config = run / "config.yaml"
+        if config.is_file() and ((run / "model").is_dir() or is_onnx_export(run) or (run / "config.json").is_file()):
             import yaml
 
             saved = yaml.safe_load(config.read_text(encoding="utf-8")) or {}

@@ -11,10 +11,49 @@ Two objects per task:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from textune.errors import TextuneError
+
+# Texts `textune export` checks an export on where the run's validation rows cannot be read.
+SAMPLE_TEXTS = ("a great film", "the plot was boring and the acting was poor, I would not watch it again",
+                "Ada Lovelace wrote the first program in London.", "ok", "What a superb story, really moving.",
+                "The service was slow but the food was nice.", "hate it", "Paris is the capital of France.")
+
+
+def sample_texts(data: dict) -> tuple[list, list | None]:
+    """The built-in texts to check an export of a text (or text-pair) model on; `data`: the run's data.*."""
+    return list(SAMPLE_TEXTS), (list(SAMPLE_TEXTS[::-1]) if data.get("text_pair_column") else None)
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """How `textune export` writes a task's model to ONNX and checks it against PyTorch.
+
+    Attributes:
+        outputs: the model outputs the graph returns, by name (`logits`; QA: `start_logits`, `end_logits`).
+        per_token: the outputs hold one value per token (a sequence axis), so they are compared on real tokens
+            only: what padding positions hold is never read.
+        truncation: how check batches are truncated: as the task's predictor truncates (`tokenizer(...,
+            truncation=)`: True, or QA's "only_second", the context only).
+        samples: `samples(data) -> (first texts, second texts or None)`, the built-in inputs the check uses
+            where the run's validation rows cannot be read (`data`: the run's data.* settings, maybe empty).
+        samples_name: what those are called in the check's message ("built-in sample texts").
+        decide: `decide(output, mask) -> array` of the decisions a prediction is made of, from one output on a
+            padded batch (`mask`: its attention mask, as booleans); an int8 export reports the share of them
+            that agree with PyTorch's. None where no decision is made (a regression's score).
+        decisions: what `decide` returns, in that report ("predicted labels").
+    """
+
+    outputs: tuple[str, ...] = ("logits",)
+    per_token: bool = False
+    truncation: bool | str = True
+    samples: Callable[[dict], tuple[list, list | None]] = sample_texts
+    samples_name: str = "built-in sample texts"
+    decide: Callable[[Any, Any], Any] | None = None
+    decisions: str = ""
 
 
 class TaskInputs(ABC):
@@ -115,7 +154,9 @@ class Task(ABC):
 
     def read_inputs(self, source: str, columns: dict, predictor) -> tuple[list, list[dict]]:
         """(inputs for `predictor.predict`, the input fields to echo in each output row) from a file or stdin.
-        `columns` holds the run's data.* column settings overridden by the command line."""
+        `columns` holds the run's data.* column settings overridden by the command line. One echo row per input
+        line or row: a blank line of text input echoes as an `infer.BlankLine` (`infer.text_echo`), which
+        `infer.predict_rows` writes as an empty row and drops from every input list that has one entry per row."""
         raise TextuneError(f"textune predict does not support {self.name} models")
 
     def evaluate_file(self, predictor, path: str, columns: dict) -> dict:
@@ -126,10 +167,33 @@ class Task(ABC):
         """The lines `textune evaluate` prints after the headline."""
         return ""
 
-    # What `textune serve` exposes: POST /v1/<serve_endpoint>, a request with `texts` (and whatever else the
-    # request model holds), answered by `predictor.predict` in micro-batches.
-    serve_endpoint: ClassVar[str | None] = None
-    serve_description: ClassVar[str] = ""
+    # What `textune serve` exposes. Each task module builds its routes in a serving section at its end; FastAPI
+    # and pydantic are imported there inside functions, so training never pays for them.
+    # serve_paths: every POST path the task's router may hold; a server of another task answers them with a 404
+    # that says what its model does instead. serve_adapters: requests may name an adapter (--adapters REGISTRY).
+    serve_paths: ClassVar[tuple[str, ...]] = ()
+    serve_adapters: ClassVar[bool] = False
+
+    def router(self, ctx):
+        """The task's `fastapi.APIRouter` serving `ctx.predictor` (`ctx`: a `textune.serving.context.ServeContext`:
+        limits, micro-batching, adapters, model name), with one typed request and response model per endpoint;
+        None where the task serves nothing. Its routes are added to it directly (`ctx.post`,
+        `ctx.add_chat_route`), not through included routers, so the app reads its paths off `router.routes`."""
+        return None
+
+    def serve_description(self, predictor) -> str:
+        """What a served model of this task is, for the docs and the 404s of other tasks' paths ("a token
+        classifier")."""
+        return f"a {self.name} model"
+
+    # How `textune export` writes this task's model to ONNX; None: not exportable, and export says so.
+    # Each task module sets it in its export section.
+    export_spec: ClassVar[ExportSpec | None] = None
+    # What the task's predictor reads besides the weights, as paths in a run folder ("model/..." for files of
+    # its model folder): every saved form (a run, a merged folder, an adapter registry's copy, an ONNX export)
+    # carries them, so each predicts as the run does. A folder holding the model and these files together is
+    # both model and run folder (`models.resolve_run_model`).
+    prediction_files: ClassVar[tuple[str, ...]] = ("config.yaml", "metrics.json", "data_stats.json")
 
     def report_sections(self, run: Path, metrics: dict | None, stats: dict | None) -> tuple[list[tuple[str, str]], str]:
         """(summary cards as (name, HTML value) pairs, HTML sections) for the report page."""

@@ -9,82 +9,139 @@ with the label names in its config. Metrics: accuracy, precision/recall/F1 (bina
 MCC, weighted F1, ROC-AUC and average precision (GLUE's metrics; STS-B is `task: regression`), the confusion
 matrix and a per-class report. Loss: the model's cross-entropy, or `class_weighted_loss` (train.class_weights)
 or mixup (data.augment.mixup_alpha) as `TaskInputs.loss_fn`. Prediction: a label, its probability and all probabilities per
-text (`textune.infer.Predictor`). Serving: POST /v1/classify. Report: confusion matrix, per-class table,
+text (`ClassifierPredictor`). Serving: POST /v1/classify. Report: confusion matrix, per-class table,
 calibration, the precision-recall curve (two classes) and the most confidently wrong examples.
 
 Regression (`tasks/regression.py`) and multi-label classification (`tasks/multi_label.py`) read their tables
-through the same `textune.data` functions, tokenise texts and pairs with `tokenize_splits` and load the same
-`AutoModelForSequenceClassification` head (`load_sequence_model` here) with another `problem_type`.
+through the same `textune.data` functions, tokenise texts and pairs with `tokenize_splits` and share the inputs,
+head and predictor batching of `tasks/sequence.py` with this module, each with its own `problem_type`.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import DataCollatorWithPadding
+from sklearn.metrics import (accuracy_score, average_precision_score, classification_report, confusion_matrix,
+                             f1_score, matthews_corrcoef, precision_recall_fscore_support, roc_auc_score)
 
 from textune.augment import Mixup, augment_training_split
-from textune.data import (TaskData, column_values, label_counts, length_stats, load_task_data, read_table,
-                          tokenize_splits, tokenize_stream)
+from textune.data import (TaskData, column_values, label_counts, length_stats, load_task_data, tokenize_splits,
+                          tokenize_stream)
 from textune.data_checks import DataReport, check_task_data, enforce
 from textune.errors import TextuneError
-from textune.evaluate import classification_metrics, evaluate_loader, format_confusion
-from textune.infer import Predictor, read_inputs
-from textune.models import apply_tuning, load_classifier, load_tokenizer, resolve_model, set_attention
-from textune.tasks.base import Task, TaskInputs
+from textune.evaluate import predict_logits
+from textune.models import load_tokenizer, resolve_model
+from textune.report_html import (cards_html, esc, fmt, img_html, missing_html, read_predictions,
+                                 text_cell_html)
+from textune.tasks.base import ExportSpec, Task
+from textune.tasks.sequence import (SequenceInputs, SequencePredictor, load_sequence_model, read_labelled_file,
+                                    read_sequence_inputs)
 
 
-@dataclass
-class SequenceInputs(TaskInputs):
-    """What the sequence-level tasks (classification, regression, multi-label) share: one text or pair per row,
-    tokenised to `model.max_length` and padded per batch, validation rows written with their texts. A subclass
-    says what its labels are (`label_stats`, the label part of `summary`) and how it scores them."""
 
-    model_path: str
-    tokenizer: object
-    data: TaskData
-    data_report: DataReport
-    tokenized: dict
-    stats: dict  # token-length statistics per split
-    model: torch.nn.Module
+# ------------------------------------------------------------ metrics
 
-    def label_stats(self) -> dict:
-        """The labels' part of data.json (counts per split, or a numeric target's statistics)."""
-        raise NotImplementedError
 
-    def data_stats(self, cfg) -> dict:
-        return {"sizes": {k: len(v) for k, v in self.tokenized.items()}, "label_names": self.data.label_names,
-                **self.label_stats(), "token_lengths": self.stats,
-                "checks": [{"kind": f.kind, "count": f.count, "message": f.message} for f in self.data_report.findings],
-                "max_length": cfg.model.max_length}
+def classification_metrics(labels: np.ndarray, preds: np.ndarray, label_names: list[str],
+                           probs: np.ndarray | None = None) -> dict:
+    """Accuracy, macro precision/recall/F1, binary ones (positive class = id 1) for two classes, Matthews
+    correlation (`mcc`, CoLA's metric), support-weighted F1, the confusion matrix (rows: true, columns: predicted)
+    and the per-class report. With `probs` (N x classes) also `roc_auc` and `average_precision`: of the positive
+    class for two classes, one-vs-rest macro averages with more (NaN where a class has no rows to rank).
+    scikit-learn computes them all (`evaluate.load` would need the Hub)."""
+    ids = list(range(len(label_names)))
+    p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=ids, average="macro", zero_division=0)
+    out = {"accuracy": float(accuracy_score(labels, preds)),
+           "precision_macro": float(p), "recall_macro": float(r), "f1_macro": float(f),
+           "mcc": matthews(labels, preds),
+           "f1_weighted": float(f1_score(labels, preds, labels=ids, average="weighted", zero_division=0))}
+    if probs is not None:
+        out.update(ranking_metrics(labels, probs))
+    if len(label_names) == 2:
+        p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=ids, average="binary", pos_label=1,
+                                                     zero_division=0)
+        out.update(precision=float(p), recall=float(r), f1=float(f))
+    else:  # with more classes "f1" means macro F1, so train.metric: f1 works for any task
+        out.update(precision=out["precision_macro"], recall=out["recall_macro"], f1=out["f1_macro"])
+    out["confusion_matrix"] = {"labels": label_names,
+                               "matrix": confusion_matrix(labels, preds, labels=ids).tolist()}
+    out["per_class"] = classification_report(labels, preds, labels=ids, target_names=label_names,
+                                             output_dict=True, zero_division=0)
+    out["examples"] = int(len(labels))
+    return out
 
-    def summary_footer(self, cfg) -> list[str]:
-        """The data checks' warnings and the training split's token lengths: the last lines of `summary`."""
-        s = self.stats["train"]
-        return [*(f"warning    {finding.message}" for finding in self.data_report.findings),
-                f"tokens     mean {s['mean']} | p95 {s['p95']} | max {s['max']} | "
-                f"truncated at {cfg.model.max_length}: {s['truncated_share']:.1%}"]
 
-    def collator(self, split: str, pad_to_multiple_of: int | None = None):
-        return DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+def matthews(labels: np.ndarray, preds: np.ndarray) -> float:
+    """Matthews correlation; 0.0 where it is undefined (one class in labels and predictions), without sklearn's
+    warning about that case."""
+    if len(labels) == 0:
+        return 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(matthews_corrcoef(labels, preds))
 
-    def write_validation_rows(self, rows, path: Path) -> None:
-        """JSONL of the validation rows, in order: each of `rows` (labels and predictions) with its text and pair."""
-        d = self.data
-        texts = list(d.validation[d.text_column])
-        pairs = list(d.validation[d.text_pair_column]) if d.text_pair_column else None
-        with path.open("w", encoding="utf-8") as f:
-            for i, row in enumerate(rows):
-                row = {"text": texts[i], **row}
-                if pairs is not None:
-                    row["text_pair"] = pairs[i]
-                f.write(json.dumps(row) + "\n")
+
+def ranking_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """ROC-AUC and average precision of class probabilities: the positive class (id 1) for two classes,
+    one-vs-rest macro averages with more. NaN where they are undefined (a class without rows, or only one class)."""
+    labels = np.asarray(labels)
+    with warnings.catch_warnings():  # an undefined score is NaN here; sklearn would also warn about it
+        warnings.simplefilter("ignore")
+        try:
+            if probs.shape[1] == 2:
+                return {"roc_auc": float(roc_auc_score(labels, probs[:, 1])),
+                        "average_precision": float(average_precision_score(labels, probs[:, 1]))}
+            hot = np.eye(probs.shape[1])[labels]
+            return {"roc_auc": float(roc_auc_score(hot, probs, average="macro")),
+                    "average_precision": float(average_precision_score(hot, probs, average="macro"))}
+        except ValueError:  # sklearn: "Only one class present in y_true"
+            return {"roc_auc": float("nan"), "average_precision": float("nan")}
+
+
+def format_confusion(metrics: dict, width: int, top: int = 10) -> str:
+    """The confusion matrix of `classification_metrics` for a terminal `width` characters wide.
+
+    The whole matrix (rows: true, columns: predicted) where its lines fit; past that (many classes, long
+    names) the `top` largest confusions (true -> predicted, count, share of the true class's rows) and the
+    per-class F1, worst first (at most 2 * `top` classes). Names too long for the width are shortened with "…".
+    The full matrix stays in metrics.json and the report.
+    """
+    names, matrix = metrics["confusion_matrix"]["labels"], np.asarray(metrics["confusion_matrix"]["matrix"])
+    cell = max(8, *(len(n) for n in names)) + 1
+    if cell * (len(names) + 1) <= width:
+        head = "true \\ pred".ljust(cell) + "".join(n.rjust(cell) for n in names)
+        rows = [n.ljust(cell) + "".join(str(v).rjust(cell) for v in row) for n, row in zip(names, matrix)]
+        return "\n".join([head, *rows])
+    support = matrix.sum(axis=1)
+    confusions = sorted(((int(matrix[i, j]), i, j) for i in range(len(names)) for j in range(len(names))
+                         if i != j and matrix[i, j]), key=lambda c: (-c[0], c[1], c[2]))
+    lines = [_shorten(f"largest confusions (true -> predicted; all {len(names)} classes in metrics.json)", width)]
+    for count, i, j in confusions[:top]:
+        tail = f": {count} ({count / support[i]:.0%} of its rows)"
+        room = (width - 2 - len(" -> ") - len(tail)) // 2
+        lines.append(f"  {_shorten(names[i], room)} -> {_shorten(names[j], room)}{tail}")
+    if not confusions:
+        lines.append("  none: every example was predicted right")
+    per_class = metrics["per_class"]
+    worst = sorted(names, key=lambda n: per_class[n]["f1-score"])[:2 * top]
+    room = width - 2 - len("  0.0000  (support 100000)")
+    shown = [_shorten(n, room) for n in worst]
+    pad = max(map(len, shown))
+    lines.append("per-class F1, worst first" + (f" ({len(worst)} of {len(names)})" if len(worst) < len(names) else ""))
+    lines += [f"  {s.ljust(pad)}  {per_class[n]['f1-score']:.4f}  (support {int(per_class[n]['support'])})"
+              for s, n in zip(shown, worst)]
+    return "\n".join(lines)
+
+
+def _shorten(name: str, room: int) -> str:
+    room = max(room, 8)
+    return name if len(name) <= room else name[:room - 1] + "…"
 
 
 @dataclass
@@ -122,7 +179,10 @@ class ClassificationInputs(SequenceInputs):
     def evaluate(self, model, loader, accelerator=None):
         """(metrics, (class probabilities, labels)) over a labelled loader. The `compute_metrics` hook gets the
         class probabilities (N x classes) and the label ids."""
-        metrics, probs, labels = evaluate_loader(model, loader, self.data.label_names, accelerator)
+        logits, labels, loss = predict_logits(model, loader, accelerator)
+        probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+        metrics = classification_metrics(labels, probs.argmax(-1), self.data.label_names, probs)
+        metrics["loss"] = loss
         metrics.update(self.extra_metrics(probs, labels))
         return metrics, (probs, labels)
 
@@ -137,10 +197,33 @@ class ClassificationInputs(SequenceInputs):
         return label_counts(self.data.validation, self.data.label_names)
 
 
+class ClassifierPredictor(SequencePredictor):
+    """A loaded classifier. `ClassifierPredictor("runs/sst2").predict(["great film"])` -> [{"label": ..., ...}];
+    `textune.tasks.load_predictor` returns one for a classification run."""
+
+    task = "classification"
+
+    def predict_proba(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:
+        """Class probabilities, shape (len(texts), num_labels), rows in input order."""
+        return torch.softmax(torch.from_numpy(self.logits(texts, text_pairs)), dim=-1).numpy()
+
+    def predict(self, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
+        """One dict per input: `label`, `score` (its probability) and `probabilities` by label name."""
+        probs = self.predict_proba(texts, text_pairs)
+        return [{"label": self.label_names[int(p.argmax())], "score": round(float(p.max()), 6),
+                 "probabilities": {n: round(float(x), 6) for n, x in zip(self.label_names, p)}} for p in probs]
+
+
 class Classification(Task):
     name = "classification"
-    serve_endpoint = "classify"
-    serve_description = "Text classification"
+    serve_paths = ("/v1/classify",)
+    serve_adapters = True
+
+    def router(self, ctx):
+        return classify_router(ctx)
+
+    def serve_description(self, predictor) -> str:
+        return "a text classifier"
 
     def read_data(self, cfg) -> TaskData:
         if cfg.data.format == "conll" or str(cfg.data.train or "").lower().endswith((".conll", ".bio")):
@@ -169,7 +252,7 @@ class Classification(Task):
 
     # ------------------------------------------------------------ saved runs
 
-    predictor_class = Predictor
+    predictor_class = ClassifierPredictor
 
     def read_inputs(self, source: str, columns: dict, predictor):
         return read_sequence_inputs(source, columns)
@@ -189,32 +272,211 @@ class Classification(Task):
         return format_confusion(metrics, shutil.get_terminal_size().columns)
 
     def report_sections(self, run: Path, metrics: dict | None, stats: dict | None):
-        from textune import report
-
-        rows = report.read_predictions(run / "validation_predictions.jsonl")
+        """Accuracy, F1 and ECE cards; final metrics with the confusion matrix as a heat map, calibration, the
+        precision-recall curve (two classes) and the most confidently wrong validation examples."""
+        rows = read_predictions(run / "validation_predictions.jsonl")
         label_names = (stats or {}).get("label_names") or ((metrics or {}).get("validation", {})
                                                            .get("confusion_matrix") or {}).get("labels") or []
-        probs, labels = report.prediction_arrays(rows, label_names)
-        calibration, ece = report.calibration_html(probs, labels)
+        probs, labels = prediction_arrays(rows, label_names)
+        calibration, ece = calibration_html(probs, labels)
         v = (metrics or {}).get("validation") or {}
-        cards = [("accuracy", report.fmt(v.get("accuracy"))), ("F1", report.fmt(v.get("f1"))),
-                 ("macro F1", report.fmt(v.get("f1_macro"))), ("validation loss", report.fmt(v.get("loss"))),
-                 ("ECE", report.fmt(ece, 3))]
+        cards = [("accuracy", fmt(v.get("accuracy"))), ("F1", fmt(v.get("f1"))), ("macro F1", fmt(v.get("f1_macro"))),
+                 ("validation loss", fmt(v.get("loss"))), ("ECE", fmt(ece, 3))]
         pr_curve = precision_recall_html(probs, labels, label_names) if len(label_names) == 2 else ""
-        return cards, report.metrics_html(metrics) + calibration + pr_curve + report.wrong_html(rows)
+        return cards, metrics_html(metrics) + calibration + pr_curve + wrong_html(rows)
+
+
+# ------------------------------------------------------------ report
+
+ECE_BINS = 10
+WORST_EXAMPLES = 12
+
+
+def prediction_arrays(rows: list[dict], label_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(class probabilities, true label ids) of the validation rows whose label the model knows."""
+    ids = {n: i for i, n in enumerate(label_names)}
+    rows = [r for r in rows if r.get("label") in ids and r.get("probs")]
+    return np.array([r["probs"] for r in rows], dtype=float), np.array([ids[r["label"]] for r in rows])
+
+
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Equal-width confidence bins over [0, 1]: (count, mean confidence, accuracy) per bin.
+
+    Bin b holds confidences in (b/n, (b+1)/n]; empty bins have mean confidence and accuracy 0.
+    """
+    confidence = np.asarray(confidence, dtype=float)
+    correct = np.asarray(correct, dtype=float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    safe = np.maximum(count, 1)
+    mean_conf = np.bincount(idx, weights=confidence, minlength=n_bins) / safe
+    accuracy = np.bincount(idx, weights=correct, minlength=n_bins) / safe
+    return count, mean_conf, accuracy
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Top-label expected calibration error (Guo et al., 2017) with equal-width bins.
+
+        ECE = sum over bins b of  (n_b / N) * | accuracy(b) - mean confidence(b) |
+
+    where confidence is the predicted class's probability, accuracy(b) the share of correct predictions
+    among the n_b examples whose confidence falls in bin b, N all examples. 0 is perfectly calibrated.
+    Written here because scikit-learn's `calibration_curve` is for one class's probability in binary
+    tasks, not the top-label confidence of any number of classes.
+    """
+    probs = np.asarray(probs, dtype=float)
+    labels = np.asarray(labels)
+    if len(labels) == 0:
+        return float("nan")
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    count, mean_conf, accuracy = reliability_bins(confidence, correct, n_bins)
+    return float(np.sum(count / len(labels) * np.abs(accuracy - mean_conf)))
+
+
+def reliability_figure(probs: np.ndarray, labels: np.ndarray, ece: float):
+    """Accuracy per confidence bin against the diagonal of perfect calibration; counts underneath."""
+    from matplotlib.figure import Figure
+
+    confidence = probs.max(axis=1)
+    count, mean_conf, accuracy = reliability_bins(confidence, probs.argmax(axis=1) == labels)
+    width = 1.0 / ECE_BINS
+    centers = np.arange(ECE_BINS) * width + width / 2
+    full = count > 0
+    fig = Figure(figsize=(5.2, 5.0))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], color="#888", linestyle="--", linewidth=1, label="perfect calibration")
+    top.bar(centers[full], accuracy[full], width=width * 0.92, color="#1f77b4", alpha=0.85, label="accuracy")
+    over = full & (mean_conf > accuracy)  # shade over-confidence above the bar; under-confidence shows as the tick
+    if over.any():
+        top.bar(centers[over], (mean_conf - accuracy)[over], bottom=accuracy[over], width=width * 0.92,
+                color="#d62728", alpha=0.25, hatch="//", edgecolor="#d62728", linewidth=0, label="over-confidence")
+    top.hlines(mean_conf[full], centers[full] - width * 0.46, centers[full] + width * 0.46, color="#d62728",
+               linewidth=2, label="mean confidence")
+    top.set_ylabel("accuracy")
+    top.set_ylim(0, 1)
+    top.set_title(f"Reliability (ECE {ece:.3f}, {ECE_BINS} bins)", fontsize=11, loc="left")
+    top.legend(fontsize=8, frameon=False, loc="upper left")
+    bottom.bar(centers, count, width=width * 0.92, color="#888")
+    bottom.set_ylabel("examples")
+    bottom.set_xlabel("confidence (probability of the predicted class)")
+    # No prediction is less confident than 1/K: start the axis at the bin holding 1/K.
+    bottom.set_xlim(np.floor(ECE_BINS / probs.shape[1]) / ECE_BINS, 1)
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_html(cm: dict) -> str:
+    """Rows: true label, columns: predicted. Shade = share of the row (recall), so classes of any size compare."""
+    names, matrix = cm["labels"], np.asarray(cm["matrix"], dtype=float)
+    rows = ['<table class="cm"><tr><th></th><th class="axis" colspan="%d">predicted</th></tr>' % len(names),
+            "<tr><th>true \u2193</th>" + "".join(f'<th class="axis">{esc(n)}</th>' for n in names) + "</tr>"]
+    for i, name in enumerate(names):
+        total = matrix[i].sum() or 1.0
+        cells = []
+        for j, value in enumerate(matrix[i]):
+            share = value / total
+            ink = "#fff" if share > 0.55 else "#1f2328"
+            diag = ' class="diag"' if i == j else ""
+            cells.append(f'<td{diag} style="background:rgba(31,119,180,{0.06 + 0.94 * share:.3f});color:{ink}">'
+                         f'{int(value):,}<span class="pct">{share:.0%}</span></td>')
+        rows.append(f'<tr><th class="l">{esc(name)}</th>{"".join(cells)}</tr>')
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def per_class_html(per_class: dict, names: list[str]) -> str:
+    rows = ['<table><tr><th class="l">class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>']
+    for name in [*names, "macro avg", "weighted avg"]:
+        r = per_class.get(name)
+        if isinstance(r, dict):
+            rows.append(f'<tr><td class="l">{esc(name)}</td><td>{r["precision"]:.3f}</td><td>{r["recall"]:.3f}</td>'
+                        f'<td>{r["f1-score"]:.3f}</td><td>{int(r["support"]):,}</td></tr>')
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def metrics_html(metrics: dict | None) -> str:
+    """The final validation metrics: which model they are of, the confusion matrix, the per-class table, test."""
+    out = ['<section id="metrics"><h2>Final validation metrics</h2>']
+    if metrics is None:
+        out.append(missing_html("metrics", "metrics.json is missing (the run has not finished)") + "</section>")
+        return "".join(out)
+    v = metrics.get("validation") or {}
+    note = f"best model from step {metrics.get('best_step')}" if metrics.get("best_step") is not None else "last model"
+    out.append(f'<p class="muted">{esc(note)}, picked by validation {esc(metrics.get("metric", "accuracy"))}'
+               + (", stopped early" if metrics.get("stopped_early") else "") + ".</p>")
+    cm = v.get("confusion_matrix")
+    out.append('<div class="grid2"><div><h3>Confusion matrix</h3>'
+               + (confusion_html(cm) if cm else missing_html("confusion matrix", "not in metrics.json")) + "</div>")
+    out.append("<div><h3>Per class</h3>" + (per_class_html(v.get("per_class") or {}, cm["labels"]) if cm else "")
+               + "</div></div>")
+    if metrics.get("test"):
+        t = metrics["test"]
+        out.append("<h3>Test</h3>" + cards_html([("test " + k, fmt(t.get(k))) for k in ("loss", "accuracy", "f1", "f1_macro")
+                                             if t.get(k) is not None]))
+    out.append("</section>")
+    return "".join(out)
+
+
+def calibration_html(probs: np.ndarray, labels: np.ndarray) -> tuple[str, float | None]:
+    """The calibration section (reliability plot, ECE, over- or under-confidence) and the ECE (None without rows)."""
+    out = ['<section id="calibration"><h2>Calibration</h2>']
+    if len(labels) == 0:
+        out.append(missing_html("calibration", "validation_predictions.jsonl is missing") + "</section>")
+        return "".join(out), None
+    ece = expected_calibration_error(probs, labels)
+    confidence = probs.max(axis=1)
+    accuracy = float((probs.argmax(axis=1) == labels).mean())
+    over = "over-confident" if confidence.mean() > accuracy else "under-confident"
+    out.append('<div class="grid2"><div>' + img_html(reliability_figure(probs, labels, ece), "reliability plot") + "</div>")
+    out.append(f"<div><p>Expected calibration error <b>{ece:.3f}</b> over {len(labels):,} validation examples "
+               f"({ECE_BINS} equal-width bins).</p><p>Mean confidence {confidence.mean():.3f} against accuracy "
+               f"{accuracy:.3f}: on average the model is <b>{over}</b> by {abs(confidence.mean() - accuracy):.3f}.</p>"
+               '<p class="muted">ECE = &Sigma;<sub>b</sub> (n<sub>b</sub>/N) &middot; |accuracy(b) &minus; '
+               "confidence(b)|, the gap between how sure the model is and how often it is right, weighted by how "
+               "many predictions fall in each confidence bin. A bar below its red tick: the model is more sure than "
+               "it should be there; above it: less sure.</p></div></div></section>")
+    return "".join(out), ece
+
+
+def wrong_html(rows: list[dict]) -> str:
+    """The validation examples the model was surest about and got wrong."""
+    out = ['<section id="errors"><h2>Most confidently wrong validation examples</h2>']
+    if not rows:
+        out.append(missing_html("examples", "validation_predictions.jsonl is missing") + "</section>")
+        return "".join(out)
+    wrong = [r for r in rows if r.get("label") != r.get("pred") and r.get("probs")]
+    wrong.sort(key=lambda r: max(r["probs"]), reverse=True)
+    if not wrong:
+        out.append('<p class="note">Every validation example is predicted correctly.</p></section>')
+        return "".join(out)
+    out.append(f'<p class="muted">{len(wrong):,} of {len(rows):,} validation examples are wrong; the '
+               f"{min(WORST_EXAMPLES, len(wrong))} below are the ones the model was surest about, often label noise "
+               "or a pattern the model has not learnt.</p>")
+    out.append('<table class="wrong"><tr><th class="l">text</th><th class="l">true</th><th class="l">predicted</th>'
+               "<th>confidence</th></tr>")
+    for r in wrong[:WORST_EXAMPLES]:
+        out.append(f'<tr><td class="text">{text_cell_html(r)}</td><td class="l">{esc(r["label"])}</td>'
+                   f'<td class="l">{esc(r["pred"])}</td><td class="conf">{max(r["probs"]):.1%}</td></tr>')
+    out.append("</table></section>")
+    return "".join(out)
 
 
 def precision_recall_html(probs: np.ndarray, labels: np.ndarray, label_names: list[str]) -> str:
     """The report's precision-recall curve of the positive class (id 1) of a binary classifier, with the
     precision and recall at the 0.5 cut the predictions use and the average precision."""
     from matplotlib.figure import Figure
-    from sklearn.metrics import average_precision_score, precision_recall_curve
-
-    from textune import report
+    from sklearn.metrics import precision_recall_curve
 
     out = ['<section id="precision-recall"><h2>Precision-recall curve</h2>']
     if len(labels) == 0 or len(set(labels.tolist())) < 2:
-        return "".join(out) + report.missing_html("curve", "validation predictions lack one of the classes") + "</section>"
+        return "".join(out) + missing_html("curve", "validation predictions lack one of the classes") + "</section>"
     scores = probs[:, 1]
     precision, recall, _ = precision_recall_curve(labels, scores, pos_label=1)
     ap = average_precision_score(labels, scores)
@@ -228,8 +490,8 @@ def precision_recall_html(probs: np.ndarray, labels: np.ndarray, label_names: li
     ax.axhline(float((labels == 1).mean()), color="#888", lw=0.8, ls="--", label="chance (positive share)")
     ax.set(xlabel=f"recall of {label_names[1]}", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(loc="lower left", fontsize=8)
-    out.append('<div class="grid2"><div>' + report.img_html(fig, "precision-recall curve") + "</div>")
-    out.append(f"<div><p>Average precision <b>{ap:.3f}</b> for the positive class {report.esc(label_names[1])} over "
+    out.append('<div class="grid2"><div>' + img_html(fig, "precision-recall curve") + "</div>")
+    out.append(f"<div><p>Average precision <b>{ap:.3f}</b> for the positive class {esc(label_names[1])} over "
                f"{len(labels):,} validation examples. At the 0.5 cut the predictions use: precision {at_p:.3f}, "
                f"recall {at_r:.3f}.</p><p class=\"muted\">Each point is a probability threshold; where classes are "
                "imbalanced this curve says more than accuracy or ROC-AUC about how well the rare class is found."
@@ -277,81 +539,6 @@ def classification_loss(cfg, data: TaskData):
     return None
 
 
-def load_sequence_model(cfg, model_path: str, label_names: list[str], problem_type: str | None = None):
-    """The `AutoModelForSequenceClassification` of a run, one output per label name, tuned (cfg.tuning) and with
-    cfg.model.attention. `problem_type` (regression, multi_label_classification) picks the model's own loss
-    (MSE, BCE) and is saved in config.json, where `transformers.pipeline` reads it."""
-    model = load_classifier(model_path, label_names, cfg.model.trust_remote_code)
-    if problem_type is not None:
-        model.config.problem_type = problem_type
-    return apply_tuning(set_attention(model, cfg.model.attention), cfg.tuning)
-
-
-def read_sequence_inputs(source: str, columns: dict) -> tuple[tuple[list, list | None], list[dict]]:
-    """`Task.read_inputs` of the sequence-level tasks: ((texts, pairs or None), echo rows) from a file or stdin."""
-    text_col, pair_col = columns.get("text_column") or "text", columns.get("text_pair_column")
-    if pair_col and (source == "-" or source.endswith(".txt")):
-        raise TextuneError(f"this model reads pairs of texts (columns {text_col!r} and {pair_col!r}); "
-                           f"give --input a .csv/.tsv/.jsonl/.parquet file with both columns, not "
-                           f"{'standard input' if source == '-' else 'a .txt file'}")
-    texts, pairs = read_inputs(source, text_col, pair_col)
-    echo = [{"text": t} if pairs is None else {"text": t, "text_pair": p} for t, p in zip(texts, pairs or texts)]
-    return (texts, pairs), echo
-
-
-@torch.inference_mode()
-def sequence_logits(predictor, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:
-    """The raw outputs (N x outputs, input order) of a loaded sequence model (`infer.ModelPredictor`), batched
-    like `Predictor.predict_proba` (tokenised once, sorted by length). Regression and multi-label predictors
-    turn them into scores and label sets."""
-    if text_pairs is not None and len(text_pairs) != len(texts):
-        raise TextuneError(f"got {len(texts)} texts but {len(text_pairs)} text pairs; give one pair per text")
-    width = predictor.model.config.num_labels
-    if not texts:
-        return np.zeros((0, width), dtype=np.float32)
-    enc = predictor.tokenizer(texts, text_pairs, truncation=True, max_length=predictor.max_length)
-    order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
-    out = np.empty((len(texts), width), dtype=np.float32)
-    for start in range(0, len(order), predictor.batch_size):
-        idx = order[start:start + predictor.batch_size]
-        batch = predictor.tokenizer.pad([{k: enc[k][i] for k in enc.keys()} for i in idx], return_tensors="pt")
-        out[idx] = predictor.model(**batch.to(predictor.device)).logits.float().cpu().numpy()
-    return out
-
-
-def read_labelled_file(path: str, columns: dict) -> tuple[object, list[str], list[str] | None, str]:
-    """`textune evaluate`'s file: (dataset, texts, pairs or None, label column name), every column checked."""
-    text_col = columns.get("text_column") or "text"
-    pair_col, label_col = columns.get("text_pair_column"), columns.get("label_column") or "label"
-    ds = read_table(path, "--data")
-    missing = [c for c in (text_col, pair_col, label_col) if c and c not in ds.column_names]
-    if missing:
-        raise TextuneError(f"{path} has no column {missing[0]!r}; its columns are: "
-                           f"{', '.join(map(repr, ds.column_names))} (set --text-column/--label-column)")
-    pairs = [str(t) for t in column_values(ds, pair_col)] if pair_col else None
-    return ds, [str(t) for t in column_values(ds, text_col)], pairs, label_col
-
-
-def target_data_report(data: TaskData, balance: dict[str, dict[str, int]]) -> DataReport:
-    """`check_task_data`'s text checks (empty texts, duplicates, leakage, same text with different targets) for
-    targets that are not class ids (scores, label sets): each distinct target stands in for a class. The class
-    balance check does not apply; `balance` (split -> counts to show) replaces it."""
-    import dataclasses
-
-    splits = {k: getattr(data, k) for k in ("train", "validation", "test") if getattr(data, k) is not None}
-    targets = {k: [json.dumps(v) for v in column_values(ds, "labels")] for k, ds in splits.items()}
-    ids: dict[str, int] = {}
-    for values in targets.values():
-        for v in values:
-            ids.setdefault(v, len(ids))
-    keyed = {k: ds.remove_columns("labels").add_column("labels", [ids[v] for v in targets[k]])
-             for k, ds in splits.items()}
-    report = check_task_data(dataclasses.replace(data, label_names=[str(i) for i in range(len(ids))], **keyed))
-    report.findings = [f for f in report.findings if f.kind != "imbalance"]
-    report.label_balance = balance
-    return report
-
-
 def labels_to_ids(values: list, names: list[str], source: str) -> np.ndarray:
     """Map gold labels (names, or integer ids) onto the model's label ids."""
     by_name = {n: i for i, n in enumerate(names)}
@@ -370,3 +557,56 @@ def labels_to_ids(values: list, names: list[str], source: str) -> np.ndarray:
 
 
 TASK = Classification()
+
+
+# ------------------------------ export
+
+
+def predicted_labels(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The label each row's logits choose: what an int8 export must agree on with PyTorch."""
+    return logits.argmax(-1)
+
+
+Classification.export_spec = ExportSpec(decide=predicted_labels, decisions="predicted labels")
+
+
+# ------------------------------ serving
+
+
+def classify_models() -> tuple[type, type]:
+    """(request, response) of POST /v1/classify; pydantic is imported here, so training never loads it."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class ClassifyRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        texts: list[str] = Field(min_length=1, description="texts to classify", examples=[["a great film"]])
+        text_pairs: list[str] | None = Field(None, description="second texts of a sentence-pair task, one per text")
+        adapter: str | None = Field(None, description="adapter of the registry to use; empty = the base model")
+
+    class Prediction(BaseModel):
+        label: str
+        score: float = Field(description="probability of the predicted label")
+        probabilities: dict[str, float]
+
+    class ClassifyResponse(BaseModel):
+        model: str
+        adapter: str | None
+        results: list[Prediction] = Field(description="one per input text, in the input order")
+
+    return ClassifyRequest, ClassifyResponse
+
+
+def classify_router(ctx):
+    """POST /v1/classify: each text's label, its probability and every label's, micro-batched."""
+    request, response = classify_models()
+    router = ctx.router()
+
+    async def classify(req) -> dict:
+        """Labels, scores and probabilities of each text, in the input order."""
+        ctx.check_texts(req.texts, req.text_pairs)
+        ctx.check_adapter(req.adapter)
+        results = await ctx.batched(req.texts, req.text_pairs, req.adapter)
+        return {"model": ctx.model_name, "adapter": req.adapter, "results": results}
+
+    ctx.post(router, "/v1/classify", classify, request, response)
+    return router

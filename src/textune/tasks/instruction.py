@@ -48,8 +48,10 @@ from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Generatio
 from textune.config import Config, DataConfig
 from textune.data import column_values, length_stats, read_table, read_text_lines
 from textune.errors import TextuneError
-from textune.models import apply_tuning, load_tokenizer, safetensors_only, saved_run_config, set_attention
+from textune.models import load_tokenizer, safetensors_only, saved_run_config, set_attention
 from textune.tasks.base import Task, TaskInputs
+from textune.tasks.language_modeling import LanguageModelPredictor
+from textune.tuning import apply_tuning
 
 FORMATS = ("alpaca", "chat", "sharegpt")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -300,22 +302,33 @@ def answer_loss(model, batch: dict) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), targets)
 
 
+def answer_row_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, labelled token count) of each row of a batch, from `answer_logits`."""
+    logits, targets = answer_logits(model, batch)
+    losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    wanted = batch["labels"][:, 1:] != -100
+    rows = wanted.nonzero()[:, 0]  # the row of each labelled token, in answer_logits's (row-major) order
+    sums = torch.zeros(len(wanted), dtype=losses.dtype, device=losses.device).index_add_(0, rows, losses)
+    return sums, wanted.sum(1)
+
+
 @torch.inference_mode()
 def evaluate_answer_loss(model, loader, accelerator=None) -> dict:
-    """Mean loss per labelled (answer) token over a loader, its perplexity and the token count, summed over
-    processes: every token weighs the same, whatever batch it is in."""
+    """Mean loss per labelled (answer) token over a loader, its perplexity and the token count: every token
+    weighs the same, whatever batch it is in. With several processes the per-row sums are gathered with
+    `gather_for_metrics`, which leaves out the rows Accelerate repeats to fill the last batch (a sum over
+    processes would count them twice)."""
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64)
+    loss_sum = tokens = 0.0
     for batch in loader:
-        logits, targets = answer_logits(model, batch)
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-        row = torch.stack([loss, torch.tensor(float(targets.numel()), device=loss.device)])
+        sums, counts = answer_row_losses(model, batch)
         if accelerator is not None:
-            row = accelerator.reduce(row, reduction="sum")
-        totals += row.double().cpu()
+            sums, counts = accelerator.gather_for_metrics((sums, counts))
+        loss_sum += sums.double().sum().item()
+        tokens += counts.sum().item()
     model.train()
-    loss = (totals[0] / totals[1]).item() if totals[1] else float("nan")
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(totals[1])}
+    loss = loss_sum / tokens if tokens else float("nan")
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens)}
 
 
 @torch.no_grad()
@@ -344,26 +357,49 @@ def check_packing(model) -> None:
 # ---------------------------------------------------------------- generating and scoring answers
 
 
+def prompt_limit(model, max_length: int | None) -> int | None:
+    """Prompts (as the template writes them, generation prompt included) of this many tokens or more are not
+    answered: `max_length` is the training window, and a prompt that fills it is one whose answer the loss
+    drops (see `label_conversations`); the model's positions must leave room for one answer token. None: no
+    limit is known."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    limits = [n for n in (max_length, context) if n]
+    return min(limits) if limits else None
+
+
+def prompt_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
+    """The token ids of each prompt as the template writes it, the assistant's turn opened."""
+    texts = [chat_text(tokenizer, p, generation_prompt=True) for p in prompts]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
 @torch.inference_mode()
 def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int,
-                     batch_size: int = GENERATE_BATCH) -> list[str]:
-    """Greedy answers to each prompt (a conversation ending with the user's turn), in input order. Prompts of
-    similar length are batched together, left-padded."""
+                     batch_size: int = GENERATE_BATCH, max_length: int | None = None) -> list[str | None]:
+    """Greedy answers to each prompt (a conversation ending with the user's turn), in input order.
+
+    None for a prompt too long to answer (`prompt_limit` tokens or more): evaluation and prediction skip the
+    prompts the loss skips, and never generate past the model's positions, where learned position embeddings
+    fail. Prompts of similar length are batched together, left-padded; a batch writes at most as many tokens
+    as its longest prompt leaves room for in the model's context. Generation stops at `stop_token_ids`."""
     from textune.generate import stop_token_ids
 
-    texts = [chat_text(tokenizer, p, generation_prompt=True) for p in prompts]
+    ids = prompt_ids(tokenizer, prompts)
+    limit = prompt_limit(model, max_length)
+    context = getattr(model.config, "max_position_embeddings", None)
     stop = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=pad)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    answers: list[str] = [""] * len(texts)
+    order = sorted((i for i in range(len(ids)) if limit is None or len(ids[i]) < limit), key=lambda i: len(ids[i]))
+    answers: list[str | None] = [None] * len(ids)
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], add_special_tokens=False, padding=True, padding_side="left",
-                        return_tensors="pt").to(device)
+        enc = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, padding_side="left", return_tensors="pt").to(device)
+        width = enc["input_ids"].shape[1]
+        config.max_new_tokens = min(max_new_tokens, context - width) if context else max_new_tokens
         out = model.generate(**enc, generation_config=config)
-        for i, seq in zip(idx, out[:, enc["input_ids"].shape[1]:]):
+        for i, seq in zip(idx, out[:, width:]):
             answers[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
     return answers
 
@@ -382,11 +418,15 @@ def rouge_scorer():
     return RougeScorer(["rougeL"], use_stemmer=True)
 
 
-def score_rows(prompts: list[list[dict]], references: list[str], generated: list[str]) -> tuple[dict, list[dict]]:
-    """(exact_match and rougeL means, one row per example for the report)."""
+def score_rows(prompts: list[list[dict]], references: list[str], generated: list[str | None]
+               ) -> tuple[dict, list[dict]]:
+    """(exact_match and rougeL means, one row per answered example for the report; prompts left unanswered,
+    None in `generated`, are left out: see `generate_answers`)."""
     scorer = rouge_scorer()
     rows = []
     for prompt, reference, answer in zip(prompts, references, generated):
+        if answer is None:
+            continue
         em, rouge = answer_scores(answer, reference, scorer)
         system = next((m["content"] for m in prompt if m["role"] == "system"), None)
         rows.append({"system": system, "prompt": prompt[-1]["content"], "reference": reference, "generated": answer,
@@ -402,17 +442,18 @@ def answer_means(rows: list[dict]) -> dict:
             "rougeL": float(np.mean([r["rougeL"] for r in rows])), "generated": len(rows)}
 
 
-def evaluate_answers(model, tokenizer, samples: list[list[dict]], max_new_tokens: int, accelerator=None
-                     ) -> tuple[dict, list[dict]]:
-    """Greedy answers to `samples` (conversations ending with an answer) scored against those answers. With
-    several processes each answers its share and the rows are gathered."""
+def evaluate_answers(model, tokenizer, samples: list[list[dict]], max_new_tokens: int, accelerator=None,
+                     max_length: int | None = None) -> tuple[dict, list[dict]]:
+    """Greedy answers to `samples` (conversations ending with an answer) scored against those answers; prompts
+    of `max_length` tokens or more are left out (see `generate_answers`). With several processes each answers
+    its share and the rows are gathered."""
     shard = samples if accelerator is None else samples[accelerator.process_index::accelerator.num_processes]
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
     prompts, references = zip(*map(prompt_and_reference, shard)) if shard else ((), ())
     was_training = unwrapped.training
     unwrapped.eval()
     with accelerator.autocast() if accelerator is not None else nullcontext():
-        generated = generate_answers(unwrapped, tokenizer, list(prompts), max_new_tokens)
+        generated = generate_answers(unwrapped, tokenizer, list(prompts), max_new_tokens, max_length=max_length)
     unwrapped.train(was_training)
     _, rows = score_rows(list(prompts), list(references), generated)
     if accelerator is not None and accelerator.num_processes > 1:
@@ -499,6 +540,7 @@ class InstructionInputs(TaskInputs):
     max_new_tokens: int
     packed: bool
     example: dict  # the first training conversation as the model reads it: text and the trained part
+    max_length: int  # model.max_length: prompts that fill it are neither in the loss nor answered
     loss_fn = staticmethod(answer_loss)
     evaluate_first = True  # the base model's loss and answers: where the curve, and the comparison, start
 
@@ -540,7 +582,8 @@ class InstructionInputs(TaskInputs):
         metrics = evaluate_answer_loss(model, loader, accelerator)
         if not self.samples:
             return metrics, None
-        scores, rows = evaluate_answers(model, self.tokenizer, self.samples, self.max_new_tokens, accelerator)
+        scores, rows = evaluate_answers(model, self.tokenizer, self.samples, self.max_new_tokens, accelerator,
+                                        self.max_length)
         return {**metrics, **scores}, rows
 
     def write_predictions(self, predictions, path: Path) -> None:
@@ -607,41 +650,56 @@ def load_instruction_inputs(cfg: Config) -> InstructionInputs:
         splits["train"] = pack(splits["train"], m.max_length)
         stats["packed_rows"] = len(splits["train"])
     model = apply_tuning(model, cfg.tuning)
-    samples = random.Random(cfg.seed).sample(validation, min(cfg.eval.generate_samples, len(validation)))
+    # The answered sample comes from the prompts the loss keeps (the same rule: see generate_answers).
+    limit = prompt_limit(model, m.max_length)
+    lengths = map(len, prompt_ids(tokenizer, [prompt_and_reference(c)[0] for c in validation]))
+    answerable = [c for c, n in zip(validation, lengths) if n < limit]
+    samples = random.Random(cfg.seed).sample(answerable, min(cfg.eval.generate_samples, len(answerable)))
     return InstructionInputs(model_path, tokenizer, splits, stats, model, samples, cfg.eval.max_new_tokens,
-                             d.packing, example)
+                             d.packing, example, m.max_length)
 
 
 # ---------------------------------------------------------------- saved runs and base models
 
 
-class InstructionPredictor:
+class InstructionPredictor(LanguageModelPredictor):
     """A causal LM loaded to answer conversations: a run (its adapter folded into the base), a model folder,
-    or None for SmolLM2-135M-Instruct. `predict(conversations)` -> [{"response": ...}], greedy."""
+    or None for SmolLM2-135M-Instruct. `predict(conversations)` -> [{"response": ...}], greedy. `chat` and
+    `generate` (`textune serve`, `chat`, `generate`) put the run's `data.system_prompt` first where a
+    conversation has no system message, as training did."""
 
     task = "instruction"
 
-    def __init__(self, run_or_model: str | Path | None, batch_size: int = GENERATE_BATCH, precision: str = "fp32"):
-        from textune.generate import load_causal_lm, require_chat_template
-        from textune.infer import with_precision
-        from textune.models import inference_device
+    def __init__(self, run_or_model: str | Path | None, batch_size: int = GENERATE_BATCH, precision: str = "fp32",
+                 objective: str = "clm"):
+        from textune.generate import require_chat_template
 
-        self.model, self.tokenizer = load_causal_lm(run_or_model)
-        path = Path(run_or_model) if run_or_model is not None else None
-        self.run_dir = path if path is not None and (path / "model").is_dir() else None
+        super().__init__(run_or_model, batch_size, precision, objective="clm")
         saved = saved_run_config(self.run_dir)
         require_chat_template(self.tokenizer)
-        self.device = inference_device(None)
-        self.model = with_precision(self.model.to(self.device), precision, self.device)
-        self.batch_size = batch_size
-        self.max_length = (saved.get("model") or {}).get("max_length") or 1024
+        self.system_prompt = (saved.get("data") or {}).get("system_prompt") or None
+        # The run's training window (a model folder: its context), which evaluation and prediction hold prompts
+        # to as the loss did (see generate_answers).
+        self.max_length = (saved.get("model") or {}).get("max_length") or prompt_limit(self.model, None) or 1024
         self.max_new_tokens = (saved.get("eval") or {}).get("max_new_tokens") or 64
 
-    def predict(self, conversations: list[list[dict]]) -> list[dict]:
-        """Greedy answers to conversations that end with the user's turn (a last assistant turn is left out)."""
+    def predict(self, conversations: list[list[dict]], max_new_tokens: int | None = None) -> list[dict]:
+        """Greedy answers to conversations that end with the user's turn (a last assistant turn is left out), of
+        at most `max_new_tokens` tokens (default: the run's eval.max_new_tokens, else 64). One row per
+        conversation: `{"response": ...}`, or for a prompt too long to answer (see `generate_answers`)
+        `{"response": None, "skipped": why}`.
+
+        Raises:
+            TextuneError: max_new_tokens below 1.
+        """
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise TextuneError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
         prompts = [prompt_and_reference(c)[0] for c in conversations]
-        answers = generate_answers(self.model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size)
-        return [{"response": a} for a in answers]
+        answers = generate_answers(self.model, self.tokenizer, prompts, max_new_tokens or self.max_new_tokens,
+                                   self.batch_size, self.max_length)
+        why = (f"the prompt fills the {prompt_limit(self.model, self.max_length)} tokens this model answers from "
+               f"(the run's model.max_length, or the model's context); shorten it")
+        return [{"response": a} if a is not None else {"response": None, "skipped": why} for a in answers]
 
 
 def data_settings(columns: dict) -> DataConfig:
@@ -653,6 +711,15 @@ def data_settings(columns: dict) -> DataConfig:
 class Instruction(Task):
     name = "instruction"
     predictor_class = InstructionPredictor
+    serve_paths = ("/v1/generate", "/v1/chat/completions")
+
+    def router(self, ctx):
+        from textune.tasks.language_modeling import generation_router
+
+        return generation_router(ctx)
+
+    def serve_description(self, predictor) -> str:
+        return "an instruction-tuned chat model"
 
     def load_inputs(self, cfg) -> InstructionInputs:
         return load_instruction_inputs(cfg)
@@ -686,20 +753,25 @@ class Instruction(Task):
         return DataReport({k: len(v) for k, v in splits.items()}, turns, findings)
 
     def read_inputs(self, source: str, columns: dict, predictor) -> tuple[list, list[dict]]:
-        """Conversations to answer: one user message per line of stdin or a .txt file, or rows of a data file
-        in any of the three formats (an answer in the row, if any, is left out)."""
+        """(conversations to answer and `columns["max_new_tokens"]`, `predict --max-new-tokens` or None; the
+        prompts to echo): one user message per line of stdin or a .txt file, or rows of a data file in any of
+        the three formats (an answer in the row, if any, is left out)."""
         if source == "-" or source.endswith(".txt"):
             import sys
+
+            from textune.infer import text_echo
 
             lines = sys.stdin.read().splitlines() if source == "-" else read_text_lines(Path(source), "input file")
             d = data_settings(columns)
             system = [{"role": "system", "content": d.system_prompt}] if d.system_prompt else []
-            conversations = [system + [{"role": "user", "content": line}] for line in lines if line.strip()]
-            if not conversations:
+            if not any(line.strip() for line in lines):
                 raise TextuneError(f"no prompts in {'standard input' if source == '-' else source}")
-        else:
-            conversations = read_prompts(source, data_settings(columns))
-        return [conversations], [{"prompt": prompt_and_reference(c)[0][-1]["content"]} for c in conversations]
+            # Every line, blank ones too: a blank line echoes as a BlankLine, an empty output row (not a prompt).
+            conversations = [system + [{"role": "user", "content": line}] for line in lines]
+            return [conversations, columns.get("max_new_tokens")], text_echo(lines, source, key="prompt")
+        conversations = read_prompts(source, data_settings(columns))
+        echo = [{"prompt": prompt_and_reference(c)[0][-1]["content"]} for c in conversations]
+        return [conversations, columns.get("max_new_tokens")], echo
 
     def evaluate_file(self, predictor, path: str, columns: dict) -> dict:
         """Loss and perplexity on the answers, and greedy answers to every prompt scored by exact match and
@@ -717,9 +789,11 @@ class Instruction(Task):
         predictor.model.eval()
         prompts, references = zip(*map(prompt_and_reference, conversations))
         generated = generate_answers(predictor.model, predictor.tokenizer, list(prompts), predictor.max_new_tokens,
-                                     predictor.batch_size)
+                                     predictor.batch_size, predictor.max_length)
         scores, _ = score_rows(list(prompts), list(references), generated)
-        return {**metrics, **scores, "dropped": counts["dropped"]}
+        # dropped: conversations left out of the loss; skipped: prompts not answered (the same rule, so the same
+        # conversations, unless an answer starts in the last token the window holds)
+        return {**metrics, **scores, "dropped": counts["dropped"], "skipped": generated.count(None)}
 
     def format_metrics(self, metrics: dict) -> str:
         return (f"loss {metrics['loss']:.4f} | perplexity {metrics['perplexity']:.2f} on {metrics['tokens']:,} answer "
@@ -727,7 +801,7 @@ class Instruction(Task):
                 f"{metrics['generated']:,} answers")
 
     def report_sections(self, run: Path, metrics: dict | None, stats: dict | None):
-        from textune.report import fmt
+        from textune.report_html import fmt
 
         v = (metrics or {}).get("validation") or {}
         cards = [("held-out loss", fmt(v.get("loss"))), ("perplexity", fmt(v.get("perplexity"), 2)),

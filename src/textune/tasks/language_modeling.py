@@ -41,8 +41,9 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 from textune.config import Config, ModelConfig
 from textune.data import read_table, read_text_lines
 from textune.errors import TextuneError
-from textune.models import apply_tuning, load_tokenizer, resolve_model, safetensors_only, set_attention
+from textune.models import load_tokenizer, resolve_model, safetensors_only, set_attention
 from textune.tasks.base import Task, TaskInputs
+from textune.tuning import apply_tuning
 
 
 # ---------------------------------------------------------------- corpus
@@ -258,34 +259,38 @@ def load_language_model(cfg: Config, model_path: str, tokenizer) -> tuple[torch.
 # ---------------------------------------------------------------- evaluation
 
 
+def row_losses(out, batch: dict, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, predicted token count) of each row: the model's loss before it is averaged over
+    the batch. With NSP the MLM part alone (BertForPreTraining's loss adds the NSP loss to it)."""
+    logits = (out.prediction_logits if "next_sentence_label" in batch else out.logits).float()
+    labels = batch["labels"]
+    if causal:  # the logits at position t predict the token at t + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    return losses.sum(1), (labels != -100).sum(1)
+
+
 @torch.inference_mode()
 def evaluate_language_model(model, loader, accelerator=None, causal: bool = False) -> dict:
     """Mean loss per predicted token over a held-out loader, its perplexity (exp of that loss) and the
-    number of predicted tokens. With NSP the loss is the MLM part alone (BertForPreTraining adds the NSP
-    loss to it) and `nsp_accuracy` is reported beside it.
+    number of predicted tokens. With NSP the loss is the MLM part alone and `nsp_accuracy` is reported
+    beside it.
 
-    The model's loss is a mean over the batch's predicted tokens (labels != -100, shifted by one for CLM),
-    so it is weighted by that count here: batches with fewer masked tokens count less.
+    Every predicted token weighs the same, whatever batch it is in (the model's own loss is a mean per batch).
+    With several processes the per-row sums are gathered with `gather_for_metrics`, which leaves out the rows
+    Accelerate repeats to fill the last batch (a sum over processes would count them twice).
     """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, predicted tokens, NSP correct, NSP pairs
     for batch in loader:
         out = model(**batch)
-        labels = batch["labels"][:, 1:] if causal else batch["labels"]
-        n = (labels != -100).sum()
-        loss = out.loss.float()
-        row = [loss * n, n.float(), torch.zeros(()), torch.zeros(())]
-        if "next_sentence_label" in batch:  # BertForPreTraining's loss is MLM + NSP; keep MLM for perplexity
-            logits = out.prediction_logits.float()
-            row[0] = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1),
-                                                       reduction="sum")
-            nsp = batch["next_sentence_label"]
-            row[2] = (out.seq_relationship_logits.argmax(-1) == nsp).sum().float()
-            row[3] = torch.tensor(float(len(nsp)))
-        row = torch.stack([torch.as_tensor(x, device=loss.device).float() for x in row])
+        sums, counts = row_losses(out, batch, causal)
+        nsp = batch.get("next_sentence_label")
+        pairs = torch.ones_like(counts) if nsp is not None else torch.zeros_like(counts)
+        correct = (out.seq_relationship_logits.argmax(-1) == nsp).long() if nsp is not None else pairs
         if accelerator is not None:
-            row = accelerator.reduce(row, reduction="sum")
-        totals += row.double().cpu()
+            sums, counts, correct, pairs = accelerator.gather_for_metrics((sums, counts, correct, pairs))
+        totals += torch.stack([sums.double().sum().cpu()] + [x.sum().double().cpu() for x in (counts, correct, pairs)])
     model.train()
     loss_sum, tokens, correct, pairs = totals.tolist()
     loss = loss_sum / tokens if tokens else float("nan")
@@ -378,8 +383,107 @@ def load_pretrain_inputs(cfg: Config) -> PretrainInputs:
     return PretrainInputs(model_path, tokenizer, splits, stats, model, p.objective, train_collator, notes)
 
 
+# ---------------------------------------------------------------- the predictor of a saved language model
+
+
+def lm_objective(run_or_model: str | Path) -> str:
+    """"mlm" or "clm": what a language-model run or model folder predicts, from its saved architecture (or its
+    adapter's task type); "clm" where the folder does not say (the causal loader then says what is wrong)."""
+    from textune.generate import model_architecture
+    from textune.tasks import MASKED_LM
+
+    return "mlm" if model_architecture(run_or_model) is MASKED_LM else "clm"
+
+
+class LanguageModelPredictor:
+    """A masked or causal LM loaded for `textune serve`, `generate` and `chat`: `fill_mask` (masked LMs),
+    `generate` and `chat` (causal LMs). `run_or_model` None is SmolLM2-135M-Instruct (see `textune.gguf`);
+    `objective` "mlm" or "clm" (default: the folder's architecture, see `lm_objective`).
+
+    `system_prompt` is put first in conversations that have no system message (None here; an instruction run's
+    predictor sets its training one)."""
+
+    task = "language-modeling"
+    system_prompt: str | None = None
+
+    def __init__(self, run_or_model: str | Path | None = None, batch_size: int = 32, precision: str = "fp32",
+                 objective: str | None = None):
+        from textune.generate import load_causal_lm, load_masked_lm
+        from textune.infer import with_precision
+        from textune.models import inference_device
+
+        if run_or_model is None:
+            from textune.gguf import default_causal_lm_dir  # converting is rare; keep its imports off this path
+
+            run_or_model, objective = default_causal_lm_dir(), "clm"
+        self.objective = objective or lm_objective(run_or_model)
+        self.model, self.tokenizer = (load_masked_lm if self.objective == "mlm" else load_causal_lm)(run_or_model)
+        path = Path(run_or_model).expanduser()
+        self.run_dir = path if (path / "model").is_dir() else None
+        self.model_dir = path / "model" if self.run_dir is not None else path
+        self.batch_size = batch_size
+        self.device = inference_device(None)
+        self.model = with_precision(self.model.to(self.device), precision, self.device)
+
+    @property
+    def causal(self) -> bool:
+        return self.objective == "clm"
+
+    def with_system_prompt(self, messages: list[dict]) -> list[dict]:
+        """`messages` with `system_prompt` first, unless they begin with a system message of their own."""
+        if self.system_prompt and not (messages and messages[0].get("role") == "system"):
+            return [{"role": "system", "content": self.system_prompt}] + list(messages)
+        return list(messages)
+
+    def fill_mask(self, texts: list[str], top_k: int = 5) -> list[list[list[dict]]]:
+        from textune.generate import fill_mask
+
+        return fill_mask(self.model, self.tokenizer, texts, top_k=top_k)
+
+    def generate(self, prompt: str, **settings) -> list[str]:
+        """`generate_text` with keyword `settings` (max_new_tokens, do_sample, seed, chat, ...); with `chat`, the
+        system prompt comes before the user's turn."""
+        from textune.generate import generate_text
+
+        system = self.system_prompt if settings.get("chat") else None
+        return generate_text(self.model, self.tokenizer, prompt, system=system, **settings)
+
+    def chat(self, messages: list[dict], **settings):
+        """`chat_completion` of the conversation (with the system prompt, see `with_system_prompt`) and keyword
+        `settings` (max_new_tokens, temperature, stop, on_text, cancel, ...): a `generate.ChatReply`."""
+        from textune.generate import chat_completion
+
+        return chat_completion(self.model, self.tokenizer, self.with_system_prompt(messages), **settings)
+
+
+def load_causal_predictor(run_or_model: str | Path | None = None):
+    """The predictor `textune generate`, `chat` and `serve` (without a model) talk to: a run's own where its
+    task's predictor is a language model's (an instruction run's applies its system prompt), else the causal LM
+    of `run_or_model` (None: SmolLM2-135M-Instruct).
+
+    Raises:
+        TextuneError: no such folder, or a model that is not a causal LM.
+    """
+    predictor_class = LanguageModelPredictor
+    if run_or_model is not None:
+        from textune.tasks import get_task, task_of
+
+        own = get_task(task_of(run_or_model)).predictor_class
+        if isinstance(own, type) and issubclass(own, LanguageModelPredictor):
+            predictor_class = own
+    return predictor_class(run_or_model, objective="clm")
+
+
 class LanguageModeling(Task):
     name = "language-modeling"
+    predictor_class = LanguageModelPredictor
+    serve_paths = ("/v1/fill-mask", "/v1/generate", "/v1/chat/completions")
+
+    def router(self, ctx):
+        return generation_router(ctx) if ctx.predictor.causal else fill_mask_router(ctx)
+
+    def serve_description(self, predictor) -> str:
+        return "a causal language model" if predictor.causal else "a masked language model"
 
     def load_inputs(self, cfg) -> PretrainInputs:
         return load_pretrain_inputs(cfg)
@@ -389,10 +493,104 @@ class LanguageModeling(Task):
                            "(textune pretrain reports its documents and blocks at start-up)")
 
     def report_sections(self, run, metrics, stats):
-        from textune.report import fmt
+        from textune.report_html import fmt
 
         v = (metrics or {}).get("validation") or {}
         return [("held-out loss", fmt(v.get("loss"))), ("perplexity", fmt(v.get("perplexity"), 2))], ""
 
 
 TASK = LanguageModeling()
+
+
+# ------------------------------ serving
+
+
+def fill_mask_models() -> tuple[type, type]:
+    """(request, response) of POST /v1/fill-mask; pydantic is imported here, so training never loads it."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class FillMaskRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        texts: list[str] = Field(min_length=1, description="texts holding [MASK] (or the model's mask token)",
+                                 examples=[["the movie was [MASK] ."]])
+        top_k: int = Field(5, ge=1, le=100, description="candidates per mask")
+
+    class Candidate(BaseModel):
+        token: str
+        score: float = Field(description="probability of the token at this mask")
+
+    class FillMaskResponse(BaseModel):
+        model: str
+        results: list[list[list[Candidate]]] = Field(description="per text (input order), per mask (left to "
+                                                                 "right), top_k candidates by descending score")
+
+    return FillMaskRequest, FillMaskResponse
+
+
+def fill_mask_router(ctx):
+    """POST /v1/fill-mask of a masked LM: each request is a model call of its own (it carries its top_k)."""
+    request, response = fill_mask_models()
+    router = ctx.router()
+
+    async def fill_mask(req) -> dict:
+        """The top_k likeliest tokens, with probabilities, for every mask of every text."""
+        ctx.check_texts(req.texts)
+        results = await ctx.alone(len(req.texts), lambda: ctx.predictor.fill_mask(req.texts, top_k=req.top_k))
+        return {"model": ctx.model_name, "results": results}
+
+    ctx.post(router, "/v1/fill-mask", fill_mask, request, response)
+    return router
+
+
+def generate_models() -> tuple[type, type]:
+    """(request, response) of POST /v1/generate; pydantic is imported here, so training never loads it."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class GenerateRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        prompt: str = Field(min_length=1, description="text to continue", examples=["Once upon a time"])
+        max_new_tokens: int | None = Field(None, ge=1, description="tokens to add at most; default 50, or the "
+                                                                    "server's --max-new-tokens if lower")
+        num_return_sequences: int = Field(1, ge=1, description="texts to draw; more than 1 needs do_sample")
+        do_sample: bool = Field(False, description="sample instead of greedy decoding")
+        temperature: float = Field(1.0, gt=0)
+        top_k: int = Field(50, ge=0, description="sample among the k likeliest tokens; 0 = all")
+        top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass; 1 = off")
+        seed: int | None = Field(None, description="makes sampling reproducible")
+        chat: bool = Field(False, description="send the prompt as a user turn of the chat template (after the "
+                                              "system prompt an instruction run was trained with)")
+
+    class GenerateResponse(BaseModel):
+        model: str
+        texts: list[str] = Field(description="the prompt and its continuation (with chat: the answer alone)")
+
+    return GenerateRequest, GenerateResponse
+
+
+def generation_router(ctx):
+    """POST /v1/generate and /v1/chat/completions (OpenAI's API) of a causal LM: `ctx.predictor` has `generate`
+    and `chat`. Each request is a model call of its own (it carries its sampling settings)."""
+    request, response = generate_models()
+    router = ctx.router()
+    settings = ctx.settings
+
+    async def generate(req) -> dict:
+        """The prompt continued num_return_sequences times (greedy unless do_sample)."""
+        from fastapi import HTTPException
+
+        ctx.check_texts([req.prompt], name="prompt")
+        if req.max_new_tokens is None:
+            req.max_new_tokens = min(50, settings.max_new_tokens)
+        if req.max_new_tokens > settings.max_new_tokens:
+            raise HTTPException(413, f"max_new_tokens {req.max_new_tokens} is over the limit of "
+                                     f"{settings.max_new_tokens}; ask for fewer")
+        if req.num_return_sequences > settings.max_texts:
+            raise HTTPException(413, f"num_return_sequences {req.num_return_sequences} is over the limit of "
+                                     f"{settings.max_texts}; ask for fewer")
+        options = req.model_dump(exclude={"prompt"})
+        texts = await ctx.alone(req.num_return_sequences, lambda: ctx.predictor.generate(req.prompt, **options))
+        return {"model": ctx.model_name, "texts": texts}
+
+    ctx.post(router, "/v1/generate", generate, request, response)
+    ctx.add_chat_route(router)
+    return router

@@ -9,7 +9,7 @@ never saw stops the run naming the row. Model: `AutoModelForSequenceClassificati
 "text-classification", top_k=None)` gives every label's probability). Thresholds: during training each label is
 predicted where its probability reaches `train.threshold` (0.5 when empty), which is what picks the best
 checkpoint; at the end, unless `train.threshold` is set, one threshold per label is chosen on validation for the
-best F1 (`evaluate.best_thresholds`) and saved as RUN/model/thresholds.json, which predict, evaluate and serve use.
+best F1 (`best_thresholds`) and saved as RUN/model/thresholds.json, which predict, evaluate and serve use.
 Metrics: micro and macro F1, subset accuracy, Hamming loss and a per-label table. Prediction: every label at or
 above its threshold with its probability, and all probabilities. Serving: POST /v1/classify answers label sets.
 Report: the per-label table with thresholds, and the validation rows with the most wrong label decisions.
@@ -22,23 +22,58 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import accuracy_score, f1_score, hamming_loss, precision_recall_fscore_support
 
 from textune.data import (TaskData, column_values, length_stats, load_multi_label_data, parse_label_lists,
                           tokenize_splits)
 from textune.data_checks import DataReport, enforce
 from textune.errors import TextuneError
-from textune.evaluate import best_thresholds, multi_label_metrics, predict_logits
-from textune.infer import ModelPredictor
+from textune.evaluate import predict_logits
 from textune.models import load_tokenizer, resolve_model
-from textune.tasks.base import Task
-from textune.tasks.classification import (SequenceInputs, load_sequence_model, read_labelled_file, read_sequence_inputs,
-                                          sequence_logits, target_data_report)
+from textune.report_html import esc, fmt, missing_html, read_predictions, text_cell_html
+from textune.tasks.base import ExportSpec, Task
+from textune.tasks.sequence import (SequenceInputs, SequencePredictor, load_sequence_model, read_labelled_file,
+                                    read_sequence_inputs, target_data_report)
 
 THRESHOLDS_FILE = "thresholds.json"
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
+
+
+def multi_label_metrics(probs: np.ndarray, labels: np.ndarray, thresholds: np.ndarray, label_names: list[str]) -> dict:
+    """Micro and macro F1, subset accuracy (every label of a row right), Hamming loss (share of wrong label
+    decisions) and a per-label table (precision, recall, F1, support, threshold) of label probabilities
+    (N x labels) cut at `thresholds` (one per label) against multi-hot `labels`."""
+    preds = (probs >= thresholds).astype(int)
+    labels = np.asarray(labels).astype(int)
+    p, r, f, support = precision_recall_fscore_support(labels, preds, average=None, zero_division=0)
+    return {"f1_micro": float(f1_score(labels, preds, average="micro", zero_division=0)),
+            "f1_macro": float(f1_score(labels, preds, average="macro", zero_division=0)),
+            "subset_accuracy": float(accuracy_score(labels, preds)),
+            "hamming_loss": float(hamming_loss(labels, preds)),
+            "per_label": {n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                              "support": int(support[i]), "threshold": float(thresholds[i])}
+                          for i, n in enumerate(label_names)},
+            "examples": int(len(labels))}
+
+
+def best_thresholds(probs: np.ndarray, labels: np.ndarray, default: float = 0.5) -> np.ndarray:
+    """Per label, the probability threshold with the best F1 on these rows (candidates: 0.05, 0.10, ..., 0.95;
+    ties go to the one nearest `default`); `default` for a label without positive rows, where F1 says nothing."""
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
+    labels = np.asarray(labels).astype(bool)
+    out = np.full(probs.shape[1], default)
+    for j in range(probs.shape[1]):
+        if not labels[:, j].any():
+            continue
+        pred = probs[:, j][None, :] >= grid[:, None]  # (thresholds, rows)
+        tp = (pred & labels[:, j]).sum(1)
+        f1 = 2 * tp / np.maximum(pred.sum(1) + labels[:, j].sum(), 1)
+        best = np.flatnonzero(f1 == f1.max())
+        out[j] = grid[best[np.argmin(np.abs(grid[best] - default))]]
+    return out
 
 
 def label_balance(data: TaskData) -> dict[str, dict[str, int]]:
@@ -112,21 +147,20 @@ def load_thresholds(model_dir: Path, names: list[str]) -> np.ndarray:
     return np.array([float(saved.get(n, 0.5)) for n in names])
 
 
-class MultiLabelPredictor(ModelPredictor):
+class MultiLabelPredictor(SequencePredictor):
     """A loaded multi-label classifier with its thresholds: `predict(texts)` -> [{"labels": [{"label", "score"},
     ...] (every label at or above its threshold, most probable first), "probabilities": {label: p}}]."""
 
-    def __init__(self, run_or_model, batch_size: int = 64, max_length: int | None = None, device: str | None = None,
-                 precision: str = "fp32"):
-        super().__init__(run_or_model, batch_size, max_length, device, precision)
-        self.thresholds = load_thresholds(self.model_dir, self.label_names)
+    task = "multi-label"
 
     def _setup(self, *args) -> None:
         super()._setup(*args)
-        self.thresholds = np.full(len(self.label_names), 0.5)  # `around`: a model in memory has no saved ones
+        # 0.5 only for a model in memory without its saved folder (`around` without one)
+        self.thresholds = (load_thresholds(self.model_dir, self.label_names) if self.model_dir is not None
+                           else np.full(len(self.label_names), 0.5))
 
     def predict_proba(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:
-        return sigmoid(sequence_logits(self, texts, text_pairs))
+        return sigmoid(self.logits(texts, text_pairs))
 
     def predict(self, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
         out = []
@@ -139,19 +173,25 @@ class MultiLabelPredictor(ModelPredictor):
 
 class MultiLabel(Task):
     name = "multi-label"
-    serve_endpoint = "classify"
-    serve_description = "Multi-label text classification: the set of labels of each text"
+    serve_paths = ("/v1/classify",)
+    serve_adapters = True
+
+    def router(self, ctx):
+        return label_set_router(ctx)
+
+    def serve_description(self, predictor) -> str:
+        return "a multi-label classifier (the set of labels of each text)"
     predictor_class = MultiLabelPredictor
 
     def check_data(self, cfg) -> DataReport:
-        data = load_multi_label_data(cfg.data, cfg.seed)
+        data = load_multi_label_data(cfg.data, cfg.seed, self.name)
         return target_data_report(data, label_balance(data))
 
     def load_inputs(self, cfg) -> MultiLabelInputs:
         """Model, tokenizer and data: resolved, read, checked (`data.strict`), tokenised, measured, tuned."""
         model_path = resolve_model(cfg.model.name)
         tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, for_classifier=True)
-        data = load_multi_label_data(cfg.data, cfg.seed)
+        data = load_multi_label_data(cfg.data, cfg.seed, self.name)
         report = target_data_report(data, label_balance(data))
         enforce(report, cfg.data.strict)
         tokenized = tokenize_splits(data, tokenizer, cfg.model.max_length, cache=cfg.data.cache)
@@ -184,17 +224,15 @@ class MultiLabel(Task):
         return per_label_text(metrics.get("per_label") or {})
 
     def report_sections(self, run: Path, metrics: dict | None, stats: dict | None):
-        from textune import report
-
         v = (metrics or {}).get("validation") or {}
         saved = run / "model" / THRESHOLDS_FILE
         tuned = json.loads(saved.read_text()) if saved.is_file() else None
         at = (tuned or {}).get("validation_at_thresholds") or {}
-        cards = [("micro F1", report.fmt(at.get("f1_micro", v.get("f1_micro")))),
-                 ("macro F1", report.fmt(at.get("f1_macro", v.get("f1_macro")))),
-                 ("subset accuracy", report.fmt(at.get("subset_accuracy", v.get("subset_accuracy")))),
-                 ("Hamming loss", report.fmt(at.get("hamming_loss", v.get("hamming_loss"))))]
-        rows = report.read_predictions(run / "validation_predictions.jsonl")
+        cards = [("micro F1", fmt(at.get("f1_micro", v.get("f1_micro")))),
+                 ("macro F1", fmt(at.get("f1_macro", v.get("f1_macro")))),
+                 ("subset accuracy", fmt(at.get("subset_accuracy", v.get("subset_accuracy")))),
+                 ("Hamming loss", fmt(at.get("hamming_loss", v.get("hamming_loss"))))]
+        rows = read_predictions(run / "validation_predictions.jsonl")
         return cards, per_label_html(v, tuned) + wrong_sets_html(rows)
 
 
@@ -207,27 +245,23 @@ def per_label_text(per_label: dict) -> str:
 
 
 def per_label_html(validation: dict, tuned: dict | None) -> str:
-    from textune import report
-
     out = ['<section id="per-label"><h2>Per label (validation)</h2>']
     per_label = validation.get("per_label")
     if not per_label:
-        return "".join(out) + report.missing_html("per-label table", "metrics.json is missing") + "</section>"
+        return "".join(out) + missing_html("per-label table", "metrics.json is missing") + "</section>"
     thresholds = (tuned or {}).get("thresholds") or {}
     out.append('<p class="muted">Precision, recall and F1 of each label at the threshold training used (train.threshold '
                "or 0.5), worst first; the last column is the threshold saved with the model "
-               f"({report.esc((tuned or {}).get('chosen_by', 'none saved'))}), which predict and serve use.</p>")
+               f"({esc((tuned or {}).get('chosen_by', 'none saved'))}), which predict and serve use.</p>")
     out.append('<table><tr><th class="l">label</th><th>precision</th><th>recall</th><th>F1</th><th>support</th>'
                "<th>saved threshold</th></tr>")
     for name, r in sorted(per_label.items(), key=lambda kv: kv[1]["f1"]):
-        out.append(f'<tr><td class="l">{report.esc(name)}</td><td>{r["precision"]:.3f}</td><td>{r["recall"]:.3f}</td>'
-                   f'<td>{r["f1"]:.3f}</td><td>{r["support"]:,}</td><td>{report.fmt(thresholds.get(name), 2)}</td></tr>')
+        out.append(f'<tr><td class="l">{esc(name)}</td><td>{r["precision"]:.3f}</td><td>{r["recall"]:.3f}</td>'
+                   f'<td>{r["f1"]:.3f}</td><td>{r["support"]:,}</td><td>{fmt(thresholds.get(name), 2)}</td></tr>')
     return "".join(out) + "</table></section>"
 
 
 def wrong_sets_html(rows: list[dict], shown: int = 12) -> str:
-    from textune import report
-
     wrong = [r for r in rows if set(r["labels"]) != set(r["pred"])]
     if not rows:
         return ""
@@ -236,12 +270,68 @@ def wrong_sets_html(rows: list[dict], shown: int = 12) -> str:
            f'<p class="muted">{len(wrong):,} of {len(rows):,} rows have a label set that is not exactly right.</p>',
            '<table class="wrong"><tr><th class="l">text</th><th class="l">true</th><th class="l">predicted</th></tr>']
     for r in wrong[:shown]:
-        text = report.esc(report.clip(r.get("text", "")))
-        if r.get("text_pair") is not None:
-            text += f'<span class="pair">{report.esc(report.clip(r["text_pair"]))}</span>'
-        out.append(f'<tr><td class="text">{text}</td><td class="l">{report.esc(", ".join(r["labels"]))}</td>'
-                   f'<td class="l">{report.esc(", ".join(r["pred"]))}</td></tr>')
+        out.append(f'<tr><td class="text">{text_cell_html(r)}</td><td class="l">{esc(", ".join(r["labels"]))}</td>'
+                   f'<td class="l">{esc(", ".join(r["pred"]))}</td></tr>')
     return "".join(out) + "</table></section>"
 
 
 TASK = MultiLabel()
+
+
+# ------------------------------ export
+
+
+def label_decisions(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Each label in or out at probability 0.5 (logit 0): the saved thresholds are compared elsewhere."""
+    return (logits > 0).ravel()
+
+
+MultiLabel.export_spec = ExportSpec(decide=label_decisions, decisions="label decisions at 0.5")
+# The per-label thresholds turn probabilities into labels: they travel with every saved form.
+MultiLabel.prediction_files = Task.prediction_files + (f"model/{THRESHOLDS_FILE}",)
+
+
+# ------------------------------ serving
+
+
+def label_set_models() -> tuple[type, type]:
+    """(request, response) of POST /v1/classify; pydantic is imported here, so training never loads it."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class ClassifyRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        texts: list[str] = Field(min_length=1, description="texts to label", examples=[["a great film"]])
+        text_pairs: list[str] | None = Field(None, description="second texts of a sentence-pair task, one per text")
+        adapter: str | None = Field(None, description="adapter of the registry to use; empty = the base model")
+
+    class LabelScore(BaseModel):
+        label: str
+        score: float = Field(description="probability of the label")
+
+    class LabelSet(BaseModel):
+        labels: list[LabelScore] = Field(description="every label at or above its threshold, most probable first "
+                                                     "(empty when none is)")
+        probabilities: dict[str, float]
+
+    class LabelSetResponse(BaseModel):
+        model: str
+        adapter: str | None
+        results: list[LabelSet] = Field(description="one per input text, in the input order")
+
+    return ClassifyRequest, LabelSetResponse
+
+
+def label_set_router(ctx):
+    """POST /v1/classify (the URL classifiers answer at): each text's set of labels, micro-batched."""
+    request, response = label_set_models()
+    router = ctx.router()
+
+    async def classify(req) -> dict:
+        """The labels of each text at or above their thresholds, and every label's probability, in input order."""
+        ctx.check_texts(req.texts, req.text_pairs)
+        ctx.check_adapter(req.adapter)
+        results = await ctx.batched(req.texts, req.text_pairs, req.adapter)
+        return {"model": ctx.model_name, "adapter": req.adapter, "results": results}
+
+    ctx.post(router, "/v1/classify", classify, request, response)
+    return router

@@ -8,7 +8,8 @@ transformers examples, top to bottom.
    context: text not at its `answer_start` is an error naming the row, or, with `data.fix_answer_starts`, moved
    to the nearest exact occurrence (counted). Questions without an answer need `data.allow_unanswerable`.
 2. Tokenising. Question first, context second, only the context truncated (`truncation="only_second"`): a
-   long context becomes overlapping windows of `model.max_length` tokens sharing `data.doc_stride` tokens. The
+   long context becomes overlapping windows of `model.max_length` tokens sharing `data.doc_stride` tokens (a
+   quarter of `model.max_length` when empty), padded on the right whatever the tokenizer's default. The
    offset mapping of each window (None outside the context) is kept for post-processing. A window holding
    the (first) answer is labelled with its start and end token; the others, and unanswerable questions,
    point at [CLS].
@@ -26,8 +27,10 @@ transformers examples, top to bottom.
 
 from __future__ import annotations
 
+import copy
 import html
 import json
+import numbers
 import re
 import string
 from collections import Counter
@@ -43,8 +46,10 @@ from textune.data import length_stats, read_table
 from textune.data_checks import DataReport, Finding
 from textune.errors import TextuneError
 from textune.infer import ModelPredictor, read_inputs as read_text_inputs
-from textune.models import apply_tuning, load_classifier, load_tokenizer, resolve_model, saved_run_config, set_attention
-from textune.tasks.base import Task, TaskInputs
+from textune.models import load_classifier, load_tokenizer, resolve_model, saved_run_config, set_attention
+from textune.tasks import TASKS, architecture_of, task_of_architecture
+from textune.tasks.base import SAMPLE_TEXTS, ExportSpec, Task, TaskInputs
+from textune.tuning import apply_tuning
 
 TABLE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 N_BEST = 20  # start and end candidates per window, as utils_qa's n_best_size
@@ -88,7 +93,10 @@ def checked_answers(context: str, texts: list, starts: list, where: str, what: s
                            f"give one start per answer")
     out, moved = [], 0
     for text, start in zip(texts, starts):
-        text, start = str(text), int(start)
+        if not isinstance(text, str):
+            raise TextuneError(f"{what} {where}: the answer text {text!r} is a {type(text).__name__}, not a string; "
+                               f"write it as it reads in the context, in quotes (\"1843\")")
+        start = answer_start(start, where, what)
         if not text.strip():
             raise TextuneError(f"{what} {where}: an answer text is empty; an unanswerable question has no answers "
                                f"(answers: {{text: [], answer_start: []}})")
@@ -105,6 +113,23 @@ def checked_answers(context: str, texts: list, starts: list, where: str, what: s
             start, moved = near, moved + 1
         out.append((text, start))
     return out, moved
+
+
+def answer_start(start, where: str, what: str) -> int:
+    """A checked answer_start: a whole number of characters from the context's start (0 or more).
+
+    Raises:
+        TextuneError: null, text, a fraction or a negative number (Python would read -5 as 5 characters from
+            the end, and the answer would silently train as unanswerable).
+    """
+    whole = isinstance(start, numbers.Integral) or (isinstance(start, float) and start.is_integer())
+    if isinstance(start, bool) or not whole:
+        raise TextuneError(f"{what} {where}: answer_start {start!r} is not a whole number; answer_start is the "
+                           f"character offset of the answer in its context (0 = its first character)")
+    if start < 0:
+        raise TextuneError(f"{what} {where}: answer_start {int(start)} is negative; answer_start counts characters "
+                           f"from the start of the context (0 = its first character)")
+    return int(start)
 
 
 def add_question(out: Questions, qid, question, context, texts, starts, where, what, d) -> None:
@@ -135,11 +160,20 @@ def read_squad_json(squad: dict, path: Path, what: str, d) -> Questions:
             raise TextuneError(f"{what} {path}: data[{a}] has no 'paragraphs' list; a SQuAD file is "
                                f'{{"data": [{{"paragraphs": [{{"context": ..., "qas": [...]}}]}}]}}')
         for p, paragraph in enumerate(paragraphs):
-            for q, qa in enumerate(paragraph.get("qas") or []):
+            qas = paragraph.get("qas") if isinstance(paragraph, dict) else None
+            if not isinstance(qas, list):
+                raise TextuneError(f"{what} {path} data[{a}].paragraphs[{p}]: expected an object with a 'context' "
+                                   f"and a 'qas' list, got {json.dumps(paragraph)[:80]}")
+            for q, qa in enumerate(qas):
                 where = f"{path} data[{a}].paragraphs[{p}].qas[{q}]"
-                answers = [] if qa.get("is_impossible") else (qa.get("answers") or [])
-                if not all(isinstance(x, dict) and "text" in x and "answer_start" in x for x in answers):
-                    raise TextuneError(f"{what} {where}: answers must be objects with 'text' and 'answer_start'")
+                if not isinstance(qa, dict):
+                    raise TextuneError(f"{what} {where}: expected an object with 'id', 'question' and 'answers', got "
+                                       f"{json.dumps(qa)[:80]}")
+                answers = [] if qa.get("is_impossible") else qa.get("answers", [])
+                if not isinstance(answers, list) or not all(isinstance(x, dict) and "text" in x and "answer_start" in x
+                                                            for x in answers):
+                    raise TextuneError(f"{what} {where}: answers must be a list of objects with 'text' and "
+                                       f"'answer_start' ([] for no answer)")
                 add_question(out, qa.get("id"), qa.get("question"), paragraph.get("context"),
                              [x["text"] for x in answers], [x["answer_start"] for x in answers], where, what, d)
     return out
@@ -147,20 +181,22 @@ def read_squad_json(squad: dict, path: Path, what: str, d) -> Questions:
 
 def answer_lists(cell, where: str, what: str, column: str) -> tuple[list, list]:
     """(texts, starts) of one `answers` cell: {text: [...], answer_start: [...]} (a JSON string in CSV files)."""
+    layout = '{"text": ["1843"], "answer_start": [16]} (the HF squad layout; empty lists for no answer)'
     if isinstance(cell, str):
         try:
             cell = json.loads(cell) if cell.strip() else {}
         except json.JSONDecodeError:
-            cell = None
+            raise TextuneError(f"{what} {where}: {column!r} holds {cell[:80]!r}, which is not JSON; write each "
+                               f"answers cell as JSON: {layout}") from None
     if cell is None:
         return [], []
     if not isinstance(cell, dict) or "text" not in cell or "answer_start" not in cell:
-        raise TextuneError(f"{what} {where}: {column!r} must hold {{\"text\": [...], \"answer_start\": [...]}} (the "
-                           f"HF squad layout), got {str(cell)[:80]!r}")
-    texts, starts = cell["text"], cell["answer_start"]
-    if not isinstance(texts, list):  # one answer given without its list
-        texts, starts = [texts], [starts]
-    return list(texts), list(starts)
+        raise TextuneError(f"{what} {where}: {column!r} must hold {layout}, got {str(cell)[:80]!r}")
+    for key in ("text", "answer_start"):
+        if not isinstance(cell[key], list):
+            raise TextuneError(f"{what} {where}: {column}.{key} must be a list, got {type(cell[key]).__name__} "
+                               f"{cell[key]!r}; write {layout}")
+    return list(cell["text"]), list(cell["answer_start"])
 
 
 def read_questions(path: str, what: str, d) -> Questions:
@@ -188,7 +224,10 @@ def read_questions(path: str, what: str, d) -> Questions:
                 raise TextuneError(f"{what} {path} is not SQuAD-shaped: expected {{\"data\": [{{\"paragraphs\": "
                                    f"[{{\"context\": ..., \"qas\": [...]}}]}}]}}, got an object with keys "
                                    f"{sorted(raw)[:5]}")
-            return read_squad_json(raw, path_, what, d)
+            out = read_squad_json(raw, path_, what, d)
+            if not out.questions:
+                raise no_question_error(path, what)
+            return out
     table = read_table(path, what)
     columns = (("data.context_column", d.context_column), ("data.question_column", d.question_column),
                ("data.answers_column", d.answers_column))
@@ -205,7 +244,14 @@ def read_questions(path: str, what: str, d) -> Questions:
         where = f"{path} row {i}"
         texts, starts = answer_lists(cell, where, what, d.answers_column)
         add_question(out, qid if qid is not None else f"row{i}", question, context, texts, starts, where, what, d)
+    if not out.questions:
+        raise no_question_error(path, what)
     return out
+
+
+def no_question_error(path, what: str) -> TextuneError:
+    return TextuneError(f"{what} {path} holds no question; a question-answering file holds a context, a question "
+                        f"and answers per row, or SQuAD JSON with questions under data[].paragraphs[].qas")
 
 
 # ---------------------------------------------------------------- 2. tokenising
@@ -254,6 +300,25 @@ def check_room(qs: Questions, tokenizer, max_length: int, stride: int, what: str
                                f"leaves no room for a window of context in model.max_length {max_length}; shorten "
                                f"the question, lower data.doc_stride or raise model.max_length")
     return lengths
+
+
+def doc_stride(stride: int | None, max_length: int) -> int:
+    """data.doc_stride, or where it is empty a quarter of model.max_length (run_qa.py's 128 of 384 is a third; a
+    quarter leaves longer questions room), so the defaults of both always work together."""
+    return stride if stride is not None else max(1, max_length // 4)
+
+
+def right_padded(tokenizer):
+    """The tokenizer with padding and truncation on the right (a copy where it differs). Answer positions are
+    token indices counted from the start of each window and logits are read as `[:n]`: a tokenizer that pads
+    on the left (Llama, Mistral, Gemma and XLNet tokenizers do by default) would shift every shorter window of
+    a batch. Training saves this tokenizer with the model; the predictor applies it again to any folder."""
+    if tokenizer.padding_side == "right" and tokenizer.truncation_side == "right":
+        return tokenizer
+    out = copy.deepcopy(tokenizer)
+    out.padding_side = out.truncation_side = "right"
+    out.init_kwargs.update(padding_side="right", truncation_side="right")  # what save_pretrained writes
+    return out
 
 
 def tokenize_windows(qs: Questions, tokenizer, max_length: int, stride: int, labelled: bool = True) -> Windows:
@@ -438,11 +503,20 @@ class QuestionAnswererPredictor(ModelPredictor):
         self._configure()
 
     def _configure(self) -> None:
+        config = self.config  # the saved model's (a registry's model in memory may hold another adapter's)
+        architectures = getattr(config, "architectures", None)
+        if architecture_of(architectures) not in (None, *TASKS[self.task].architectures):
+            other = task_of_architecture(architectures, getattr(config, "problem_type", None))
+            raise TextuneError(f"{self.run_dir or getattr(self, 'model_dir', 'the model')} holds a {other} model, not "
+                               f"a {self.task} one; load it with textune.tasks.load_predictor(path), which picks the "
+                               f"predictor of its task")
         if not getattr(self.tokenizer, "is_fast", False):
             raise TextuneError("question answering needs a fast tokenizer (character offsets of tokens); this "
                                "model's tokenizer is a slow one")
+        self.tokenizer = right_padded(self.tokenizer)
         data = saved_run_config(self.run_dir).get("data") or {}
-        self.doc_stride = min(int(data.get("doc_stride") or 128), self.max_length // 2)
+        stride = int(data["doc_stride"]) if data.get("doc_stride") is not None else None
+        self.doc_stride = min(doc_stride(stride, self.max_length), self.max_length // 2)
         self.max_answer_length = int(data.get("max_answer_length") or 30)
         self.null_threshold = None
         if data.get("allow_unanswerable"):
@@ -451,8 +525,8 @@ class QuestionAnswererPredictor(ModelPredictor):
             self.null_threshold = float(saved.get("null_threshold", 0.0))
 
     @classmethod
-    def around(cls, model, tokenizer, batch_size: int = 64, max_length: int | None = None, device=None):
-        self = super().around(model, tokenizer, batch_size, max_length, device)
+    def around(cls, model, tokenizer, batch_size: int = 64, max_length: int | None = None, device=None, folder=None):
+        self = super().around(model, tokenizer, batch_size, max_length, device, folder)
         self._configure()
         return self
 
@@ -556,7 +630,8 @@ class QuestionAnsweringInputs(TaskInputs):
                  f"data       questions: {sizes}"]
         lines += [f"warning    {f.message}" for f in self.report.findings] + self.report.notes
         lines.append(f"tokens     context mean {s['mean']} | p95 {s['p95']} | max {s['max']}; windows of "
-                     f"{cfg.model.max_length} tokens overlapping by {cfg.data.doc_stride}")
+                     f"{cfg.model.max_length} tokens overlapping by "
+                     f"{doc_stride(cfg.data.doc_stride, cfg.model.max_length)}")
         return "\n".join(lines)
 
     def data_stats(self, cfg) -> dict:
@@ -564,7 +639,7 @@ class QuestionAnsweringInputs(TaskInputs):
                 "windows": {k: len(w.example) for k, w in self.windows.items()},
                 "answers": self.report.label_balance, **self.stats,
                 "checks": [{"kind": f.kind, "count": f.count, "message": f.message} for f in self.report.findings],
-                "max_length": cfg.model.max_length, "doc_stride": cfg.data.doc_stride}
+                "max_length": cfg.model.max_length, "doc_stride": doc_stride(cfg.data.doc_stride, cfg.model.max_length)}
 
     def collator(self, split: str, pad_to_multiple_of: int | None = None):
         return WindowCollator(self.tokenizer, split, pad_to_multiple_of)
@@ -625,8 +700,14 @@ class QuestionDataReport(DataReport):
 
 class QuestionAnswering(Task):
     name = "question-answering"
-    serve_endpoint = "answer"
-    serve_description = "Extractive question answering"
+    serve_paths = ("/v1/answer",)
+    serve_adapters = True
+
+    def router(self, ctx):
+        return answer_router(ctx)
+
+    def serve_description(self, predictor) -> str:
+        return "a question-answering model (extractive)"
     predictor_class = QuestionAnswererPredictor
 
     def read_splits(self, cfg) -> dict:
@@ -665,14 +746,14 @@ class QuestionAnswering(Task):
         """Answerable/unanswerable counts, context and question lengths in tokens, windows per question,
         questions asked twice about one context, answers moved, contexts shared between splits."""
         findings, notes = [], []
+        stride = doc_stride(cfg.data.doc_stride, cfg.model.max_length)
         balance = {k: {"answerable": sum(bool(a) for a in q.answers),
                        "unanswerable": sum(not a for a in q.answers)} for k, q in splits.items()}
         for split, q in splits.items():
             context_tokens = [len(ids) for ids in tokenizer(q.contexts, add_special_tokens=False)["input_ids"]]
-            question_tokens = check_room(q, tokenizer, cfg.model.max_length, cfg.data.doc_stride, f"data.{split}")
+            question_tokens = check_room(q, tokenizer, cfg.model.max_length, stride, f"data.{split}")
             n_windows = Counter((windows[split].example if windows else
-                                 tokenize_windows(q, tokenizer, cfg.model.max_length, cfg.data.doc_stride,
-                                                  labelled=False).example))
+                                 tokenize_windows(q, tokenizer, cfg.model.max_length, stride, labelled=False).example))
             per_q = [n_windows[i] for i in range(len(q.questions))]
             notes.append(f"tokens     {split}: context mean {np.mean(context_tokens):.0f}, p95 "
                          f"{int(np.percentile(context_tokens, 95))}, max {max(context_tokens)} | question mean "
@@ -702,7 +783,7 @@ class QuestionAnswering(Task):
         if not getattr(tokenizer, "is_fast", False):
             raise TextuneError(f"model.name: {cfg.model.name} has no fast tokenizer, which question answering needs "
                                f"(character offsets of tokens)")
-        return tokenizer
+        return right_padded(tokenizer)
 
     def check_data(self, cfg) -> DataReport:
         return self.data_report(self.read_splits(cfg), self._tokenizer(cfg), cfg)
@@ -713,10 +794,10 @@ class QuestionAnswering(Task):
         splits = self.read_splits(cfg)
         model_path = resolve_model(cfg.model.name)
         tokenizer = self._tokenizer(cfg)
+        stride = doc_stride(cfg.data.doc_stride, cfg.model.max_length)
         for k, q in splits.items():
-            check_room(q, tokenizer, cfg.model.max_length, cfg.data.doc_stride, f"data.{k}")
-        windows = {k: tokenize_windows(q, tokenizer, cfg.model.max_length, cfg.data.doc_stride)
-                   for k, q in splits.items()}
+            check_room(q, tokenizer, cfg.model.max_length, stride, f"data.{k}")
+        windows = {k: tokenize_windows(q, tokenizer, cfg.model.max_length, stride) for k, q in splits.items()}
         report = self.data_report(splits, tokenizer, cfg, windows)
         enforce(report, cfg.data.strict)
         stats = {"context_tokens": {k: length_stats([len(ids) for ids in tokenizer(q.contexts, add_special_tokens=False)
@@ -765,7 +846,7 @@ class QuestionAnswering(Task):
                 f"{metrics['questions']:,} questions")
 
     def report_sections(self, run: Path, metrics: dict | None, stats: dict | None):
-        from textune import report
+        from textune import report_html as report
 
         v = (metrics or {}).get("validation") or {}
         cards = [("F1", report.fmt(v.get("f1"))), ("exact match", report.fmt(v.get("exact_match"))),
@@ -797,7 +878,7 @@ def snippet_html(context: str, spans: list[tuple[int, int, str]], around: int = 
 
 
 def worst_misses_html(rows: list[dict], shown: int = 12) -> str:
-    from textune import report
+    from textune import report_html as report
 
     out = ['<section id="errors"><h2>Validation questions answered worst</h2>']
     if not rows:
@@ -819,3 +900,74 @@ def worst_misses_html(rows: list[dict], shown: int = 12) -> str:
 
 
 TASK = QuestionAnswering()
+
+
+# ------------------------------ export
+
+SAMPLE_QUESTIONS = ("Who wrote the first program?", "What is the capital of France?")
+
+
+def sample_questions(data: dict) -> tuple[list, list]:
+    """Built-in questions, each with a context, to check an export on."""
+    return [SAMPLE_QUESTIONS[i % len(SAMPLE_QUESTIONS)] for i in range(len(SAMPLE_TEXTS))], list(SAMPLE_TEXTS)
+
+
+def best_tokens(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The real token each row's start (or end) logits choose: where the answer starts (or ends)."""
+    return np.where(mask, logits, -np.inf).argmax(-1)
+
+
+# Contexts are truncated, never questions, as the predictor's windows do.
+QuestionAnswering.export_spec = ExportSpec(
+    outputs=("start_logits", "end_logits"), per_token=True, truncation="only_second", samples=sample_questions,
+    samples_name="built-in sample questions", decide=best_tokens, decisions="answer start and end tokens")
+
+
+# ------------------------------ serving
+
+
+def answer_models() -> tuple[type, type]:
+    """(request, response) of POST /v1/answer; pydantic is imported here, so training never loads it."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class AnswerRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        questions: list[str] = Field(min_length=1, description="questions, each answered from its context",
+                                     examples=[["Who wrote it?"]])
+        contexts: list[str] = Field(min_length=1, description="one passage per question, in the same order; read "
+                                                              "whole, however long (in windows)",
+                                    examples=[["Ada Lovelace wrote it in 1843."]])
+        adapter: str | None = Field(None, description="adapter of the registry to use; empty = the base model")
+
+    class Answer(BaseModel):
+        answer: str = Field(description="the span of the context: context[start:end]; empty for no answer (models "
+                                        "trained with unanswerable questions)")
+        score: float = Field(description="probability of this span among the best candidate spans")
+        start: int = Field(description="character offset of the answer's first character in the context")
+        end: int = Field(description="character offset after the answer's last character")
+
+    class AnswerResponse(BaseModel):
+        model: str
+        adapter: str | None
+        results: list[Answer] = Field(description="one per question, in the input order")
+
+    return AnswerRequest, AnswerResponse
+
+
+def answer_router(ctx):
+    """POST /v1/answer: the best answer to each question in its context, micro-batched."""
+    request, response = answer_models()
+    router = ctx.router()
+
+    async def answer(req) -> dict:
+        """The best answer to each question in its context: the span, its score and character offsets.
+        Questions ride the batcher as texts and contexts as their pairs; the predictor batches their windows."""
+        # The predictor windows the whole context, so --max-chars (what a truncating model can read) does not
+        # apply to contexts: the request body limit bounds them.
+        ctx.check_texts(req.questions, req.contexts, name="questions", pair_name="contexts", pairs_limited=False)
+        ctx.check_adapter(req.adapter)
+        results = await ctx.batched(req.questions, req.contexts, req.adapter)
+        return {"model": ctx.model_name, "adapter": req.adapter, "results": results}
+
+    ctx.post(router, "/v1/answer", answer, request, response)
+    return router

@@ -21,16 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import mean_absolute_error, mean_squared_error
 
 from textune.data import column_values, length_stats, load_regression_data, parse_numeric_labels, tokenize_splits
 from textune.data_checks import DataReport, enforce
 from textune.errors import TextuneError
-from textune.evaluate import predict_logits, regression_metrics
-from textune.infer import ModelPredictor
+from textune.evaluate import predict_logits
 from textune.models import load_tokenizer, resolve_model
-from textune.tasks.base import Task
-from textune.tasks.classification import (SequenceInputs, load_sequence_model, read_labelled_file, read_sequence_inputs,
-                                          sequence_logits, target_data_report)
+from textune.report_html import fmt, img_html, missing_html, read_predictions, text_cell_html
+from textune.tasks.base import ExportSpec, Task
+from textune.tasks.sequence import (SequenceInputs, SequencePredictor, load_sequence_model, read_labelled_file,
+                                    read_sequence_inputs, target_data_report)
 
 
 def target_scale(cfg, train_labels) -> tuple[float, float]:
@@ -46,6 +47,20 @@ def target_scale(cfg, train_labels) -> tuple[float, float]:
         raise TextuneError(f"data.train: every training label is {low:g}; regression needs targets that vary (check "
                            f"data.label_column {cfg.data.label_column!r})")
     return low, high
+
+
+def regression_metrics(preds: np.ndarray, labels: np.ndarray) -> dict:
+    """Pearson and Spearman correlation (STS-B's metrics), mean squared and absolute error, on whatever scale the
+    arguments are on. A constant prediction has no correlation: 0.0 then (scipy would say NaN), so a run whose
+    model has not started to rank yet still compares as the worst."""
+    from scipy.stats import pearsonr, spearmanr
+
+    preds, labels = np.asarray(preds, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    constant = len(preds) < 2 or np.ptp(preds) == 0 or np.ptp(labels) == 0
+    return {"pearson": 0.0 if constant else float(pearsonr(preds, labels)[0]),
+            "spearman": 0.0 if constant else float(spearmanr(preds, labels)[0]),
+            "mse": float(mean_squared_error(labels, preds)), "mae": float(mean_absolute_error(labels, preds)),
+            "examples": int(len(labels))}
 
 
 def target_stats(values) -> dict:
@@ -93,20 +108,22 @@ class RegressionInputs(SequenceInputs):
                                     for p, y in zip(preds, labels)), path)
 
 
-class RegressionPredictor(ModelPredictor):
+class RegressionPredictor(SequencePredictor):
     """A loaded regression model: `predict(texts, pairs)` -> [{"score": number on the training labels' scale}]."""
+
+    task = "regression"
 
     def _setup(self, *args) -> None:
         super()._setup(*args)
-        scale = getattr(self.model.config, "label_scale", None)
-        if scale is None and self.run_dir is not None:  # an adapter's base config does not carry it
+        scale = getattr(self.config, "label_scale", None)
+        if scale is None and self.run_dir is not None:  # adapters saved before their config kept it
             stats = self.run_dir / "data_stats.json"
             scale = json.loads(stats.read_text()).get("label_scale") if stats.is_file() else None
         self.scale = tuple(scale) if scale else (0.0, 1.0)
 
     def predict_scores(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:
         low, high = self.scale
-        return low + sequence_logits(self, texts, text_pairs)[:, 0] * (high - low)
+        return low + self.logits(texts, text_pairs)[:, 0] * (high - low)
 
     def predict(self, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
         return [{"score": round(float(s), 6)} for s in self.predict_scores(texts, text_pairs)]
@@ -114,18 +131,24 @@ class RegressionPredictor(ModelPredictor):
 
 class Regression(Task):
     name = "regression"
-    serve_endpoint = "classify"
-    serve_description = "Text regression: one score per text"
+    serve_paths = ("/v1/classify",)
+    serve_adapters = True
+
+    def router(self, ctx):
+        return score_router(ctx)
+
+    def serve_description(self, predictor) -> str:
+        return "a regression model (one score per text)"
     predictor_class = RegressionPredictor
 
     def check_data(self, cfg) -> DataReport:
-        return target_data_report(load_regression_data(cfg.data, cfg.seed), {})
+        return target_data_report(load_regression_data(cfg.data, cfg.seed, self.name), {})
 
     def load_inputs(self, cfg) -> RegressionInputs:
         """Model, tokenizer and data: resolved, read, checked (`data.strict`), tokenised with normalised targets."""
         model_path = resolve_model(cfg.model.name)
         tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, for_classifier=True)
-        data = load_regression_data(cfg.data, cfg.seed)
+        data = load_regression_data(cfg.data, cfg.seed, self.name)
         report = target_data_report(data, {})
         enforce(report, cfg.data.strict)
         low, high = target_scale(cfg, column_values(data.train, "labels"))
@@ -154,12 +177,10 @@ class Regression(Task):
                 f"mae {metrics['mae']:.4g} | {metrics['examples']:,} examples")
 
     def report_sections(self, run: Path, metrics: dict | None, stats: dict | None):
-        from textune import report
-
         v = (metrics or {}).get("validation") or {}
-        cards = [("Pearson", report.fmt(v.get("pearson"))), ("Spearman", report.fmt(v.get("spearman"))),
-                 ("MSE", report.fmt(v.get("mse"))), ("MAE", report.fmt(v.get("mae")))]
-        rows = report.read_predictions(run / "validation_predictions.jsonl")
+        cards = [("Pearson", fmt(v.get("pearson"))), ("Spearman", fmt(v.get("spearman"))), ("MSE", fmt(v.get("mse"))),
+                 ("MAE", fmt(v.get("mae")))]
+        rows = read_predictions(run / "validation_predictions.jsonl")
         return cards, scatter_html(rows, v) + largest_errors_html(rows)
 
 
@@ -167,11 +188,9 @@ def scatter_html(rows: list[dict], metrics: dict) -> str:
     """Predicted against true on the validation rows, with the diagonal a perfect model would lie on."""
     from matplotlib.figure import Figure
 
-    from textune import report
-
     out = ['<section id="regression"><h2>Predicted against true (validation)</h2>']
     if not rows:
-        return "".join(out) + report.missing_html("scatter plot", "validation_predictions.jsonl is missing") + "</section>"
+        return "".join(out) + missing_html("scatter plot", "validation_predictions.jsonl is missing") + "</section>"
     true, pred = np.array([r["label"] for r in rows]), np.array([r["pred"] for r in rows])
     fig = Figure(figsize=(4.6, 4.2))
     ax = fig.subplots()
@@ -181,9 +200,9 @@ def scatter_html(rows: list[dict], metrics: dict) -> str:
     ax.set(xlabel="true", ylabel="predicted")
     ax.legend(loc="upper left", fontsize=8)
     bias = float((pred - true).mean())
-    out.append('<div class="grid2"><div>' + report.img_html(fig, "predicted against true") + "</div>")
-    out.append(f"<div><p>{len(rows):,} validation examples: Pearson <b>{report.fmt(metrics.get('pearson'), 3)}</b>, "
-               f"Spearman <b>{report.fmt(metrics.get('spearman'), 3)}</b>, MAE {report.fmt(metrics.get('mae'), 3)}. "
+    out.append('<div class="grid2"><div>' + img_html(fig, "predicted against true") + "</div>")
+    out.append(f"<div><p>{len(rows):,} validation examples: Pearson <b>{fmt(metrics.get('pearson'), 3)}</b>, "
+               f"Spearman <b>{fmt(metrics.get('spearman'), 3)}</b>, MAE {fmt(metrics.get('mae'), 3)}. "
                f"Mean error (predicted - true) {bias:+.3f}.</p><p class=\"muted\">Points on the red line are exact. A "
                "cloud flatter than the line (predictions bunched near the mean) is a model that has not learnt to "
                "tell the examples apart yet; a shifted cloud is a bias.</p></div></div></section>")
@@ -191,19 +210,60 @@ def scatter_html(rows: list[dict], metrics: dict) -> str:
 
 
 def largest_errors_html(rows: list[dict], shown: int = 12) -> str:
-    from textune import report
-
     if not rows:
         return ""
     worst = sorted(rows, key=lambda r: -abs(r["pred"] - r["label"]))[:shown]
     out = ['<section id="errors"><h2>Largest validation errors</h2><table class="wrong"><tr><th class="l">text</th>'
            "<th>true</th><th>predicted</th></tr>"]
     for r in worst:
-        text = report.esc(report.clip(r.get("text", "")))
-        if r.get("text_pair") is not None:
-            text += f'<span class="pair">{report.esc(report.clip(r["text_pair"]))}</span>'
-        out.append(f'<tr><td class="text">{text}</td><td>{r["label"]:.3f}</td><td>{r["pred"]:.3f}</td></tr>')
+        out.append(f'<tr><td class="text">{text_cell_html(r)}</td><td>{r["label"]:.3f}</td><td>{r["pred"]:.3f}</td></tr>')
     return "".join(out) + "</table></section>"
 
 
 TASK = Regression()
+
+
+# ------------------------------ export
+
+# A score is no decision: an int8 export reports only its difference from PyTorch.
+Regression.export_spec = ExportSpec()
+
+
+# ------------------------------ serving
+
+
+def score_models() -> tuple[type, type]:
+    """(request, response) of POST /v1/classify; pydantic is imported here, so training never loads it."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class ClassifyRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        texts: list[str] = Field(min_length=1, description="texts to score", examples=[["a great film"]])
+        text_pairs: list[str] | None = Field(None, description="second texts of a sentence-pair task, one per text")
+        adapter: str | None = Field(None, description="adapter of the registry to use; empty = the base model")
+
+    class Score(BaseModel):
+        score: float = Field(description="the predicted value, on the scale of the training labels")
+
+    class ScoreResponse(BaseModel):
+        model: str
+        adapter: str | None
+        results: list[Score] = Field(description="one per input text, in the input order")
+
+    return ClassifyRequest, ScoreResponse
+
+
+def score_router(ctx):
+    """POST /v1/classify (the URL classifiers answer at): each text's score, micro-batched."""
+    request, response = score_models()
+    router = ctx.router()
+
+    async def classify(req) -> dict:
+        """The score of each text (or text pair), in the input order."""
+        ctx.check_texts(req.texts, req.text_pairs)
+        ctx.check_adapter(req.adapter)
+        results = await ctx.batched(req.texts, req.text_pairs, req.adapter)
+        return {"model": ctx.model_name, "adapter": req.adapter, "results": results}
+
+    ctx.post(router, "/v1/classify", classify, request, response)
+    return router

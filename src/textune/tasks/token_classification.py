@@ -9,22 +9,26 @@ transformers examples, top to bottom.
    training tags sorted by type, B before I. A tag that training never saw is an error, anywhere.
 2. Tokenising. Words are split into sub-tokens by the fast tokenizer (`is_split_into_words`), truncated to
    `model.max_length`; `word_ids()` gives each sub-token's word. The first sub-token of a word carries the
-   word's tag and the others -100 (ignored by the loss), or, with `data.label_all_tokens`, the word's tag
-   too (B- turned into I-). Words cut by truncation are neither trained on nor scored (as in run_ner.py);
-   their share is reported at start-up and by validate-data.
+   word's tag and the others -100 (ignored by the loss), or, in training with `data.label_all_tokens`, the
+   word's tag too (B- turned into I-); evaluation splits are always labelled per word. Words cut by truncation
+   are neither trained on nor scored (as in run_ner.py); their share is reported at start-up and by
+   validate-data. The tokenizer pads on the right, and byte-level BPE tokenizers put a space before every word
+   (`word_tokenizer`, as run_ner.py's add_prefix_space), so word lists and raw text get the same sub-tokens.
 3. Model: `AutoModelForTokenClassification` with the tag names as `id2label`, so the saved folder loads in
    `transformers.pipeline("token-classification", aggregation_strategy="simple")`.
 4. Metrics: entity-level precision, recall and F1 with seqeval (its default CoNLL evaluation, as run_ner.py:
    an entity counts only with exact span and type), micro over all entities and per type, plus token accuracy
-   over the scored words; the headline is `f1`.
+   over the scored words (each word by its first sub-token); the headline is `f1`.
 5. Prediction. Raw text: each word's tag is its first sub-token's (pipeline aggregation "first"), words are
    grouped into entities by `group_entities` (the pipeline's B/I grouping), with character offsets into the
-   input and the mean score of the words. Pre-split words (a CoNLL/JSONL file): one tag per word.
+   input and the mean score of the words. Pre-split words (a CoNLL/JSONL file): one tag per word. Texts
+   longer than `model.max_length` sub-tokens are read in windows overlapping by a quarter (`words_of_windows`).
 6. Serving: POST /v1/entities. Report: per-type table, type confusions, worst sentences with spans marked.
 """
 
 from __future__ import annotations
 
+import copy
 import html
 import json
 from collections import Counter
@@ -36,14 +40,17 @@ import torch
 from datasets import Dataset
 from seqeval.metrics import accuracy_score, classification_report
 from seqeval.metrics.sequence_labeling import get_entities
+from tokenizers import pre_tokenizers
 from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
 
 from textune.data import length_stats, read_table, read_text_lines
 from textune.data_checks import DataReport, Finding
 from textune.errors import TextuneError
 from textune.infer import ModelPredictor
-from textune.models import apply_tuning, load_classifier, load_tokenizer, resolve_model, set_attention
-from textune.tasks.base import Task, TaskInputs
+from textune.models import load_classifier, load_tokenizer, resolve_model, set_attention
+from textune.tasks import TASKS, architecture_of, task_of_architecture
+from textune.tasks.base import ExportSpec, Task, TaskInputs
+from textune.tuning import apply_tuning
 
 CONLL_EXTENSIONS = (".conll", ".bio")
 TABLE_EXTENSIONS = (".jsonl", ".json", ".parquet")
@@ -63,6 +70,12 @@ class Sentences:
     def subset(self, indices) -> Sentences:
         return Sentences([self.tokens[i] for i in indices], [self.tags[i] for i in indices],
                          [self.where[i] for i in indices])
+
+    def word_where(self, i: int, j: int) -> str:
+        """Where word j of sentence i is: its own CoNLL line (a sentence's lines are consecutive), or its row
+        and position in a table."""
+        head, _, line = self.where[i].rpartition(" line ")
+        return f"{head} line {int(line) + j}" if line.isdigit() else f"{self.where[i]}, word {j + 1}"
 
 
 def read_conll(path: str | Path, what: str) -> Sentences:
@@ -88,9 +101,7 @@ def read_conll(path: str | Path, what: str) -> Sentences:
             continue
         columns = line.split("\t") if "\t" in line else line.split()
         columns = [c.strip() for c in columns]
-        if len(columns) < 2 or not columns[-1] or not columns[0]:
-            raise TextuneError(f"{what} {path} line {n}: {line.strip()!r} has no tag; a CoNLL line is "
-                               f"`token<TAB>tag` (blank lines separate sentences)")
+        check_conll_line(columns, line, f"{what} {path} line {n}")
         if not words:
             start = n
         words.append(columns[0])
@@ -98,6 +109,51 @@ def read_conll(path: str | Path, what: str) -> Sentences:
     if not out.tokens:
         raise TextuneError(f"{what} {path} holds no sentence (one `token<TAB>tag` per line expected)")
     return out
+
+
+def check_conll_line(columns: list[str], line: str, where: str) -> None:
+    """Raises where a CoNLL line is not one word and one tag (a tag without its word, a word without its tag, a
+    tag column holding a space: `B-PER O` would become an entity type "PER O")."""
+    fix = "a CoNLL line is `token<TAB>tag` (blank lines separate sentences)"
+    one_tag = len(columns) == 1 and line[:1].isspace() and check_tag(columns[0])
+    if (len(columns) >= 2 and not columns[0] and columns[-1]) or one_tag:
+        raise TextuneError(f"{where}: the tag {columns[-1]!r} has no word before it; {fix}")
+    if len(columns) < 2 or not columns[-1] or not columns[0]:
+        raise TextuneError(f"{where}: {line.strip()!r} has no tag; {fix}")
+    if len(columns[-1].split()) > 1:
+        raise TextuneError(f"{where}: the tag {columns[-1]!r} holds a space; a tag is one word (O, B-TYPE, I-TYPE): "
+                           f"give each token its own line, and separate token and tag by one tab")
+
+
+def checked_row(words, tags, where: str, what: str, label_names: list[str] | None) -> tuple[list[str], list[str]]:
+    """One table row's words and tags, checked: non-empty strings, and tags that are BIO strings or ids that
+    data.label_names names.
+
+    Raises:
+        TextuneError: naming the row and the word's position.
+    """
+    for j, word in enumerate(words, start=1):
+        if not isinstance(word, str):
+            raise TextuneError(f"{what} {where}: word {j} is {word!r} ({type(word).__name__}); a sentence is a list of "
+                               f"words as strings")
+        if not word.strip():
+            raise TextuneError(f"{what} {where}: word {j} is empty; every word needs a character (remove the empty "
+                               f"word and its tag)")
+    out = []
+    for j, tag in enumerate(tags, start=1):
+        if isinstance(tag, int) and not isinstance(tag, bool):
+            if label_names is None:
+                raise TextuneError(f"{what} {where}: tags are integers; name them with data.label_names "
+                                   f"(e.g. [O, B-PER, I-PER, ...] in id order)")
+            if not 0 <= tag < len(label_names):
+                raise TextuneError(f"{what} {where}: tag id {tag} has no name in data.label_names "
+                                   f"({len(label_names)} names)")
+            tag = label_names[tag]
+        elif not isinstance(tag, str) or len(tag.split()) != 1:
+            raise TextuneError(f"{what} {where}: tag {j} is {tag!r}; a tag is one BIO/IOB2 word (O, B-TYPE, I-TYPE) or "
+                               f"an integer id named by data.label_names")
+        out.append(str(tag))
+    return list(words), out
 
 
 def read_tagged_table(path: str | Path, what: str, tokens_column: str, tags_column: str,
@@ -125,17 +181,9 @@ def read_tagged_table(path: str | Path, what: str, tokens_column: str, tags_colu
             raise TextuneError(f"{what} {where}: the sentence is empty; remove the row")
         if len(words) != len(tags):
             raise TextuneError(f"{what} {where}: {len(words)} tokens but {len(tags)} tags; give one tag per token")
-        if any(isinstance(t, int) for t in tags):
-            if label_names is None:
-                raise TextuneError(f"{what} {where}: tags are integers; name them with data.label_names "
-                                   f"(e.g. [O, B-PER, I-PER, ...] in id order)")
-            bad = [t for t in tags if not 0 <= t < len(label_names)]
-            if bad:
-                raise TextuneError(f"{what} {where}: tag id {bad[0]} has no name in data.label_names "
-                                   f"({len(label_names)} names)")
-            tags = [label_names[t] for t in tags]
-        out.tokens.append([str(w) for w in words])
-        out.tags.append([str(t) for t in tags])
+        words, tags = checked_row(words, tags, where, what, label_names)
+        out.tokens.append(words)
+        out.tags.append(tags)
         out.where.append(where)
     return out
 
@@ -157,8 +205,8 @@ def read_sentences(path: str, what: str, fmt: str = "auto", tokens_column: str =
 
 
 def check_tag(tag: str) -> bool:
-    """BIO / IOB2: `O`, or `B-TYPE` / `I-TYPE`."""
-    return tag == "O" or (tag[:2] in ("B-", "I-") and len(tag) > 2)
+    """BIO / IOB2: `O`, or `B-TYPE` / `I-TYPE` (one word)."""
+    return tag == "O" or (tag[:2] in ("B-", "I-") and len(tag) > 2 and len(tag.split()) == 1)
 
 
 def tag_names(train: Sentences, label_names: list[str] | None) -> list[str]:
@@ -170,12 +218,16 @@ def tag_names(train: Sentences, label_names: list[str] | None) -> list[str]:
     seen = Counter(t for tags in train.tags for t in tags)
     bad = sorted(t for t in seen if not check_tag(t))
     if bad:
-        raise TextuneError(f"data.train: tags {bad[:5]} are not BIO/IOB2 tags (O, B-TYPE, I-TYPE); convert the "
-                           f"file's tags to that scheme")
+        i, j = next((i, j) for i, tags in enumerate(train.tags) for j, t in enumerate(tags) if not check_tag(t))
+        raise TextuneError(f"data.train: tags {bad[:5]} are not BIO/IOB2 tags (O, B-TYPE, I-TYPE); the first, "
+                           f"{train.tags[i][j]!r}, is at {train.word_where(i, j)}; convert the file's tags to that "
+                           f"scheme")
     if label_names is not None:
         extra = sorted(set(seen) - set(label_names))
         if extra:
-            raise TextuneError(f"data.train: tags {extra[:5]} are not in data.label_names {label_names}")
+            i, j = next((i, j) for i, tags in enumerate(train.tags) for j, t in enumerate(tags) if t not in label_names)
+            raise TextuneError(f"data.train: tags {extra[:5]} are not in data.label_names {label_names} (the first at "
+                               f"{train.word_where(i, j)})")
         return list(label_names)
     if set(seen) <= {"O"}:
         raise TextuneError("data.train: every tag is O; a token classifier needs tagged entities (B-TYPE/I-TYPE) "
@@ -187,21 +239,28 @@ def tag_names(train: Sentences, label_names: list[str] | None) -> list[str]:
 
 def check_known_tags(split: Sentences, what: str, names: list[str]) -> None:
     known = set(names)
-    for tags, where in zip(split.tags, split.where):
-        unknown = [t for t in tags if t not in known]
+    for i, tags in enumerate(split.tags):
+        unknown = [j for j, t in enumerate(tags) if t not in known]
         if unknown:
-            raise TextuneError(f"{what} {where}: tag {unknown[0]!r} never occurs in training (training tags: "
-                               f"{', '.join(names)}); fix the tag or add examples of it to data.train")
+            raise TextuneError(f"{what} {split.word_where(i, unknown[0])}: tag {tags[unknown[0]]!r} never occurs in "
+                               f"training (training tags: {', '.join(names)}); fix the tag or add examples of it to "
+                               f"data.train")
+
+
+def orphan_positions(tags: list[str]) -> list[int]:
+    """Positions of I-TYPE tags that do not continue a B-TYPE/I-TYPE of the same type (IOB1 files, or broken
+    spans)."""
+    out, previous = [], "O"
+    for j, tag in enumerate(tags):
+        if tag.startswith("I-") and previous[2:] != tag[2:]:
+            out.append(j)
+        previous = tag
+    return out
 
 
 def orphan_inside_tags(tags: list[str]) -> int:
-    """I-TYPE tags that do not continue a B-TYPE/I-TYPE of the same type (IOB1 files, or broken spans)."""
-    count, previous = 0, "O"
-    for tag in tags:
-        if tag.startswith("I-") and previous[2:] != tag[2:]:
-            count += 1
-        previous = tag
-    return count
+    """How many I-TYPE tags do not continue a B-TYPE/I-TYPE of the same type."""
+    return len(orphan_positions(tags))
 
 
 @dataclass
@@ -215,6 +274,32 @@ class TaggedDataReport(DataReport):
 
 
 # ---------------------------------------------------------------- 2. tokenising
+
+
+def word_tokenizer(tokenizer):
+    """The tokenizer as token classification needs it (a copy where it differs; training saves it with the model
+    and the predictor applies it again to any folder):
+    - padding and truncation on the right: labels and predictions are read by position from the start of each
+      row; a tokenizer that pads on the left (Llama, Mistral, Gemma by default) would shift the shorter rows.
+    - byte-level BPE (GPT-2, RoBERTa, BART, DeBERTa v1, Longformer) with a space before every word, as run_ner.py
+      loads them (`add_prefix_space=True`): a word given alone is then encoded as it is inside a text
+      ("ĠParis", not "Paris"), so the words of a CoNLL file and of raw text get the same sub-tokens. Without it
+      transformers 5 encodes each word as if it began the text, a tokenization the model never saw."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = backend.pre_tokenizer if backend is not None else None
+    needs_space = isinstance(pre, pre_tokenizers.ByteLevel) and not pre.add_prefix_space
+    if tokenizer.padding_side == "right" and tokenizer.truncation_side == "right" and not needs_space:
+        return tokenizer
+    out = copy.deepcopy(tokenizer)
+    out.padding_side = out.truncation_side = "right"
+    out.init_kwargs.update(padding_side="right", truncation_side="right")  # what save_pretrained writes
+    if needs_space:
+        out.backend_tokenizer.pre_tokenizer.add_prefix_space = True
+        post = out.backend_tokenizer.post_processor
+        if hasattr(post, "add_prefix_space"):  # RoBERTa's: offsets then skip the added space
+            post.add_prefix_space = True
+        out.add_prefix_space = out.init_kwargs["add_prefix_space"] = True
+    return out
 
 
 def align_labels(word_ids: list[int | None], word_tags: list[int], label_all_tokens: bool,
@@ -236,7 +321,8 @@ def align_labels(word_ids: list[int | None], word_tags: list[int], label_all_tok
 def tokenize_sentences(split: Sentences, tokenizer, names: list[str], max_length: int,
                        label_all_tokens: bool) -> Dataset:
     """input_ids, attention_mask, labels and `length` (sub-tokens before truncation) per sentence, and
-    `words_cut`, the words that truncation removed."""
+    `words_cut`, the words that truncation removed. Evaluation splits are given `label_all_tokens=False`:
+    metrics are per word (its first sub-token), whatever the training labels."""
     tag_id = {n: i for i, n in enumerate(names)}
     b_to_i = [tag_id.get("I-" + n[2:], i) if n.startswith("B-") else i for i, n in enumerate(names)]
 
@@ -247,8 +333,8 @@ def tokenize_sentences(split: Sentences, tokenizer, names: list[str], max_length
         for i, tags in enumerate(batch["tags"]):
             word_ids = enc.word_ids(i)
             labels.append(align_labels(word_ids, [tag_id[t] for t in tags], label_all_tokens, b_to_i))
-            kept = len({w for w in word_ids if w is not None})
-            cut.append(len(tags) - kept)
+            kept = {w for w in word_ids if w is not None}
+            cut.append(len({w for w in full.word_ids(i) if w is not None} - kept))
         return {**enc, "labels": labels, "length": [len(ids) for ids in full["input_ids"]], "words_cut": cut}
 
     ds = Dataset.from_dict({"tokens": split.tokens, "tags": split.tags})
@@ -299,30 +385,70 @@ def group_entities(words: list[tuple[str, float, int, int]]) -> list[dict]:
     return entities
 
 
+def words_of_windows(windows: list[tuple[list, list, np.ndarray]], step: int) -> dict[int, tuple[np.ndarray, int, int]]:
+    """word -> (tag probabilities, start, end) of one input from its windows in order, each (word ids, offsets,
+    probabilities per sub-token). Window k's sub-token j (counting words' sub-tokens only) is sub-token
+    `k * step + j` of the whole input: the tokenizer's windows move by `step`, room minus stride. A word takes
+    the tag of its first sub-token, read in the window where that sub-token has the most context on the sides
+    a window cuts; start: its first sub-token's, end: its last sub-token's."""
+    best: dict[int, tuple] = {}  # word -> (index in the input, -context, window, position)
+    ends: dict[int, int] = {}
+    for k, (word_ids, offsets, _) in enumerate(windows):
+        content = [t for t, w in enumerate(word_ids) if w is not None]
+        for j, t in enumerate(content):
+            left = j if k > 0 else len(content)
+            right = len(content) - 1 - j if k < len(windows) - 1 else len(content)
+            key = (k * step + j, -min(left, right), k, t)
+            word = word_ids[t]
+            best[word] = min(best.get(word, key), key)
+            ends[word] = max(ends.get(word, 0), offsets[t][1])
+    return {word: (windows[k][2][t], windows[k][1][t][0], ends[word]) for word, (_, _, k, t) in best.items()}
+
+
 class TokenClassifierPredictor(ModelPredictor):
     """A loaded token classifier. `predict(["Empire State Building"])` ->
     `[{"entities": [{"entity": "facility", "text": ..., "start": 0, "end": 21, "score": ...}]}]`; given word
-    lists instead of strings, `[{"tags": [...]}]`, one tag per word (words cut by truncation get `O`)."""
+    lists instead of strings, `[{"tags": [...]}]`, one tag per word. Inputs longer than max_length sub-tokens
+    are read in windows overlapping by a quarter (`words_of_windows` merges them), so no word goes unread."""
 
     task = "token-classification"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._check_fast()
+        self._configure()
 
-    def _check_fast(self) -> None:
+    @classmethod
+    def around(cls, model, tokenizer, batch_size: int = 64, max_length: int | None = None, device=None, folder=None):
+        self = super().around(model, tokenizer, batch_size, max_length, device, folder)
+        self._configure()
+        return self
+
+    def _configure(self) -> None:
+        """Refuse a model of another task or a slow tokenizer; set the tokenizer up as training did."""
+        config = self.config  # the saved model's (a registry's model in memory may hold another adapter's)
+        architectures = getattr(config, "architectures", None)
+        if architecture_of(architectures) not in (None, *TASKS[self.task].architectures):
+            other = task_of_architecture(architectures, getattr(config, "problem_type", None))
+            raise TextuneError(f"{self.run_dir or getattr(self, 'model_dir', 'the model')} holds a {other} model, not "
+                               f"a {self.task} one; load it with textune.tasks.load_predictor(path), which picks the "
+                               f"predictor of its task")
         if not getattr(self.tokenizer, "is_fast", False):
             raise TextuneError("token classification needs a fast tokenizer (word ids and character offsets); this "
                                "model's tokenizer is a slow one")
+        self.tokenizer = word_tokenizer(self.tokenizer)
+        room = self.max_length - self.tokenizer.num_special_tokens_to_add(pair=False)
+        self.stride = max(0, room // 4)
+        self.step = room - self.stride
 
     @torch.inference_mode()
-    def word_probabilities(self, inputs: list, split_into_words: bool):
-        """Per input: the tokenizer's encoding and the softmax over tags of every sub-token."""
-        enc = self.tokenizer(inputs, is_split_into_words=split_into_words, truncation=True,
-                             max_length=self.max_length, return_offsets_mapping=True)
+    def window_probabilities(self, inputs: list, split_into_words: bool):
+        """The tokenizer's windows of the inputs (max_length sub-tokens, overlapping by `stride`) and the softmax
+        over tags of every sub-token of each window."""
+        enc = self.tokenizer(inputs, is_split_into_words=split_into_words, truncation=True, max_length=self.max_length,
+                             stride=self.stride, return_overflowing_tokens=True, return_offsets_mapping=True)
         order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
-        probs: list = [None] * len(inputs)
-        keys = [k for k in enc.keys() if k != "offset_mapping"]
+        probs: list = [None] * len(enc["input_ids"])
+        keys = [k for k in enc.keys() if k not in ("offset_mapping", "overflow_to_sample_mapping")]
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             batch = self.tokenizer.pad([{k: enc[k][i] for k in keys} for i in idx], return_tensors="pt")
@@ -335,25 +461,24 @@ class TokenClassifierPredictor(ModelPredictor):
         if not inputs:
             return []
         split = isinstance(inputs[0], list)
-        enc, probs = self.word_probabilities(inputs, split)
+        enc, probs = self.window_probabilities(inputs, split)
+        windows: list[list] = [[] for _ in inputs]
+        for w, i in enumerate(enc["overflow_to_sample_mapping"]):
+            windows[i].append((enc.word_ids(w), enc["offset_mapping"][w], probs[w]))
         out = []
-        for i, p in enumerate(probs):
-            words: dict[int, list] = {}  # word -> [tag, score, start, end], from its first sub-token
-            for t, word in enumerate(enc.word_ids(i)):
-                if word is None:
-                    continue
-                start, end = enc["offset_mapping"][i][t]
-                if word not in words:
-                    best = int(p[t].argmax())
-                    words[word] = [self.label_names[best], float(p[t, best]), start, end]
-                else:
-                    words[word][3] = end
+        for i, text in enumerate(inputs):
+            words = {}  # word -> (tag, score, start, end)
+            for word, (p, start, end) in words_of_windows(windows[i], self.step).items():
+                best = int(p.argmax())
+                if not split:  # byte-level BPE offsets may hold the space before a word (GPT-2's do)
+                    start += len(text[start:end]) - len(text[start:end].lstrip())
+                words[word] = (self.label_names[best], float(p[best]), start, end)
             if split:
-                out.append({"tags": [words[w][0] if w in words else "O" for w in range(len(inputs[i]))]})
+                out.append({"tags": [words[w][0] if w in words else "O" for w in range(len(text))]})
                 continue
-            entities = group_entities([tuple(words[w]) for w in sorted(words)])
+            entities = group_entities([words[w] for w in sorted(words)])
             for e in entities:
-                e["text"] = inputs[i][e["start"]:e["end"]]
+                e["text"] = text[e["start"]:e["end"]]
                 e["score"] = round(e["score"], 6)
             out.append({"entities": [{k: e[k] for k in ("entity", "text", "start", "end", "score")}
                                      for e in entities]})
@@ -440,8 +565,14 @@ class TokenClassificationInputs(TaskInputs):
 
 class TokenClassification(Task):
     name = "token-classification"
-    serve_endpoint = "entities"
-    serve_description = "Named-entity recognition"
+    serve_paths = ("/v1/entities",)
+    serve_adapters = True
+
+    def router(self, ctx):
+        return entities_router(ctx)
+
+    def serve_description(self, predictor) -> str:
+        return "a token classifier (named-entity recognition)"
     predictor_class = TokenClassifierPredictor
 
     def read_splits(self, cfg) -> tuple[dict, list[str]]:
@@ -487,7 +618,8 @@ class TokenClassification(Task):
         for split, s in splits.items():
             orphans = sum(orphan_inside_tags(tags) for tags in s.tags)
             if orphans:
-                first = next(w for tags, w in zip(s.tags, s.where) if orphan_inside_tags(tags))
+                i, j = next((i, orphan_positions(tags)[0]) for i, tags in enumerate(s.tags) if orphan_positions(tags))
+                first = s.word_where(i, j)
                 findings.append(Finding("scheme", orphans, f"{split}: {orphans} I- tags do not continue a B- or I- of "
                                                            f"their type (first at {first}); IOB1 files need converting "
                                                            f"to IOB2, where every entity starts with B-"))
@@ -508,9 +640,16 @@ class TokenClassification(Task):
                                             f"train", examples=leaked[:3], strict_error=True))
         return TaggedDataReport({k: len(s.tokens) for k, s in splits.items()}, balance, findings, notes)
 
+    def _tokenizer(self, cfg, model_path: str):
+        tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, for_classifier=True)
+        if not getattr(tokenizer, "is_fast", False):
+            raise TextuneError(f"model.name: {model_path} has no fast tokenizer, which token classification needs "
+                               f"(word ids of sub-tokens)")
+        return word_tokenizer(tokenizer)
+
     def check_data(self, cfg) -> DataReport:
         splits, names = self.read_splits(cfg)
-        tokenizer = load_tokenizer(resolve_model(cfg.model.name), cfg.model.trust_remote_code)
+        tokenizer = self._tokenizer(cfg, resolve_model(cfg.model.name))
         cut = {k: int(sum(tokenize_sentences(s, tokenizer, names, cfg.model.max_length, False)["words_cut"]))
                for k, s in splits.items()}
         return self.data_report(splits, cut)
@@ -520,11 +659,10 @@ class TokenClassification(Task):
 
         splits, names = self.read_splits(cfg)
         model_path = resolve_model(cfg.model.name)
-        tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, for_classifier=True)
-        if not getattr(tokenizer, "is_fast", False):
-            raise TextuneError(f"model.name: {model_path} has no fast tokenizer, which token classification needs "
-                               f"(word ids of sub-tokens)")
-        tokenized = {k: tokenize_sentences(s, tokenizer, names, cfg.model.max_length, cfg.data.label_all_tokens)
+        tokenizer = self._tokenizer(cfg, model_path)
+        # Only training takes data.label_all_tokens: evaluation always scores words by their first sub-token.
+        tokenized = {k: tokenize_sentences(s, tokenizer, names, cfg.model.max_length,
+                                           cfg.data.label_all_tokens and k == "train")
                      for k, s in splits.items()}
         words_cut = {k: int(sum(ds["words_cut"])) for k, ds in tokenized.items()}
         tokenized = {k: ds.remove_columns("words_cut") for k, ds in tokenized.items()}
@@ -541,7 +679,7 @@ class TokenClassification(Task):
     def read_inputs(self, source: str, columns: dict, predictor):
         """Raw texts (stdin, .txt, or a table's text column) -> entities; tagged files (CoNLL, or a table with a
         tokens column) -> a tag per word."""
-        from textune.infer import read_inputs
+        from textune.infer import read_inputs, text_echo
 
         tokens_column = columns.get("tokens_column") or "tokens"
         if is_conll(source, columns.get("format") or "auto"):
@@ -550,13 +688,18 @@ class TokenClassification(Task):
         if source != "-" and not source.endswith(".txt"):
             table = read_table(source, "input")
             if tokens_column in table.column_names:
-                words = [[str(w) for w in row] for row in table[tokens_column]]
+                rows = table[tokens_column]
+                bad = next((i for i, row in enumerate(rows, start=1) if not isinstance(row, list)), None)
+                if bad is not None:
+                    raise TextuneError(f"input {source} row {bad}: {tokens_column!r} must hold a list of words, got "
+                                       f"{rows[bad - 1]!r}; give raw text in a 'text' column instead")
+                words = [[str(w) for w in row] for row in rows]
                 return (words,), [{"tokens": w} for w in words]
-        texts, _ = read_inputs(source, columns.get("text_column") or "text")
-        return (texts,), [{"text": t} for t in texts]
+        texts, _ = read_inputs(source, columns.get("text_column") or "text", keep_blank_lines=True)
+        return (texts,), text_echo(texts, source)  # a blank line: an empty output row (infer.BlankLine)
 
     def evaluate_file(self, predictor, path: str, columns: dict) -> dict:
-        """Entity metrics of `predictor` on a tagged file (words cut by truncation count as predicted O)."""
+        """Entity metrics of `predictor` on a tagged file (long sentences are read in windows, every word scored)."""
         gold = read_sentences(path, "--data", columns.get("format") or "auto", columns.get("tokens_column") or "tokens",
                               columns.get("tags_column") or "tags", columns.get("label_names"))
         check_known_tags(gold, "--data", predictor.label_names)
@@ -572,7 +715,7 @@ class TokenClassification(Task):
         return "\n".join(rows)
 
     def report_sections(self, run: Path, metrics: dict | None, stats: dict | None):
-        from textune import report
+        from textune import report_html as report
 
         v = (metrics or {}).get("validation") or {}
         cards = [("entity F1", report.fmt(v.get("f1"))), ("precision", report.fmt(v.get("precision"))),
@@ -592,8 +735,28 @@ class TokenClassification(Task):
         else:
             out.append(report.missing_html("metrics", "metrics.json is missing (the run has not finished)"))
         out.append("</section>")
+        out.append(entity_balance_html((stats or {}).get("entity_counts") or {}))
         out.append(confusions_html(rows) + worst_sentences_html(rows))
         return cards, "".join(out)
+
+
+def entity_balance_html(counts: dict[str, dict[str, int]]) -> str:
+    """Entities per type in each split (data_stats.json's entity_counts), with each type's share."""
+    from textune import report_html as report
+
+    out = ['<section id="entity-balance"><h2>Label balance: entities per type</h2>']
+    if not counts:
+        return "".join(out) + report.missing_html("entity counts", "data_stats.json has no entity_counts") + "</section>"
+    out.append('<table><tr><th class="l">split</th><th class="l">type</th><th>entities</th><th>share</th>'
+               '<th class="l"></th></tr>')
+    for split, types in counts.items():
+        total = sum(types.values()) or 1
+        for i, (name, n) in enumerate(sorted(types.items(), key=lambda item: -item[1])):
+            out.append(f'<tr><td class="l">{report.esc(split) if i == 0 else ""}</td><td class="l">{report.esc(name)}'
+                       f'</td><td>{n:,}</td><td>{n / total:.1%}</td><td class="l"><div class="bar"><span style="width:'
+                       f'{100 * n / total:.1f}%"></span></div></td></tr>')
+    out.append("</table></section>")
+    return "".join(out)
 
 
 def span_confusions(gold: list[str], pred: list[str]) -> Counter:
@@ -607,7 +770,7 @@ def span_confusions(gold: list[str], pred: list[str]) -> Counter:
 
 
 def confusions_html(rows: list[dict]) -> str:
-    from textune import report
+    from textune import report_html as report
 
     out = ['<section id="confusions"><h2>Which types are confused with which</h2>']
     if not rows:
@@ -643,7 +806,7 @@ def marked_html(words: list[str], tags: list[str]) -> str:
 
 
 def worst_sentences_html(rows: list[dict], shown: int = 12) -> str:
-    from textune import report
+    from textune import report_html as report
 
     out = ['<section id="errors"><h2>Validation sentences with the most entity errors</h2>']
     if not rows:
@@ -664,3 +827,61 @@ def worst_sentences_html(rows: list[dict], shown: int = 12) -> str:
 
 
 TASK = TokenClassification()
+
+
+# ------------------------------ export
+
+
+def token_tags(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The tag of each real token (padding is never read)."""
+    return logits[mask].argmax(-1)
+
+
+TokenClassification.export_spec = ExportSpec(per_token=True, decide=token_tags, decisions="token tags")
+
+
+# ------------------------------ serving
+
+
+def entities_models() -> tuple[type, type]:
+    """(request, response) of POST /v1/entities; pydantic is imported here, so training never loads it."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class EntitiesRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        texts: list[str] = Field(min_length=1, description="texts to find entities in",
+                                 examples=[["Empire State Building in New York"]])
+        adapter: str | None = Field(None, description="adapter of the registry to use; empty = the base model")
+
+    class Entity(BaseModel):
+        entity: str = Field(description="entity type (the tag without its B-/I- prefix)")
+        text: str = Field(description="the entity as it stands in the input: text[start:end]")
+        start: int = Field(description="character offset of the first character")
+        end: int = Field(description="character offset after the last character")
+        score: float = Field(description="mean probability of the predicted tags of its words")
+
+    class EntitiesResult(BaseModel):
+        entities: list[Entity]
+
+    class EntitiesResponse(BaseModel):
+        model: str
+        adapter: str | None
+        results: list[EntitiesResult] = Field(description="one per input text, in the input order")
+
+    return EntitiesRequest, EntitiesResponse
+
+
+def entities_router(ctx):
+    """POST /v1/entities: the entities of each text, micro-batched."""
+    request, response = entities_models()
+    router = ctx.router()
+
+    async def entities(req) -> dict:
+        """The entities of each text: type, text, character offsets and score."""
+        ctx.check_texts(req.texts)
+        ctx.check_adapter(req.adapter)
+        results = await ctx.batched(req.texts, None, req.adapter)
+        return {"model": ctx.model_name, "adapter": req.adapter, "results": results}
+
+    ctx.post(router, "/v1/entities", entities, request, response)
+    return router
