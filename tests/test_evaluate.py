@@ -10,6 +10,12 @@ def test_headline():
         "loss 0.5000, accuracy 0.9000, f1 0.8000, f1_macro 0.7000"
 
 
+def test_headline_shows_the_runs_metric_where_the_usual_ones_miss_it():
+    metrics = {"loss": 0.5, "accuracy": 0.9, "mcc": 0.25}
+    assert headline(metrics, "mcc") == "loss 0.5000, accuracy 0.9000, mcc 0.2500"
+    assert headline(metrics, "accuracy") == headline(metrics) == "loss 0.5000, accuracy 0.9000"
+
+
 def test_glue_metrics_are_selectable():
     from textune.config import load_config
 

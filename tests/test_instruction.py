@@ -92,9 +92,9 @@ def test_packing_gives_the_loss_of_the_unpacked_examples(chat_lm):
     assert len(packed) == 1 and packed[0]["position_ids"].count(0) == 3
     unpacked = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)(list(ds.remove_columns(["length"])))
     with torch.no_grad():
-        plain = answer_loss(model, dict(unpacked))
-        together = answer_loss(model, PackedCollator(tokenizer.pad_token_id)([packed[0]]))
-    assert together.item() == pytest.approx(plain.item(), rel=1e-5)
+        plain, plain_tokens = answer_loss(model, dict(unpacked))
+        together, together_tokens = answer_loss(model, PackedCollator(tokenizer.pad_token_id)([packed[0]]))
+    assert together_tokens == plain_tokens and together.item() == pytest.approx(plain.item(), rel=1e-5)
 
 
 def test_the_loss_from_answer_logits_alone_is_the_models_own_loss(chat_lm):
@@ -105,7 +105,9 @@ def test_the_loss_from_answer_logits_alone_is_the_models_own_loss(chat_lm):
     ds, _ = tokenize_conversations([CHAT, CHAT[1:3]], tokenizer, 256, "assistant")
     batch = dict(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)(list(ds.remove_columns(["length"]))))
     with torch.no_grad():
-        assert answer_loss(model, batch).item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+        loss_sum, tokens = answer_loss(model, batch)  # summed per token: the loop divides by the step's count
+        assert tokens == (batch["labels"][:, 1:] != -100).sum().item()
+        assert (loss_sum / tokens).item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
 
 
 def test_per_row_answer_losses_sum_to_each_conversations_own_loss(chat_lm):
@@ -351,3 +353,28 @@ def test_json_errors_count_lines_from_one_as_editors_do(tmp_path, name, text, me
     path.write_text(text, encoding="utf-8")
     with pytest.raises(TextuneError, match=rf"could not read data.train file .*{name} as JSON: {message}"):
         read_conversations(str(path), DataConfig(), "data.train")
+
+
+# ---------------------------------------------------------------- a merged run (issue 30)
+
+
+def test_a_merged_lora_run_keeps_its_system_prompt_and_says_text_generation(llama, tmp_path, capsys):
+    from textune.cli import main
+    from textune.tasks.language_modeling import load_causal_predictor
+
+    system = "you are a helpful assistant"
+    run = tmp_path / "run"
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    overrides = instruction_overrides(llama, data, data, run, **{"tuning.method": "lora", "tuning.r": 4,
+                                                                 "train.max_steps": 2, "data.system_prompt": system})
+    assert main(["train", str(write_config(tmp_path / "c.yaml", overrides))]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(run)]) == 0
+    assert "transformers.pipeline('text-generation'" in capsys.readouterr().out  # not the task's fill-mask
+    question = [{"role": "user", "content": "what is two plus three"}]
+    replies = []
+    for folder in (run, run / "merged"):
+        predictor = load_causal_predictor(folder)
+        assert predictor.system_prompt == system
+        replies.append(predictor.chat(question, max_new_tokens=6, temperature=0))
+    assert replies[0].text == replies[1].text and replies[0].prompt_tokens == replies[1].prompt_tokens

@@ -160,3 +160,36 @@ def test_decoder_without_pad_or_eos_token_is_refused_before_the_run_folder(tmp_p
                                            r"end-of-sequence token to pad with"):
         train(load_config(None, toy_overrides(folder, toy_data, tmp_path / "run")))
     assert not (tmp_path / "run").exists()
+
+
+def test_inference_max_length_stays_inside_the_position_table(tiny_model):
+    from transformers import AutoConfig, RobertaConfig
+
+    from textune.models import inference_max_length
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    tokenizer.model_max_length = int(1e30)  # saved without a limit, as many tokenizers are
+    config = AutoConfig.from_pretrained(tiny_model)  # 64 positions
+    assert inference_max_length(tokenizer) == 512  # nothing says otherwise
+    assert inference_max_length(tokenizer, config=config) == 64
+    assert inference_max_length(tokenizer, None, 256, config=config) == 64
+    assert inference_max_length(tokenizer, 32, 256, config=config) == 32
+    # RoBERTa's positions start after the padding index: 66 rows, 64 usable
+    roberta = RobertaConfig(max_position_embeddings=66, pad_token_id=1)
+    assert inference_max_length(tokenizer, config=roberta) == 64
+    tokenizer.model_max_length = 48
+    assert inference_max_length(tokenizer, config=config) == 48
+
+
+def test_bare_model_folder_predicts_within_its_position_table(tmp_path, tiny_model):
+    from textune.tasks.classification import ClassifierPredictor
+
+    folder = tmp_path / "bare"
+    model = load_classifier(str(tiny_model), ["neg", "pos"])
+    model.save_pretrained(folder)
+    tokenizer = load_tokenizer(str(tiny_model))
+    tokenizer.model_max_length = int(1e30)
+    tokenizer.save_pretrained(folder)
+    predictor = ClassifierPredictor(folder)
+    assert predictor.max_length == 64
+    assert len(predictor.predict([" ".join(["good"] * 300)])) == 1  # 300 words: cut at 64, no index error

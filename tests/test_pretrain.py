@@ -201,7 +201,7 @@ def test_clm_pretrain_from_scratch_lowers_loss(tiny_model, corpus, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(run / "model").config.model_type == "gpt2"
 
 
-def test_lora_clm_on_a_pretrained_gpt2_trains_a_causal_lm_adapter(tiny_model, corpus, tmp_path):
+def test_lora_clm_on_a_pretrained_gpt2_trains_a_causal_lm_adapter(tiny_model, corpus, tmp_path, capsys):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     base = tmp_path / "gpt2"
@@ -216,6 +216,9 @@ def test_lora_clm_on_a_pretrained_gpt2_trains_a_causal_lm_adapter(tiny_model, co
     assert adapter["task_type"] == "CAUSAL_LM" and set(adapter["target_modules"]) == {"c_attn"}
     losses = eval_losses(run)
     assert losses[-1] < losses[0]
+    capsys.readouterr()
+    assert main(["merge", str(run)]) == 0  # the merged causal LM's pipeline, not the task's fill-mask
+    assert "transformers.pipeline('text-generation'" in capsys.readouterr().out
 
 
 def test_nsp_pairs_train_bert_pretraining_heads(tiny_model, corpus, tmp_path):
@@ -286,3 +289,26 @@ def test_cli_keeps_pretrain_and_train_configs_apart(tiny_model, corpus, toy_data
     assert main(["pretrain", write_config(tmp_path / "c.yaml", bad)]) == 2
     assert "pretrain.corpus: file not found" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_the_training_loss_per_token_is_the_models_own_loss_as_a_sum_and_a_count(objective, tmp_path):
+    """The loop divides the sum by the count of the whole step (all processes, all micro-batches): for one
+    batch that is the model's own loss, a mean per masked or next token."""
+    from conftest import build_tiny_lm
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    from textune.tasks.language_modeling import predicted_token_loss
+
+    folder = build_tiny_lm(tmp_path / objective, objective)
+    model = (AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM).from_pretrained(folder).eval()
+    ids = torch.randint(5, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    if objective == "mlm":
+        labels[torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) > 0.3] = -100  # a few per row
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        loss_sum, tokens = predicted_token_loss(model, batch, causal=objective == "clm")
+        own = model(**batch).loss
+    expected = (labels != -100).sum() if objective == "mlm" else 3 * 11  # causal: each token predicts the next
+    assert tokens.item() == expected
+    assert (loss_sum / tokens).item() == pytest.approx(own.item(), rel=1e-5)

@@ -98,7 +98,9 @@ def test_cli_push_creates_a_private_repo_and_uploads_the_model_and_its_card(trai
     assert sent(hub, "/api/models/me/toy-sentiment/preupload/main")
     files = committed_files(hub)
     model = trained_run / "model"
-    assert set(files) == {p.name for p in model.iterdir()}
+    # the model folder, and beside it the run files the predictor reads (one commit)
+    assert set(files) == {p.name for p in model.iterdir()} | {"config.yaml", "metrics.json", "data_stats.json"}
+    assert files["config.yaml"] == (trained_run / "config.yaml").read_bytes()
     assert {"README.md", "model.safetensors", "config.json", "tokenizer.json"} <= set(files)
     assert files["README.md"] == (model / "README.md").read_bytes()
     (validated,) = [json.loads(body) for _, _, body in sent(hub, "/api/validate-yaml")]
@@ -158,3 +160,19 @@ def test_an_unreachable_hub_is_one_line(trained_run, online, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens there
     with pytest.raises(TextuneError, match=r"could not reach the Hub at http://127.0.0.1:9: .*check the network"):
         push_run(trained_run, "me/toy")
+
+
+def test_the_pushed_repository_predicts_as_the_run(trained_run, hub, online, tmp_path):
+    from textune.tasks import load_predictor, task_of
+
+    push_run(trained_run, "me/toy")
+    downloaded = tmp_path / "me--toy"  # the repository as a download (snapshot_download) lays it out
+    downloaded.mkdir()
+    for name, data in committed_files(hub).items():
+        (downloaded / name).parent.mkdir(parents=True, exist_ok=True)
+        (downloaded / name).write_bytes(data)
+    assert task_of(downloaded) == task_of(trained_run)
+    texts = ["a good film", " ".join(["bad"] * 60)]  # the second is cut at the run's model.max_length (32)
+    pushed, run = load_predictor(downloaded), load_predictor(trained_run)
+    assert pushed.max_length == run.max_length == 32
+    assert pushed.predict(texts) == run.predict(texts)

@@ -115,3 +115,57 @@ def test_report_renders_in_headless_chromium(trained_run, tmp_path):
     r = parse(dom)
     assert "Most confidently wrong validation examples" in " ".join(r.text)
     assert len(r.images) == 5 and all(src.startswith("data:image/png;base64,") for src in r.images)
+
+
+# ---------------------------------------------------------------- what a task reads: data and config sections
+
+
+@pytest.fixture(scope="module")
+def ner_run(tiny_model, tmp_path_factory):
+    from test_token_classification import ner_overrides, write_conll
+    from textune.config import load_config
+    from textune.train import train
+
+    d = tmp_path_factory.mktemp("ner-report")
+    data = {"train": write_conll(d / "train.conll", 40, seed=1), "validation": write_conll(d / "val.conll", 12, seed=2)}
+    return train(load_config(None, ner_overrides(tiny_model, data, d / "ner", **{"train.max_steps": 3})))
+
+
+def config_rows(page: str) -> dict[str, tuple[str, str]]:
+    """section.key -> (row class: changed or default, the value shown) of the report's config panel."""
+    import re
+
+    config = page[page.index('<section id="config">'):]
+    rows = {}
+    for section, table in re.findall(r"<h3>([^<]+)</h3><table>(.*?)</table>", config):
+        for kind, key, value in re.findall(r'<tr class="(\w+)"><td class="k">([^<]+)</td><td class="v">([^<]*)</td>',
+                                           table):
+            rows[f"{section}.{key}"] = (kind, value)
+    return rows
+
+
+def test_an_ner_report_has_no_empty_label_table_and_shows_the_ner_config(ner_run):
+    page = build_report(ner_run)
+    assert "Label balance: entities per type" in page  # the task's own balance, entities per type
+    assert "<h3>Label balance</h3>" not in page  # no generic table: NER writes no label_counts
+    assert "Token lengths" in page
+    rows = config_rows(page)
+    assert {"data.tokens_column", "data.tags_column", "data.label_all_tokens", "train.lr", "run.task"} <= set(rows)
+    other_tasks = {"data.label_scale", "data.label_separator", "data.doc_stride", "data.system_prompt",
+                   "train.class_weights", "train.threshold", "train.loss_on", "eval.max_new_tokens",
+                   "model.chat_template", "pretrain.objective"}
+    assert not other_tasks & set(rows)
+    assert not any(key.startswith("pretrain.") for key in rows)
+    assert rows["train.lr"] == ("changed", "0.005") and rows["train.max_steps"] == ("changed", "3")
+    assert rows["train.weight_decay"] == ("default", "0.01") and rows["data.label_all_tokens"][0] == "default"
+    assert rows["train.metric"] == ("default", "f1")  # the task's headline, filled in by training, is its default
+    assert "default 5.0e-05" in page  # a changed value names its default
+
+
+def test_a_classifier_report_shows_its_own_keys_and_label_table(trained_run):
+    page = build_report(trained_run)
+    assert "<h3>Label balance</h3>" in page
+    rows = config_rows(page)
+    assert "train.class_weights" in rows and "data.label_column" in rows
+    assert not {"data.tokens_column", "data.doc_stride", "data.label_scale", "eval.generate_samples"} & set(rows)
+    assert rows["model.max_length"] == ("changed", "32") and rows["train.scheduler"] == ("default", "linear")

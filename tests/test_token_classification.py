@@ -439,6 +439,22 @@ def test_long_texts_are_read_in_windows(ner_run):
     assert all(text[e["start"]:e["end"]] == e["text"] for e in entities)
 
 
+def test_serve_reads_texts_longer_than_max_chars_whole(ner_run):
+    from fastapi.testclient import TestClient
+
+    from textune.serving import ServeSettings, create_app
+
+    predictor = get_task("token-classification").load_predictor(ner_run)
+    text = " ".join(["the film was"] * 40 + ["awful"])  # past --max-chars and past the first window
+    with TestClient(create_app(predictor, ServeSettings(max_chars=100), "ner")) as client:
+        r = client.post("/v1/entities", json={"texts": [text]})
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]["entities"] == predictor.predict([text])[0]["entities"]
+        assert ("NEG", "awful") in [(e["entity"], e["text"]) for e in r.json()["results"][0]["entities"]]
+        r = client.post("/v1/entities", json={"texts": [text] * 65})  # --max-texts still holds
+        assert r.status_code == 413
+
+
 def test_predictors_load_from_runs_and_model_folders_and_refuse_other_tasks(ner_run, trained_run):
     from textune.tasks import load_predictor
     from textune.tasks.token_classification import TokenClassifierPredictor

@@ -264,6 +264,53 @@ def test_accumulated_micro_batches_train_like_one_big_batch_with_a_partial_last_
     assert max((a[k] - b[k]).abs().max().item() for k in a if not k.endswith("attention.self.key.bias")) < 1e-5
 
 
+
+def instruction_rows(n: int) -> list[dict]:
+    """Conversations whose answers have 1 to 6 words, so micro-batches and process shares of one step hold
+    different numbers of answer tokens."""
+    words = "you are a helpful assistant answer the question what is two plus three five yes no".split()
+    return [{"instruction": " ".join(words[i % 7:i % 7 + 2 + i % 5]),
+             "output": " ".join(words[i % 4:i % 4 + 1 + i % 6])} for i in range(n)]
+
+
+def test_accumulated_instruction_micro_batches_weigh_every_answer_token_the_same(tmp_path, monkeypatch):
+    """Batch 8 against 2 accumulated micro-batches of 4, for instruction tuning: the step's loss is the sum over
+    its answer tokens divided by their count over the whole step, as transformers' `num_items_in_batch`, not
+    the mean of the micro-batches' own means (which under-weighs a micro-batch with more answer tokens).
+    Tolerance as in the test above; the per-micro-batch mean, run as a third case, is 100 times further off."""
+    from conftest import build_tiny_chat_lm, write_jsonl
+    from textune.tasks.instruction import InstructionInputs, answer_loss
+
+    model = build_tiny_chat_lm(tmp_path / "model")
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_rows(32))
+
+    def run(name: str, batch: int, accumulate: int) -> tuple[list[float], dict]:
+        over = {"task": "instruction", "model.name": str(model), "model.max_length": 64, "data.train": str(data),
+                "data.validation": str(data), "train.max_steps": 4, "train.batch_size": batch,
+                "train.gradient_accumulation_steps": accumulate, "train.lr": 1e-3, "train.logging_steps": 1,
+                "train.group_by_length": False, "train.warmup_ratio": 0.0, "train.mixed_precision": "no",
+                "train.load_best_at_end": False, "eval.generate_samples": 0, "output_dir": str(tmp_path / name)}
+        folder = train(load_config(None, over))
+        return [r["loss"] for r in read_history(folder) if r["type"] == "train"], load_file(
+            folder / "model" / "model.safetensors")
+
+    def max_difference(a: dict, b: dict) -> float:
+        return max((a[k] - b[k]).abs().max().item() for k in a)
+
+    big, big_weights = run("big", 8, 1)
+    accumulated, accumulated_weights = run("accumulated", 4, 2)
+    assert len(big) == len(accumulated) == 4
+    assert big == pytest.approx(accumulated, abs=1e-5)
+    assert max_difference(big_weights, accumulated_weights) < 1e-5
+
+    def mean_per_micro_batch(model, batch):  # the weighting before: each micro-batch's own mean per token
+        loss_sum, tokens = answer_loss(model, batch)
+        return loss_sum / tokens
+
+    monkeypatch.setattr(InstructionInputs, "loss_fn", staticmethod(mean_per_micro_batch))
+    _, unweighted = run("unweighted", 4, 2)
+    assert max_difference(big_weights, unweighted) > 1e-3
+
 def test_off_a_terminal_progress_is_one_plain_line_per_logging_step(tiny_model, toy_data, tmp_path):
     import subprocess
     import sys

@@ -1,9 +1,10 @@
-"""Parameter-efficient fine-tuning on PEFT: LoRA, prefix tuning and IA3; adapter runs; many adapters on one base.
+"""Parameter-efficient fine-tuning on PEFT: LoRA (with DoRA, rsLoRA, LoRA+), AdaLoRA, QLoRA, prefix tuning and IA3;
+adapter runs; many adapters on one base.
 
 A PEFT run saves only its adapter in RUN/model: `adapter_config.json` (which names the base model) and
 `adapter_model.safetensors` (the adapter and the classification head, a few MB), beside the tokenizer and
 the classifier's `config.json` (its labels). Loading it loads the base model first, then the adapter.
-`merge_adapter` folds a LoRA/IA3 adapter into a plain transformers model. An `AdapterRegistry` is a folder
+`merge_adapter` folds a LoRA/AdaLoRA/IA3 adapter into a plain transformers model. An `AdapterRegistry` is a folder
 of named adapters trained on one base model; `AdapterPredictor` loads that base once and switches adapters.
 """
 
@@ -14,12 +15,14 @@ import re
 import shutil
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from peft import (IA3Config, LoraConfig, PeftConfig, PeftModel, PeftModelForQuestionAnswering, PrefixTuningConfig,
-                  TaskType, get_peft_model)
+from peft import (AdaLoraConfig, IA3Config, LoraConfig, PeftConfig, PeftModel, PeftModelForQuestionAnswering,
+                  PrefixTuningConfig, TaskType, get_peft_model)
 from peft.utils import (
+    TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
@@ -31,7 +34,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from textune.atomic import replace_atomically
-from textune.config import TuningConfig
+from textune.config import QLORA_UNAVAILABLE, TuningConfig
 from textune.errors import TextuneError
 from textune.model_card import write_model_card
 from textune.models import (HEAD_MODULE_NAMES, auto_model_class, copy_prediction_files, inference_device,
@@ -39,11 +42,12 @@ from textune.models import (HEAD_MODULE_NAMES, auto_model_class, copy_prediction
                             saved_run_config)
 from textune.tasks import DEFAULT_TASK, SEQUENCE_HEAD, architecture_of, get_task, task_of
 
-PEFT_METHODS = ("lora", "prefix", "ia3")
+PEFT_METHODS = ("lora", "adalora", "qlora", "prefix", "ia3")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REGISTRY_INDEX = "registry.json"
-PEFT_TYPE_METHODS = {"LORA": "lora", "PREFIX_TUNING": "prefix", "IA3": "ia3"}  # PEFT's names -> tuning.method
+# PEFT's names -> tuning.method (QLoRA, DoRA and rsLoRA save LORA adapters)
+PEFT_TYPE_METHODS = {"LORA": "lora", "ADALORA": "adalora", "PREFIX_TUNING": "prefix", "IA3": "ia3"}
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # PEFT keys modules by adapter name: no dots
 
 
@@ -51,13 +55,16 @@ ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # PEFT keys modules b
 
 
 def apply_peft(model: PreTrainedModel, tuning: TuningConfig) -> PeftModel:
-    """Wrap a classifier for `tuning.method` lora, prefix or ia3; the classification head trains too.
+    """Wrap a classifier for a PEFT `tuning.method` (see `PEFT_METHODS`); the classification head trains too.
 
     Raises:
-        TextuneError: a target module the model does not have, or no default targets for its architecture.
+        TextuneError: a target module the model does not have, or no default targets for its architecture;
+            qlora without a CUDA GPU or bitsandbytes.
     """
     if tuning.method == "prefix":
         _accept_past_key_values(model)
+    if tuning.method == "qlora":
+        model = quantize_4bit(model, keep=head_modules(model))
     return _pass_every_input(get_peft_model(model, peft_config_for(model, tuning)))
 
 
@@ -82,11 +89,20 @@ def peft_config_for(model: PreTrainedModel, tuning: TuningConfig) -> PeftConfig:
     if tuning.method == "prefix":
         return PrefixTuningConfig(task_type=task, num_virtual_tokens=tuning.num_virtual_tokens,
                                   modules_to_save=heads)
-    if tuning.method == "lora":
-        targets = tuning.target_modules or _default_targets(model, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+    if tuning.method in ("lora", "qlora", "adalora"):
+        adalora = tuning.method == "adalora"
+        targets = tuning.target_modules or _default_targets(
+            model, TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING if adalora
+            else TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
         check_target_modules(model, targets)
-        return LoraConfig(task_type=task, r=tuning.r, lora_alpha=tuning.alpha,
-                          lora_dropout=tuning.dropout, target_modules=targets, modules_to_save=heads)
+        common = dict(task_type=task, lora_alpha=tuning.alpha, lora_dropout=tuning.dropout, target_modules=targets,
+                      modules_to_save=heads)
+        if adalora:
+            # total_step 1 is a placeholder that PEFT's checks accept: the loop sets the real schedule when it
+            # knows its number of steps (`optimizer_step_hook`).
+            return AdaLoraConfig(init_r=tuning.r, target_r=tuning.target_r or max(1, tuning.r // 2), total_step=1,
+                                 **common)
+        return LoraConfig(r=tuning.r, use_dora=tuning.use_dora, use_rslora=tuning.use_rslora, **common)
     if tuning.method == "ia3":
         targets = tuning.target_modules or _default_targets(model, TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)
         check_target_modules(model, targets)
@@ -95,6 +111,71 @@ def peft_config_for(model: PreTrainedModel, tuning: TuningConfig) -> PeftConfig:
         return IA3Config(task_type=task, target_modules=targets,
                          feedforward_modules=[m for m in feedforward if m in targets], modules_to_save=heads)
     raise TextuneError(f"tuning.method {tuning.method!r} is not a PEFT method; expected one of {', '.join(PEFT_METHODS)}")
+
+
+def optimizer_step_hook(model: torch.nn.Module, total_steps: int) -> Callable[[int], None] | None:
+    """What the PEFT method of `model` does after each optimizer step of a run of `total_steps`, called with the
+    step's index (from 0) before the gradients are cleared; None when it does nothing.
+
+    AdaLoRA scores each rank of each layer by its weights times their gradients and moves the rank budget to
+    the layers that matter (PEFT `update_and_allocate`). Its schedule is set here, where the number of steps is
+    known, after the AdaLoRA paper: ranks stay put for the first 10% of steps while the scores settle, the
+    budget falls from tuning.r to tuning.target_r per layer until 80%, and the last 20% train the final ranks.
+    """
+    if not isinstance(model, PeftModel) or not isinstance(model.active_peft_config, AdaLoraConfig):
+        return None
+    config = model.active_peft_config
+    config.total_step, config.tinit, config.tfinal = total_steps, int(0.1 * total_steps), int(0.2 * total_steps)
+    final = total_steps - config.tfinal
+
+    def allocate(step: int) -> None:
+        if step > final and config.rank_pattern is None:
+            # A run resumed after the budget was fixed has lost the rank pattern (a checkpoint holds weights, not
+            # the adapter's config): score this step's gradients as the last budgeting step, then fix it again.
+            model.base_model.update_and_allocate(final - 1)
+            step = final
+        model.base_model.update_and_allocate(step)
+
+    return allocate
+
+
+def quantize_4bit(model: PreTrainedModel, keep: list[str]) -> PreTrainedModel:
+    """QLoRA's base: the model's Linear layers (all but the modules named in `keep`, the head) replaced by
+    bitsandbytes 4-bit NF4 layers on the GPU, the rest in float32 for training (PEFT
+    `prepare_model_for_kbit_training`).
+
+    The model the task loaded is quantised in place rather than loaded again with a `quantization_config`:
+    whatever the task did to it (its head, resized embeddings, attention implementation) stays as it is.
+
+    Raises:
+        TextuneError: no CUDA GPU or no bitsandbytes (`config.QLORA_UNAVAILABLE`).
+    """
+    import importlib.util
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise TextuneError(QLORA_UNAVAILABLE)
+    import bitsandbytes as bnb
+    from peft import prepare_model_for_kbit_training
+
+    # A causal LM's output layer stays as it is, as transformers' own 4-bit loading leaves it (often tied to the
+    # embeddings, and what the loss is read through).
+    output_layer = model.get_output_embeddings()
+    for name, layer in list(model.named_modules()):
+        if (type(layer) is not torch.nn.Linear or layer is output_layer
+                or any(name == k or name.startswith(k + ".") for k in keep)):
+            continue
+        quantized = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                      compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+        quantized.weight = bnb.nn.Params4bit(layer.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)  # quantised when moved to the GPU
+        quantized.bias = layer.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, quantized)
+    model.to("cuda")
+    # What transformers' 4-bit loading marks a model with: PEFT reads it to give these layers its bitsandbytes
+    # LoRA layer (instead of a plain one around them, which could not be merged).
+    model.is_loaded_in_4bit = True
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def head_modules(model: PreTrainedModel) -> list[str]:
@@ -179,7 +260,14 @@ def save_adapter_extras(model: PeftModel, folder: Path) -> None:
 
 
 def load_adapter_weights(model: PeftModel, folder: Path) -> None:
-    """Put the adapter (and head) weights saved in `folder` back into `model`: the load-best-at-end path."""
+    """Put the adapter (and head) weights saved in `folder` back into `model`: the load-best-at-end path.
+
+    An AdaLoRA adapter is saved cut to the ranks it had then (its config's rank_pattern), and PEFT cuts the
+    model to its config's pattern before loading: make that the saved one, not the pattern the run ended with.
+    """
+    config = model.active_peft_config
+    if isinstance(config, AdaLoraConfig):
+        config.rank_pattern = json.loads((Path(folder) / ADAPTER_CONFIG).read_text()).get("rank_pattern")
     set_peft_model_state_dict(model, load_file(Path(folder) / ADAPTER_WEIGHTS))
 
 
@@ -476,7 +564,8 @@ class AdapterPredictor:
         self.model.to(self.device).eval()
         self.adapter, self.label_names = name, entry["labels"]
         self.task = entry.get("task", DEFAULT_TASK)
-        self.max_length = inference_max_length(self.tokenizer, self.requested_max_length, entry.get("max_length"))
+        self.max_length = inference_max_length(self.tokenizer, self.requested_max_length, entry.get("max_length"),
+                                               config=self.model.config)
         predictor_class = type(get_task(self.task)).predictor_class
         # The loaded base's config is the first adapter's: the adapter's own copy says its labels, settings
         # and run files (thresholds, a regression's scale, QA windows and null threshold).

@@ -148,7 +148,7 @@ def _run_columns(run_dir: Path | None, args: argparse.Namespace) -> dict:
 
 def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.evaluate import headline
-    from textune.tasks import get_task, task_of
+    from textune.tasks import TASKS, get_task, task_of
 
     task = get_task(args.task or task_of(args.run_or_model))
     predictor = task.load_predictor(args.run_or_model, batch_size=args.batch_size)
@@ -156,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
     out = Path(args.output) if args.output else (predictor.run_dir or Path(".")) / f"eval-{Path(args.data).stem}" / "metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
-    print(f"{args.data}: {headline(metrics)}")
+    print(f"{args.data}: {headline(metrics, TASKS[task.name].default_metric)}")
     print(task.format_metrics(metrics))
     print(f"metrics written to {out}")
     return 0
@@ -583,7 +583,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     sv.add_argument("--max-texts", type=int, default=64, help="texts per request")
     sv.add_argument("--max-chars", type=int, default=2000,
-                    help="characters per text (question answering reads contexts whole: the body size bounds them)")
+                    help="characters per text (texts a task reads whole, in windows, are bounded by the body size: "
+                         "question answering's contexts, token classification's texts)")
     sv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size")
     sv.add_argument("--max-queue", type=int, default=1024, help="texts waiting before requests get 503")
     sv.add_argument("--max-new-tokens", type=int, default=256,
@@ -597,11 +598,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.adapters import merge_adapter
-
-    from textune.tasks import TASKS, task_of
+    from textune.model_card import pipeline_tag
+    from textune.tasks import task_of
 
     out = merge_adapter(args.run, args.output, overwrite=args.overwrite)
-    print(f"merged model written to {out} (loads with transformers.pipeline('{TASKS[task_of(out)].pipeline_tag}', "
+    # The merged folder's own architecture: a language-modeling run merges into a masked or a causal LM.
+    print(f"merged model written to {out} (loads with transformers.pipeline('{pipeline_tag(task_of(out), out)}', "
           f"'{out}'))")
     return 0
 
@@ -619,7 +621,7 @@ def cmd_push(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.publish import push_run
 
     url = push_run(args.run, args.repo, private=args.private)
-    print(f"pushed {Path(args.run) / 'model'} (with its model card) to {url}")
+    print(f"pushed {Path(args.run) / 'model'} (with its model card) and the run files its predictions need to {url}")
     return 0
 
 

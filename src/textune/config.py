@@ -36,7 +36,8 @@ class ModelConfig:
     """The pretrained model and how it reads text."""
 
     name: str | None = _f(None, "local model folder or Hugging Face Hub id; empty = the packaged MiniLM-L6-H384")
-    max_length: int = _f(128, "tokens per example after truncation (pairs are truncated longest-first)")
+    max_length: int = _f(128, "tokens per example after truncation (pairs are truncated longest-first); lowered "
+                              "to the model's position table where that holds fewer")
     trust_remote_code: bool = _f(False, "allow model code from the model folder/Hub to run (off: only built-in architectures)")
     attention: Literal["auto", "sdpa", "eager"] = _f(
         "auto", "auto: sdpa where the architecture has it, else eager; sdpa: PyTorch's fused "
@@ -146,16 +147,29 @@ class DataConfig:
 class TuningConfig:
     """Which parameters train: all of them, the head, or a PEFT adapter."""
 
-    method: Literal["full", "head", "lora", "prefix", "ia3"] = _f(
+    method: Literal["full", "head", "lora", "adalora", "qlora", "prefix", "ia3"] = _f(
         "full", "full: train every parameter; head: freeze the encoder, train the classifier and the pooler it reads "
                 "(BERT); lora, prefix, ia3: "
-                "train a small PEFT adapter (and the classifier) on the frozen encoder, saved alone")
-    r: int = _f(8, "lora: rank of the low-rank update of each target layer")
-    alpha: float = _f(16.0, "lora: scale of the update, which is multiplied by alpha / r")
-    dropout: float = _f(0.1, "lora: dropout on the input of the low-rank update")
+                "train a small PEFT adapter (and the classifier) on the frozen encoder, saved alone; adalora: LoRA "
+                "whose ranks are moved during training to the layers that matter (from tuning.r down to "
+                "tuning.target_r on average); qlora: LoRA on the base model quantised to 4 bits (bitsandbytes NF4, "
+                "CUDA only)")
+    r: int = _f(8, "lora, qlora: rank of the low-rank update of each target layer; adalora: the starting rank")
+    alpha: float = _f(16.0, "lora, qlora, adalora: scale of the update, which is multiplied by alpha / r "
+                            "(alpha / sqrt(r) with use_rslora)")
+    dropout: float = _f(0.1, "lora, qlora, adalora: dropout on the input of the low-rank update")
     target_modules: list[str] | None = _f(
-        None, "lora, ia3: layers to adapt, by name (e.g. [query, value]); empty = the architecture's default "
-              "(query/value for BERT-family models, c_attn for GPT-2)")
+        None, "lora, qlora, adalora, ia3: layers to adapt, by name (e.g. [query, value]); empty = the "
+              "architecture's default (query/value for BERT-family models, c_attn for GPT-2)")
+    use_dora: bool = _f(False, "lora, qlora: DoRA, which learns each adapted weight's magnitude apart from its "
+                               "direction (slower steps, often closer to full fine-tuning at low rank)")
+    use_rslora: bool = _f(False, "lora, qlora: rank-stabilised LoRA, which scales the update by alpha / sqrt(r) "
+                                 "instead of alpha / r, so higher ranks keep learning")
+    loraplus_lr_ratio: float | None = _f(
+        None, "lora, qlora: LoRA+, the learning rate of the B matrices as a multiple of A's (train.lr); the "
+              "LoRA+ paper suggests 16; empty = the same rate")
+    target_r: int | None = _f(None, "adalora: the average rank per layer that the budget ends at (at most "
+                                    "tuning.r); empty = half of tuning.r")
     num_virtual_tokens: int = _f(20, "prefix: learned key/value vectors prepended to every attention layer")
 
 
@@ -509,6 +523,9 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     if t.head_lr is not None and t.head_lr <= 0:
         problems.append(f"train.head_lr: must be greater than 0 or empty, got {t.head_lr}")
     _check_tuning(cfg.tuning, problems)
+    if cfg.tuning.method == "qlora" and t.device == "cpu":
+        problems.append("tuning.method: qlora quantises the model on a CUDA GPU, and train.device is cpu; use "
+                        "tuning.method: lora on a CPU, or train.device auto or cuda")
     _check_augment(cfg, problems)
     if d.max_answer_length <= 0:
         problems.append(f"data.max_answer_length: must be greater than 0, got {d.max_answer_length}")
@@ -717,9 +734,38 @@ def _check_tuning(tu: TuningConfig, problems: list[str]) -> None:
         if not tu.target_modules:
             problems.append("tuning.target_modules: the list is empty; name layers (e.g. [query, value]) or leave "
                             "it out for the architecture's default")
-        if tu.method not in ("lora", "ia3"):
-            problems.append(f"tuning.target_modules: only lora and ia3 adapt named layers, but tuning.method is "
+        if tu.method not in ("lora", "qlora", "adalora", "ia3"):
+            problems.append(f"tuning.target_modules: only lora and ia3 (and lora's variants adalora, qlora) adapt "
+                            f"named layers, but tuning.method is {tu.method}; remove it or choose one of those "
+                            f"methods")
+    _check_lora_variants(tu, problems)
+
+
+QLORA_UNAVAILABLE = "tuning.method: qlora needs a CUDA GPU and bitsandbytes; on this machine use tuning.method: lora"
+
+
+def _check_lora_variants(tu: TuningConfig, problems: list[str]) -> None:
+    """DoRA, rsLoRA and LoRA+ change LoRA (and QLoRA), target_r AdaLoRA; set for another method, a key is a
+    mistake. QLoRA's bitsandbytes is checked here; its GPU at start-up (`adapters.load_quantized`), where torch
+    is loaded anyway."""
+    lora = tu.method in ("lora", "qlora")
+    for key, is_set in (("use_dora", tu.use_dora), ("use_rslora", tu.use_rslora),
+                        ("loraplus_lr_ratio", tu.loraplus_lr_ratio is not None)):
+        if is_set and not lora:
+            problems.append(f"tuning.{key}: applies to tuning.method lora or qlora, but tuning.method is "
                             f"{tu.method}; remove it or choose one of those methods")
+    if tu.loraplus_lr_ratio is not None and tu.loraplus_lr_ratio <= 0:
+        problems.append(f"tuning.loraplus_lr_ratio: must be greater than 0 or empty, got {tu.loraplus_lr_ratio}")
+    if tu.target_r is not None:
+        if tu.method != "adalora":
+            problems.append(f"tuning.target_r: applies to tuning.method adalora, but tuning.method is {tu.method}; "
+                            f"remove it or use adalora")
+        elif not 1 <= tu.target_r <= tu.r:
+            problems.append(f"tuning.target_r: must be between 1 and tuning.r ({tu.r}), got {tu.target_r}")
+    import importlib.util
+
+    if tu.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(QLORA_UNAVAILABLE)
 
 
 def _check_augment(cfg: Config, problems: list[str]) -> None:
@@ -930,3 +976,40 @@ def save_config(cfg: Config, path: Path) -> None:
         header = (f"# paths resolved against {Path.cwd()}, where training ran; as given: "
                   + ", ".join(f"{k}: {v}" for k, v in given.items()) + "\n")
     path.write_text(header + yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- which keys a task reads (the report's config panel)
+
+# A section that only one task reads: textune pretrain's corpus and objective.
+SECTION_TASKS = {"pretrain": ("language-modeling",)}
+
+
+def _fields_by_key(cls: type = Config, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every dotted key of the config (sections' keys included) -> its dataclass field."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        out[prefix + f.name] = f
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(_fields_by_key(hints[f.name], f"{prefix}{f.name}."))
+    return out
+
+
+def key_tasks(key: str) -> tuple[str, ...]:
+    """The tasks that read config key `key` (dotted, "data.label_scale"): those its help text begins with
+    ("regression: ...", "token-classification, table files: ..."; the checks above refuse such a key set on
+    another task), else its section's (SECTION_TASKS); () for a key of every task, or a name the config lacks."""
+    f = _fields_by_key().get(key)
+    if f is None:
+        return ()
+    lead = f.metadata.get("help", "").split(":", 1)[0]
+    named = tuple(t for t in (w.strip() for w in lead.split(",")) if t in TASKS)
+    return named or SECTION_TASKS.get(key.split(".", 1)[0], ())
+
+
+def task_defaults(task: str) -> dict[str, Any]:
+    """The config a run of `task` that sets nothing would save (as `Config.to_dict`), with what training fills in
+    from the task (train.metric, train.greater_is_better) filled in the same way."""
+    cfg = Config(task=task)
+    _resolve_task(cfg, [])  # its problems are those of data not given, which do not matter here
+    return cfg.to_dict()

@@ -13,17 +13,25 @@ def loss_per_row(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor 
     and averaged over the whole split.
 
     For integer labels (one per row, or one per token with -100 ignored) the cross-entropy is recomputed from
-    the logits, and used when its mean reproduces the model's own loss. Otherwise (regression, a custom loss)
-    each row carries the batch mean: exact for every batch but a padded last one.
+    the logits, for float labels of the logits' size binary cross-entropy (multi-label) or squared error
+    (regression), each used when its mean reproduces the model's own loss. Otherwise (a custom loss) each row
+    carries the batch mean: exact for every batch but a padded last one, whose repeated rows (several
+    processes) then weigh in.
     """
-    rows = logits.shape[0]
+    rows, functional = logits.shape[0], torch.nn.functional
     if labels is not None and not labels.is_floating_point() and logits.ndim == labels.ndim + 1:
-        terms = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                  ignore_index=-100, reduction="none").view(rows, -1)
+        terms = functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                         ignore_index=-100, reduction="none").view(rows, -1)
         counts = (labels != -100).view(rows, -1).sum(1)
         sums = terms.sum(1)
         if torch.isclose(sums.sum() / counts.sum().clamp(min=1), loss, rtol=1e-4, atol=1e-6):
             return sums, counts.float()
+    if labels is not None and labels.is_floating_point() and labels.numel() == logits.numel():
+        x, y = logits.reshape(rows, -1), labels.reshape(rows, -1).to(logits.dtype)
+        for terms in (functional.binary_cross_entropy_with_logits(x, y, reduction="none"),
+                      functional.mse_loss(x, y, reduction="none")):
+            if torch.isclose(terms.mean(), loss, rtol=1e-4, atol=1e-6):
+                return terms.sum(1), torch.full((rows,), float(x.shape[1]), device=logits.device)
     return loss.expand(rows), torch.ones(rows, device=logits.device)
 
 
@@ -55,9 +63,13 @@ def predict_logits(model, loader, accelerator=None) -> tuple[np.ndarray, np.ndar
     return all_logits, all_labels, (loss_sum / n if n else None)
 
 
-def headline(metrics: dict) -> str:
+HEADLINE = ("loss", "perplexity", "accuracy", "f1", "f1_micro", "f1_macro", "pearson", "spearman", "mae")
+
+
+def headline(metrics: dict, metric: str | None = None) -> str:
     """One line: loss, accuracy, F1 (binary where there are two classes, else macro), macro F1; perplexity
-    for a language model; micro F1 for multi-label; Pearson, Spearman and MAE for regression."""
-    keys = ("loss", "perplexity", "accuracy", "f1", "f1_micro", "f1_macro", "pearson", "spearman", "mae")
+    for a language model; micro F1 for multi-label; Pearson, Spearman and MAE for regression; and `metric` (the
+    run's train.metric, or its task's headline) last where it is none of those, so any task's own metric shows."""
+    keys = HEADLINE if metric is None or metric in HEADLINE else (*HEADLINE, metric)
     parts = [f"{k} {metrics[k]:.4f}" for k in keys if metrics.get(k) is not None]
     return ", ".join(parts)

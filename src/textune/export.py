@@ -95,7 +95,8 @@ def export_onnx(run_or_model: str | Path, output: str | Path | None = None, quan
     if is_peft_model(model):  # what load_trained_model could not merge
         raise TextuneError("prefix tuning adds learned keys and values at run time, which cannot be folded into "
                            "the weights nor exported; use the run itself (textune predict RUN)")
-    max_length = inference_max_length(tokenizer, (saved_run_config(run_dir).get("model") or {}).get("max_length"))
+    max_length = inference_max_length(tokenizer, (saved_run_config(run_dir).get("model") or {}).get("max_length"),
+                                      config=model.config)
     first, second, where = check_inputs(task, run_dir)
     batch = _encode(tokenizer, first, second, max_length, spec.truncation)
     with replace_atomically(target, folder=True) as tmp:

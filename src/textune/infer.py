@@ -60,7 +60,7 @@ class ModelPredictor:
         # An ONNX export runs on its ONNX Runtime session's device (the CPU); only PyTorch models move.
         self.device = inference_device(device) if isinstance(model, torch.nn.Module) else model.device
         self.model = with_precision(model.to(self.device), precision, self.device)
-        self.max_length = inference_max_length(tokenizer, max_length)
+        self.max_length = inference_max_length(tokenizer, max_length, config=getattr(model, "config", None))
         # `config`: the saved model's, which the model in memory may share with other adapters (`around`)
         self.label_names = [self.config.id2label[i] for i in range(self.config.num_labels)]
 

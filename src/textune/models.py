@@ -159,10 +159,42 @@ def inference_device(device: str | None = None):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def inference_max_length(tokenizer, *preferred: int | None) -> int:
+# Families whose position ids start after the padding index (transformers' create_position_ids_from_input_ids),
+# so their position table holds pad_token_id + 1 rows that no token reaches (RoBERTa: 514 rows, 512 usable).
+POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "xlm-roberta-xl", "roberta-prelayernorm", "camembert",
+                           "longformer", "data2vec-text", "ibert", "xmod", "mpnet", "esm", "luke", "markuplm",
+                           "lilt", "layoutlmv3")
+
+
+def model_position_limit(config) -> int | None:
+    """How many tokens the model can read: its position table (`max_position_embeddings` or GPT-2's
+    `n_positions`) less a padding offset; None where the config has no table."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions and getattr(config, "model_type", None) in POSITIONS_AFTER_PADDING:
+        positions -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return positions
+
+
+def folder_position_limit(name: str | None) -> int | None:
+    """`model_position_limit` of a local model folder (its config.json); None for an empty name (the packaged
+    models hold 512 positions or more), a Hub id, or a folder whose config transformers cannot read."""
+    path = Path(name).expanduser() if name else None
+    if path is None or not (path / "config.json").is_file():
+        return None
+    try:
+        return model_position_limit(AutoConfig.from_pretrained(path))
+    except (OSError, ValueError):  # a custom architecture without trust_remote_code: loading says what is wrong
+        return None
+
+
+def inference_max_length(tokenizer, *preferred: int | None, config=None) -> int:
     """The first length given (the --max-length flag, then the run's model.max_length), else the tokenizer's
-    limit capped at 512: tokenizers without one report a huge number, and BERT's position table holds 512."""
-    return next((n for n in preferred if n), min(tokenizer.model_max_length, 512))
+    limit where it is set, capped at 512 (BERT's table; tokenizers without a limit report a huge number).
+    Never more than the model's position table (`model_position_limit` of its `config`, where given): a
+    longer input would index past it."""
+    limit = model_position_limit(config) if config is not None else None
+    chosen = next((n for n in preferred if n), min(tokenizer.model_max_length, 512))
+    return min(chosen, limit) if limit else chosen
 
 
 def load_saved_model(model_dir: str | Path) -> tuple[PreTrainedModel, object]:

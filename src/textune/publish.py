@@ -1,5 +1,7 @@
-"""Publishing: `textune push RUN --repo USER/NAME` uploads the run's model folder, model card included, to a model
-repository on the Hugging Face Hub through `huggingface_hub` (`HfApi.create_repo`, then `upload_folder`).
+"""Publishing: `textune push RUN --repo USER/NAME` uploads the run's model folder, model card included, and the
+run files its task's predictor reads (`Task.prediction_files`: config.yaml, ...) beside it, to a model repository
+on the Hugging Face Hub through `huggingface_hub` (`HfApi.create_repo`, then one `create_commit`). The downloaded
+repository is then a folder that is model and run at once, as a merged folder is, and predicts as the run does.
 
 Everything that can be checked here is checked before the first request (a run folder with a model, a valid
 repository name, a token), so a mistake uploads nothing.
@@ -12,14 +14,29 @@ from pathlib import Path
 
 from textune.errors import TextuneError
 from textune.model_card import write_model_card
+from textune.tasks import get_task, task_of
 
 NO_TOKEN = ("no Hugging Face token: set HF_TOKEN to a token with write access (huggingface.co/settings/tokens) "
             "or log in once with `hf auth login`")
 
 
+def upload_files(run: Path) -> dict[str, Path]:
+    """Path in the repository -> file of the run: every file of RUN/model at the top, and beside them the run
+    files the task's predictor reads (`Task.prediction_files`; those under model/ come with the model folder)."""
+    model = run / "model"
+    # as upload_folder leaves out git's and huggingface_hub's own metadata
+    files = {p.relative_to(model).as_posix(): p for p in sorted(model.rglob("*"))
+             if p.is_file() and p.relative_to(model).parts[0] not in (".git", ".cache")}
+    for name in get_task(task_of(run)).prediction_files:
+        if not name.startswith("model/") and (run / name).is_file():
+            files.setdefault(name, run / name)
+    return files
+
+
 def push_run(run: str | Path, repo_id: str, private: bool = False) -> str:
-    """Upload RUN/model (with its README.md model card, written now if the run predates model cards) to the
-    Hub model repository `repo_id`, creating it if needed; return the repository's URL.
+    """Upload RUN/model (with its README.md model card, written now if the run predates model cards) and the run
+    files its predictions need (see `upload_files`) to the Hub model repository `repo_id` in one commit,
+    creating the repository if needed; return its URL.
 
     The Hub is `HF_ENDPOINT` (a mirror or a private Hub) when set. `private` applies only to a repository this
     call creates: an existing one keeps its visibility.
@@ -27,7 +44,7 @@ def push_run(run: str | Path, repo_id: str, private: bool = False) -> str:
     Raises:
         TextuneError: not a run folder, a bad repository name, no token, or the Hub refused or was unreachable.
     """
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
     from huggingface_hub.errors import HFValidationError, HfHubHTTPError
     from huggingface_hub.utils import validate_repo_id
 
@@ -50,7 +67,9 @@ def push_run(run: str | Path, repo_id: str, private: bool = False) -> str:
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=model, commit_message=f"textune push {run.name}")
+        additions = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                     for name, path in upload_files(run).items()]
+        api.create_commit(repo_id=repo_id, operations=additions, commit_message=f"textune push {run.name}")
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "?"
         hint = {401: "the token is invalid or expired", 403: "the token cannot write to this repository (it needs "

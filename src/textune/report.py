@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from textune.config import key_tasks, task_defaults
 from textune.curves import headline_metrics, loss_figure, lr_figure, metrics_figure
 from textune.diagnose import Diagnosis, diagnose_curves, load_history, selection_from_config
 from textune.errors import TextuneError, is_onnx_export, onnx_export_error
@@ -54,6 +55,19 @@ def _diagnosis_html(d: Diagnosis) -> str:
     return "".join(out)
 
 
+def _label_balance_html(label_counts: dict[str, dict[str, int]]) -> str:
+    """Examples per label of each split, with their share as a bar."""
+    out = ['<div><h3>Label balance</h3><table><tr><th class="l">split</th>'
+           '<th class="l">label</th><th>examples</th><th>share</th><th class="l"></th></tr>']
+    for split, counts in label_counts.items():
+        total = sum(counts.values()) or 1
+        for i, (name, n) in enumerate(counts.items()):
+            out.append(f'<tr><td class="l">{esc(split) if i == 0 else ""}</td><td class="l">{esc(name)}</td>'
+                       f"<td>{n:,}</td><td>{n / total:.1%}</td>"
+                       f'<td class="l"><div class="bar"><span style="width:{100 * n / total:.1f}%"></span></div></td></tr>')
+    return "".join(out) + "</table></div>"
+
+
 def _data_html(stats: dict | None) -> str:
     out = ['<section id="data"><h2>Data</h2>']
     if stats is None:
@@ -61,15 +75,11 @@ def _data_html(stats: dict | None) -> str:
         return "".join(out)
     sizes = stats.get("sizes", {})
     out.append(cards_html([(f"{split} examples", fmt(n)) for split, n in sizes.items()]))
-    out.append('<div class="grid2"><div><h3>Label balance</h3><table><tr><th class="l">split</th>'
-               '<th class="l">label</th><th>examples</th><th>share</th><th class="l"></th></tr>')
-    for split, counts in (stats.get("label_counts") or {}).items():
-        total = sum(counts.values()) or 1
-        for i, (name, n) in enumerate(counts.items()):
-            out.append(f'<tr><td class="l">{esc(split) if i == 0 else ""}</td><td class="l">{esc(name)}</td>'
-                       f"<td>{n:,}</td><td>{n / total:.1%}</td>"
-                       f'<td class="l"><div class="bar"><span style="width:{100 * n / total:.1f}%"></span></div></td></tr>')
-    out.append("</table></div>")
+    out.append('<div class="grid2">')
+    # Only a task with one label per example writes label_counts; the others show their own balance in their
+    # section (token classification: entities per type), so no empty table here.
+    if stats.get("label_counts"):
+        out.append(_label_balance_html(stats["label_counts"]))
     max_length = stats.get("max_length")
     out.append(f"<div><h3>Token lengths (before truncation at {fmt(max_length)})</h3><table>"
                '<tr><th class="l">split</th><th>mean</th><th>p95</th><th>max</th><th>truncated</th></tr>')
@@ -98,18 +108,31 @@ def _yaml_value(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
 
-def _config_html(config: dict | None) -> str:
+def _config_html(config: dict | None, task: str) -> str:
+    """The run's config, section by section: only the keys `task` reads (config.key_tasks), values changed from
+    the defaults of a run of the task in bold with the default beside them, defaults dimmed."""
     out = ['<section id="config"><h2>Config</h2>']
     if config is None:
         out.append(missing_html("config", "config.yaml is missing") + "</section>")
         return "".join(out)
+    defaults = task_defaults(task)
     top = {k: v for k, v in config.items() if not isinstance(v, dict)}
-    sections = {"run": top, **{k: v for k, v in config.items() if isinstance(v, dict)}}
+    sections = {"run": ("", top), **{k: (f"{k}.", v) for k, v in config.items() if isinstance(v, dict)}}
+    out.append(f'<p class="note">The keys a {esc(task)} run reads; <b>changed</b> from the defaults in bold, with the '
+               f"default beside them; defaults dimmed.</p>")
     out.append('<div class="cfg">')
-    for name, values in sections.items():
-        rows = "".join(f'<tr><td class="k">{esc(k)}</td><td class="v">{esc(_yaml_value(v))}</td></tr>'
-                       for k, v in values.items())
-        out.append(f"<div><h3>{esc(name)}</h3><table>{rows}</table></div>")
+    for name, (prefix, values) in sections.items():
+        rows = []
+        for key, value in values.items():
+            tasks = key_tasks(prefix + key)
+            if tasks and task not in tasks:
+                continue
+            default = (defaults.get(name) or {}).get(key, value) if prefix else defaults.get(key, value)
+            cells = (f'<td class="k">{esc(key)}</td><td class="v">{esc(_yaml_value(value))}</td>'
+                     f'<td class="d">{"" if value == default else "default " + esc(_yaml_value(default))}</td>')
+            rows.append(f'<tr class="{"changed" if value != default else "default"}">{cells}</tr>')
+        if rows:
+            out.append(f"<div><h3>{esc(name)}</h3><table>{''.join(rows)}</table></div>")
     out.append("</div></section>")
     return "".join(out)
 
@@ -173,7 +196,7 @@ def build_report(run_dir: str | Path) -> str:
         _curves_html(run.name, records, diagnosis.best_step, task, ((config or {}).get("train") or {}).get("metric")),
         task_sections,
         _data_html(stats),
-        _config_html(config),
+        _config_html(config, task),
         "<footer>Written by <b>textune report</b>. Self-contained: no scripts, no network.</footer>",
         "</main></body></html>",
     ])

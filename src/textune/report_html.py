@@ -62,6 +62,9 @@ table.wrong .pair { color: var(--muted); display:block; margin-top: 3px; }
 .cfg td { font-size: 12.5px; }
 .cfg td.v { text-align:left; word-break: break-all; font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
 .cfg td.k { text-align:left; color: var(--muted); white-space: nowrap; }
+.cfg td.d { text-align:left; color: var(--muted); font-size: 11.5px; }
+.cfg tr.default td { opacity: .55; }
+.cfg tr.changed td.k, .cfg tr.changed td.v { font-weight: 600; color: var(--ink); }
 footer { color: var(--muted); font-size: 12px; text-align: center; margin-top: 24px; }
 """
 

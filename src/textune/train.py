@@ -46,9 +46,10 @@ from textune.launch import FSDP_WITHOUT_GPU, batch_split_problem
 from textune.evaluate import headline
 from textune.adapters import is_peft_model, load_adapter_weights, save_adapter_extras
 from textune.model_card import write_model_card
-from textune.models import HEAD_MODULE_NAMES, count_parameters
+from textune.models import HEAD_MODULE_NAMES, count_parameters, folder_position_limit
 from textune.tasks import get_task
 from textune.tasks.base import TaskInputs
+from textune.tuning import optimizer_step_hook
 from textune.tracking import (PROJECT, build_trackers, final_values, finish_trackers, flat_config, record_values,
                               start_trackers)
 
@@ -152,25 +153,32 @@ def prepare_run_folder(output_dir: str, overwrite: bool) -> Path:
 LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
 
-def parameter_lr(name: str, t: TrainConfig, num_layers: int) -> float:
+def parameter_lr(name: str, t: TrainConfig, num_layers: int, lora_b_ratio: float | None = None) -> float:
     """The learning rate of parameter `name`: `train.head_lr` for the classification head; with
     `train.layer_lr_decay` d, lr * d**(layers above this one) in the encoder and lr * d**num_layers for the
-    embeddings; `train.lr` for the rest (pooler, final norm, PEFT prompt encoder)."""
+    embeddings; `train.lr` for the rest (pooler, final norm, PEFT prompt encoder). LoRA+
+    (`tuning.loraplus_lr_ratio`): a LoRA B matrix learns at `lora_b_ratio` times its layer's rate."""
     parts = name.split(".")
     if t.head_lr is not None and any(p in HEAD_MODULE_NAMES for p in parts):
         return t.head_lr
+    scale = lora_b_ratio if lora_b_ratio is not None and "lora_B" in parts else 1.0
     if t.layer_lr_decay is None:
-        return t.lr
+        return t.lr * scale
     layer = LAYER_INDEX.search(name)
     if layer:
-        return t.lr * t.layer_lr_decay ** (num_layers - 1 - int(layer.group(1)))
+        return t.lr * scale * t.layer_lr_decay ** (num_layers - 1 - int(layer.group(1)))
     if "prompt_encoder" not in parts and any(p.startswith("embed") or p in ("wte", "wpe") for p in parts):
         return t.lr * t.layer_lr_decay ** num_layers
-    return t.lr
+    return t.lr * scale
 
 
-def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with one parameter group per (learning rate, weight decay); see `parameter_lr`."""
+def build_optimizer(model: torch.nn.Module, t: TrainConfig,
+                    lora_b_ratio: float | None = None) -> torch.optim.Optimizer:
+    """AdamW with one parameter group per (learning rate, weight decay); see `parameter_lr`.
+
+    LoRA+ is one more learning rate here rather than PEFT's `create_loraplus_optimizer`, which builds its own
+    groups: they would drop train.head_lr and layer_lr_decay, and put every 1-D parameter (biases, the head's,
+    DoRA's magnitudes) at B's rate, where the LoRA+ paper raises only B's."""
     layers = {int(m.group(1)) for n, _ in model.named_parameters() if (m := LAYER_INDEX.search(n))}
     num_layers = max(layers) + 1 if layers else 0
     by_setting: dict[tuple[float, float], list] = {}
@@ -178,7 +186,7 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optim
         if p.requires_grad:
             # Biases and LayerNorm weights are the 1-D parameters; decaying them only hurts (BERT recipe).
             decay = t.weight_decay if p.ndim >= 2 else 0.0
-            by_setting.setdefault((parameter_lr(name, t, num_layers), decay), []).append(p)
+            by_setting.setdefault((parameter_lr(name, t, num_layers, lora_b_ratio), decay), []).append(p)
     # The base lr's groups first: the loop logs the first group's lr.
     ordered = sorted(by_setting.items(), key=lambda item: item[0][0] != t.lr)
     groups = [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in ordered]
@@ -339,7 +347,7 @@ class LoopState:
     samples: int = 0
     tokens: int = 0
     loss_sum: float = 0.0  # loss summed since the last logging step
-    loss_count: int = 0  # examples (on this process) in loss_sum
+    loss_count: int = 0  # items (examples, or a task's tokens: see train_step) on this process in loss_sum
     nonfinite_skipped: int = 0
     stopped_early: bool = False
 
@@ -399,71 +407,81 @@ def write_run_header(run: Path, cfg: Config, inputs: TaskInputs) -> None:
 class AccumulationWindow:
     """The micro-batches of the optimizer step being accumulated, on this process."""
 
-    examples: int = 0
+    items: torch.Tensor | int = 0  # what the losses were summed over: examples, or tokens (see train_step)
     nonfinite: torch.Tensor | int = 0  # non-finite losses seen, kept on the device (reading it would sync)
 
-    def add(self, examples: int, loss: torch.Tensor) -> None:
-        self.examples += examples
+    def add(self, items: torch.Tensor | int, loss: torch.Tensor) -> None:
+        self.items = self.items + items
         self.nonfinite = self.nonfinite + (~torch.isfinite(loss)).int()
 
     def reset(self) -> None:
-        self.examples, self.nonfinite = 0, 0
+        self.items, self.nonfinite = 0, 0
 
     def close(self, model, accelerator: Accelerator) -> bool:
-        """At the window's last micro-batch: turn the summed gradient into the mean over the window's examples,
-        start a new window, and say whether any process saw a non-finite loss (the same answer on each)."""
-        # Accelerate divided by the accumulation steps and DDP averaged over the processes, whose shares are
-        # equal (split_batches): times G / (this process's examples) is the mean over the window's examples.
-        scale = accelerator.gradient_accumulation_steps / self.examples
+        """At the window's last micro-batch: turn the summed gradient into the mean over the items of the
+        window on every process, start a new window, and say whether any process saw a non-finite loss (the
+        same answer on each)."""
+        counts = torch.stack([torch.as_tensor(x, device=accelerator.device).reshape(()).long()
+                              for x in (self.items, self.nonfinite)])
+        if accelerator.num_processes > 1:
+            counts = accelerator.reduce(counts, reduction="sum")
+        items, bad = counts.tolist()  # one host sync for both
+        # Accelerate divided by the accumulation steps and DDP averaged over the processes: times G x P / (the
+        # items of all processes) is the mean over every item of the step, however they were shared out.
+        scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / max(items, 1)
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale)
-        bad = self.nonfinite
-        if accelerator.num_processes > 1:
-            bad = accelerator.reduce(torch.as_tensor(bad, device=accelerator.device).reshape(()), reduction="sum")
         self.reset()
         return bool(bad)
 
 
 def train_step(model, batch, optimizer, scheduler, accelerator: Accelerator, max_grad_norm: float | None,
                loss_fn: Callable | None = None, window: AccumulationWindow | None = None,
-               forward: Callable | None = None) -> tuple[torch.Tensor, bool, bool]:
+               forward: Callable | None = None, after_step: Callable[[], None] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor | int, bool, bool]:
     """Forward, backward and (once the window's micro-batches are accumulated) one optimizer step.
 
-    Every example weighs the same in a step, however the step splits into micro-batches: each micro-batch's
-    loss summed over its examples is back-propagated, and the window's gradient is divided by its number of
-    examples (what transformers' Trainer does with `num_items_in_batch`). So an epoch's last window, with
-    fewer micro-batches or a smaller last batch, is the mean over its examples like every other step.
+    Every item weighs the same in a step, however the step splits into micro-batches and processes: each
+    micro-batch's loss summed over its items is back-propagated, and the window's gradient is divided by the
+    number of items of the whole step, counted over every process (what transformers' Trainer does with
+    `num_items_in_batch`). The items are examples, or what a task's `loss_fn` counts (answer tokens: see
+    `TaskInputs.loss_fn`). So an epoch's last window, with fewer micro-batches or a smaller last batch, is the
+    mean over its items like every other step, and a process whose share has more tokens weighs more.
 
-    Returns (detached loss, finite, stepped). finite is False when a loss or the gradient is NaN/inf on any
-    process: every process skips the update together. That check reads a scalar or two per step: free on a
-    CPU, one host sync per step on a GPU, a price worth paying to never write NaN weights. stepped is True
-    when the optimizer took a step: not while accumulating, and not when fp16's gradient scaler skipped an
-    overflowing step (routine while it finds its scale). `loss_fn(model, batch)` replaces the model's own
-    loss (mixup); `window` carries the accumulation across calls (a fresh one: a window of one micro-batch);
-    `forward` is the model as the forward pass calls it (`compiling.CompiledForward`), None for `model` itself.
+    Returns (detached loss summed over the micro-batch's items, their number, finite, stepped). finite is False
+    when a loss or the gradient is NaN/inf on any process: every process skips the update together. That
+    check reads a scalar or two per step: free on a CPU, one host sync per step on a GPU, a price worth paying
+    to never write NaN weights. stepped is True when the optimizer took a step: not while accumulating, and
+    not when fp16's gradient scaler skipped an overflowing step (routine while it finds its scale).
+    `loss_fn(model, batch)` replaces the model's own loss (mixup, answer tokens); `window` carries the
+    accumulation across calls (a fresh one: a window of one micro-batch); `forward` is the model as the
+    forward pass calls it (`compiling.CompiledForward`), None for `model` itself. `after_step()` runs after
+    each optimizer step, before the gradients are cleared (the tuning method's hook: AdaLoRA reads them).
     """
     window = window if window is not None else AccumulationWindow()
     forward = forward if forward is not None else model
     examples = len(batch["input_ids"])
     with accelerator.accumulate(model):
         loss = loss_fn(forward, batch) if loss_fn else forward(**batch).loss
+        # a mean per example, or a task's (sum, count) of a loss per token
+        loss, items = loss if isinstance(loss, tuple) else (loss * examples, examples)
         # One process skips a bad loss's backward at once. With several, every process must run its backward
         # (the others wait for its gradients), so the loss is checked on all of them when the window closes.
         if accelerator.num_processes == 1 and not torch.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
             window.reset()
-            return loss.detach(), False, False
-        window.add(examples, loss)
-        accelerator.backward(loss * examples)
+            return loss.detach(), items, False, False
+        window.add(items, loss)
+        accelerator.backward(loss)
         if not accelerator.sync_gradients:
-            return loss.detach(), True, False
+            return loss.detach(), items, True, False
         bad_loss = window.close(model, accelerator)
         norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
         # With fp16 the gradient scaler skips overflowing steps itself; an inf gradient there is routine.
         if bad_loss or (accelerator.scaler is None and norm is not None and not torch.isfinite(norm)):
             optimizer.zero_grad(set_to_none=True)
-            return loss.detach(), False, False
+            return loss.detach(), items, False, False
         scale_before = accelerator.scaler.get_scale() if accelerator.scaler is not None else None
         optimizer.step()
         # The scaler lowers its scale exactly when it skipped the step. (Accelerate's optimizer_step_was_skipped
@@ -471,8 +489,10 @@ def train_step(model, batch, optimizer, scheduler, accelerator: Accelerator, max
         stepped = scale_before is None or accelerator.scaler.get_scale() >= scale_before
         if stepped:
             scheduler.step()
+            if after_step is not None:
+                after_step()
         optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), True, stepped
+    return loss.detach(), items, True, stepped
 
 
 def train(cfg: Config, overwrite: bool = False, on_evaluate: Callable[[dict], None] | None = None,
@@ -557,10 +577,22 @@ def setup_accelerator(t: TrainConfig, trackers: list) -> tuple[Accelerator, str,
     return accelerator, precision, precision_note
 
 
+def fit_max_length(cfg: Config, say: Callable[[str], None]) -> None:
+    """Lower model.max_length (the default 128 included) to what a local model folder can read, its position
+    table, before any task tokenises: a longer input would index past the table (a raw error on the first long
+    text). config.yaml then records the length trained with, which prediction reads."""
+    limit = None if cfg.model.init == "scratch" else folder_position_limit(cfg.model.name)
+    if limit is not None and cfg.model.max_length > limit:
+        say(f"max_length {cfg.model.max_length} -> {limit}: the model reads at most {limit} tokens (its position "
+            f"table); set model.max_length to {limit} or less to say so")
+        cfg.model.max_length = limit
+
+
 def load_inputs(cfg: Config, accelerator: Accelerator, precision: str, precision_note: str | None,
                 checkpoint: Path | None, compute_metrics: Callable[..., dict] | None) -> TaskInputs:
     """The task (textune.tasks) reads and checks its data, tokenises it and loads the model with its head;
     a checkpoint to resume from must fit that model. Says what will be trained."""
+    fit_max_length(cfg, accelerator.print)
     inputs = get_task(cfg.task).load_inputs(cfg)
     inputs.compute_metrics = compute_metrics
     if cfg.train.gradient_checkpointing:
@@ -620,6 +652,8 @@ class TrainingPlan:
     total_steps: int
     batches_per_epoch: int | None  # None for a stream, which has no length
     compile_plan: object  # compiling.CompilePlan
+    # the tuning method's work after each optimizer step, given the step's index from 0 (AdaLoRA), or None
+    after_optimizer_step: Callable[[int], None] | None = None
 
 
 def plan_training(cfg: Config, inputs: TaskInputs, accelerator: Accelerator, precision: str) -> TrainingPlan:
@@ -641,7 +675,8 @@ def plan_training(cfg: Config, inputs: TaskInputs, accelerator: Accelerator, pre
     steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps) if batches_per_epoch else None
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
-    optimizer = build_optimizer(inputs.model, t)
+    optimizer = build_optimizer(inputs.model, t, cfg.tuning.loraplus_lr_ratio)
+    after_optimizer_step = optimizer_step_hook(inputs.model, total_steps)
     scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
                               num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
@@ -651,7 +686,7 @@ def plan_training(cfg: Config, inputs: TaskInputs, accelerator: Accelerator, pre
         f"process(es) x {t.gradient_accumulation_steps} accumulated, lr {t.lr:g}, "
         f"{t.scheduler} with {warmup} warm-up steps")
     return TrainingPlan(model, optimizer, scheduler, train_loader, eval_loader, total_steps, batches_per_epoch,
-                        compile_plan)
+                        compile_plan, after_optimizer_step)
 
 
 class TrainingLoop:
@@ -664,10 +699,13 @@ class TrainingLoop:
         self.run_dir, self.history, self.state, self.on_evaluate = run, history, state, on_evaluate
         # Running sums stay on the device between logging steps: reading them would force a host sync.
         self.loss_sum = torch.tensor(state.loss_sum, device=accelerator.device)
+        self.loss_count = torch.tensor(state.loss_count, dtype=torch.long, device=accelerator.device)
         self.tokens = torch.tensor(state.tokens, dtype=torch.long, device=accelerator.device)
         self.samples_at_start, self.step_at_start = state.samples, state.step
         self.window = AccumulationWindow()
         self.forward: CompiledForward | None = None  # None: the eager model
+        hook = plan.after_optimizer_step
+        self.after_step = None if hook is None else (lambda: hook(self.state.step))  # the step being closed
         self.start = self.seconds = 0.0
         # Off a terminal (a log file, nohup, CI) a bar's carriage returns make one ever-growing line: print one
         # plain line per logging step there instead.
@@ -737,13 +775,14 @@ class TrainingLoop:
         examples = len(batch["input_ids"])
         state.samples += examples * accelerator.num_processes  # equal shares (split_batches)
         self.tokens += batch["attention_mask"].sum()
-        loss, finite, stepped = train_step(plan.model, batch, plan.optimizer, plan.scheduler, accelerator,
-                                           self.t.max_grad_norm, self.inputs.loss_fn, self.window, self.forward)
+        loss, items, finite, stepped = train_step(plan.model, batch, plan.optimizer, plan.scheduler, accelerator,
+                                                  self.t.max_grad_norm, self.inputs.loss_fn, self.window, self.forward,
+                                                  self.after_step)
         if not finite:
             handle_nonfinite(state, self.t, self.run_dir, float(loss))
             return False
-        self.loss_sum += loss * examples  # the logged loss is a mean over examples too
-        state.loss_count += examples
+        self.loss_sum += loss  # the logged loss is a mean over the same items as the step's loss
+        self.loss_count += items
         if not stepped:  # accumulating, or fp16's scaler skipped an overflowing step: not a step
             return False
         state.step += 1
@@ -753,8 +792,11 @@ class TrainingLoop:
     def log(self, epoch: float) -> None:
         """A training record: the mean loss since the last one, the lr and the throughput."""
         state = self.state
-        # the mean over processes of their shares' losses = the loss of the whole batch
-        mean_loss = self.accelerator.reduce(self.loss_sum / state.loss_count, reduction="mean")
+        # summed over the processes, then divided: the loss of the whole batch, however its items were shared
+        loss_sum, count = self.loss_sum, self.loss_count.to(self.loss_sum.dtype)
+        if self.accelerator.num_processes > 1:
+            loss_sum, count = self.accelerator.reduce(torch.stack([loss_sum, count]), reduction="sum")
+        mean_loss = loss_sum / count
         elapsed = time.perf_counter() - self.start
         record = {"type": "train", "step": state.step, "epoch": round(epoch, 4), "loss": mean_loss.item(),
                   "lr": self.plan.scheduler.get_last_lr()[0],
@@ -765,7 +807,7 @@ class TrainingLoop:
             print(progress_line(record, self.plan.total_steps, time.perf_counter() - self.start,
                                 state.step - self.step_at_start), file=sys.stderr, flush=True)
         self.loss_sum.zero_()
-        state.loss_count = 0
+        self.loss_count.zero_()
 
     def evaluate(self, epoch: float) -> None:
         """Evaluate, keep the best model, count towards early stopping; then tell `on_evaluate`."""
@@ -781,7 +823,7 @@ class TrainingLoop:
         """Write a checkpoint; after a stop signal, stop the run with how to resume it."""
         state, plan = self.state, self.plan
         # Every process takes part: each writes its own RNG state (its dropout masks), the main one the rest.
-        loop = {**vars(state), "loss_sum": self.loss_sum.item(), "tokens": int(self.tokens)}
+        loop = {**vars(state), "loss_sum": self.loss_sum.item(), "loss_count": int(self.loss_count), "tokens": int(self.tokens)}
         path = save_checkpoint(self.run_dir, state.step, plan.model, plan.optimizer, plan.scheduler,
                                self.accelerator, loop, self.history.records, self.t.keep_last or KEEP_WHILE_TRAINING)
         if stop_signal:
@@ -812,7 +854,7 @@ def finish_run(cfg: Config, run: Path, plan: TrainingPlan, inputs: TaskInputs, a
                                                       eval_batch_size(t, accelerator), False, False, cfg.seed,
                                                       collate=inputs.collator("test")))
         metrics["test"], _ = inputs.evaluate(plan.model, test_loader, accelerator)
-        say(f"test       {headline(metrics['test'])}")
+        say(f"test       {headline(metrics['test'], t.metric)}")
     deleted = 0
     if accelerator.is_main_process:
         if predictions is not None:  # a language model has none
@@ -822,7 +864,7 @@ def finish_run(cfg: Config, run: Path, plan: TrainingPlan, inputs: TaskInputs, a
         if t.keep_last is None:  # a finished run is not resumed: its checkpoints would only take disk
             deleted = remove_checkpoints(run)
     accelerator.log(final_values(metrics), step=state.step)
-    say(f"best       step {state.best_step}: {headline(final_val)}")
+    say(f"best       step {state.best_step}: {headline(final_val, t.metric)}")
     if deleted:
         say(f"cleanup    {deleted} checkpoint(s) deleted now that the model is saved (train.keep_last N keeps the "
             f"last N)")
@@ -852,7 +894,7 @@ def run_evaluation(model, eval_loader, evaluate: Callable, accelerator, tokenize
     scalars = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
     history.append({"type": "eval", "step": state.step, "epoch": round(epoch, 4), **scalars})
     if accelerator.is_main_process:
-        tqdm.write(f"eval  step {state.step:>6} | epoch {epoch:.2f} | {headline(metrics)}")
+        tqdm.write(f"eval  step {state.step:>6} | epoch {epoch:.2f} | {headline(metrics, t.metric)}")
     value = metrics[t.metric]
     if is_better(value, state.best_metric, t.greater_is_better):
         state.best_metric, state.best_step = value, state.step

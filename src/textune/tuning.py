@@ -6,6 +6,8 @@ PEFT and builds on `models`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import PreTrainedModel
 
@@ -19,10 +21,11 @@ def apply_tuning(model: PreTrainedModel, tuning: TuningConfig) -> PreTrainedMode
     `full`: everything trains. `head`: freeze the encoder; the classification head trains, with BERT's pooler
     (dense + tanh on [CLS]) that the head reads, as the PEFT methods do (see `adapters.head_modules`):
     sentence-transformers checkpoints such as the packaged MiniLM ship that pooler untrained.
-    `lora`, `prefix`, `ia3`: a PEFT model whose adapter and head train (see textune.adapters).
+    `lora` (and its variants DoRA, rsLoRA), `adalora`, `qlora`, `prefix`, `ia3`: a PEFT model whose adapter and
+    head train (see textune.adapters).
     """
     method = tuning.method
-    if method in ("lora", "prefix", "ia3"):
+    if method in ("lora", "adalora", "qlora", "prefix", "ia3"):
         from textune.adapters import apply_peft  # PEFT: imported only for the runs that use it
 
         return apply_peft(model, tuning)
@@ -44,3 +47,14 @@ def apply_tuning(model: PreTrainedModel, tuning: TuningConfig) -> PreTrainedMode
         return model
     raise TextuneError(f"tuning.method {method!r} is not supported here")
 
+
+
+def optimizer_step_hook(model: torch.nn.Module, total_steps: int) -> Callable[[int], None] | None:
+    """What the tuning method does after each optimizer step of a run of `total_steps` steps (AdaLoRA moves rank
+    between layers), called by the loop with the step's index (from 0) before the gradients are cleared; None
+    for the methods that do nothing there. See `adapters.optimizer_step_hook`."""
+    if not getattr(model, "peft_config", None):  # not a PEFT model: no need to import PEFT
+        return None
+    from textune.adapters import optimizer_step_hook as peft_hook
+
+    return peft_hook(model, total_steps)

@@ -28,7 +28,7 @@ class ServeSettings:
     max_batch_size: int = 32  # texts per model call
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
     max_texts: int = 64  # texts per request
-    max_chars: int = 2000  # characters per text (a task exempts what it reads whole: question answering's contexts)
+    max_chars: int = 2000  # characters per text (a task exempts what it reads whole: QA contexts, NER texts)
     max_body_bytes: int = 1_000_000  # request body size
     max_queue: int = 1024  # texts accepted and not yet answered; more gets 503
     max_new_tokens: int = 256  # tokens one /v1/generate request may ask for (causal LMs)

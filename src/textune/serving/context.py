@@ -51,9 +51,10 @@ class ServeContext:
         router.post(path, response_model=response, **route)(handler)
 
     def check_texts(self, texts: list[str], pairs: list[str] | None = None, name: str = "texts",
-                    pair_name: str = "text_pairs", pairs_limited: bool = True) -> None:
-        """Refuse more texts than --max-texts, pairs that do not pair up, and texts over --max-chars (pairs too,
-        unless `pairs_limited` is False: a task that reads them whole, however long, bounded by the body size).
+                    pair_name: str = "text_pairs", pairs_limited: bool = True, texts_limited: bool = True) -> None:
+        """Refuse more texts than --max-texts, pairs that do not pair up, and texts over --max-chars (unless
+        `texts_limited` is False), pairs too (unless `pairs_limited` is False): a task that reads them whole,
+        however long (in windows), lifts the limit, and the body size bounds them.
 
         Raises:
             HTTPException: 413 or 422 with the field at fault.
@@ -64,7 +65,7 @@ class ServeContext:
                                      f"request")
         if pairs is not None and len(pairs) != n:
             raise HTTPException(422, f"got {n} {name} but {len(pairs)} {pair_name}; give one per {name.rstrip('s')}")
-        checked = [(f"{name}[{i}]", t) for i, t in enumerate(texts)]
+        checked = [(f"{name}[{i}]", t) for i, t in enumerate(texts)] if texts_limited else []
         if pairs_limited:
             checked += [(f"{pair_name}[{i}]", t) for i, t in enumerate(pairs or [])]
         for which, text in checked:

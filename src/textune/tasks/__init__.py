@@ -6,7 +6,8 @@ This registry maps the config's `task:` name to its module and the metrics the t
 ML library, so the config can be validated without loading torch.
 
 Adding a task: write `tasks/<name>.py` with a `TASK` object implementing `Task` (token_classification.py
-is the example to copy), add one line here, and ship a config under configs/.
+is the example to copy), add one line here, and ship a config under configs/. A task kept outside textune (a
+plugin, a test: tests/test_new_task.py) is one module too, added at run time with `register_task`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ MASKED_LM = Architecture(("ForMaskedLM", "ForPreTraining"), "AutoModelForMaskedL
 
 @dataclass(frozen=True)
 class TaskSpec:
-    module: str
+    """A task's registry entry: what config validation, curves, the model card and export read without importing
+    the task's module (which loads torch)."""
+
+    module: str  # the importable module holding the task's `TASK`
     metrics: tuple[str, ...]  # what train.metric may select; all are in every evaluation's metrics
     default_metric: str  # the headline, selected when train.metric is empty
     # The saved model kinds a run of this task writes, the one it builds by default first.
@@ -82,8 +86,51 @@ DEFAULT_TASK = "classification"
 
 
 def get_task(name: str) -> Task:
-    """The task object of a config's `task:` name (its module is imported on first use)."""
+    """The task object of a config's `task:` name (its module is imported on first use).
+
+    Raises:
+        TextuneError: no task of that name is registered (a run of a task defined outside textune, read
+            before `register_task` was called for it).
+    """
+    if name not in TASKS:
+        from textune.errors import TextuneError
+
+        raise TextuneError(f"task {name!r} is not registered; the tasks are {', '.join(TASKS)} (a task defined "
+                           f"outside textune is added with textune.tasks.register_task before its runs are read)")
     return importlib.import_module(TASKS[name].module).TASK
+
+
+def register_task(name: str, spec: TaskSpec) -> None:
+    """Add a task defined outside textune (a plugin package, a test) under the config's `task: name`.
+    `spec.module` is the importable module holding its `TASK` (a `Task` whose `name` is `name`); from then on
+    config validation, training, evaluate, predict, serve, report and `task_of` know it as they know the
+    built-in tasks.
+
+    Raises:
+        TextuneError: the name is taken, the spec's default metric is not among its metrics, or it names no
+            architecture.
+    """
+    from textune.errors import TextuneError
+
+    if name in TASKS:
+        raise TextuneError(f"task {name!r} is already registered (by {TASKS[name].module}); choose another name "
+                           f"or unregister_task it first")
+    if spec.default_metric not in spec.metrics:
+        raise TextuneError(f"task {name!r}: default_metric {spec.default_metric!r} must be one of its metrics "
+                           f"({', '.join(spec.metrics)})")
+    if not spec.architectures:
+        raise TextuneError(f"task {name!r}: name the saved model kinds it builds in architectures "
+                           f"(e.g. textune.tasks.SEQUENCE_HEAD)")
+    TASKS[name] = spec
+
+
+def unregister_task(name: str) -> None:
+    """Remove a task `register_task` added (a built-in task stays: configs and saved runs name it)."""
+    if name in TASKS and TASKS[name].module.startswith("textune.tasks."):
+        from textune.errors import TextuneError
+
+        raise TextuneError(f"task {name!r} is built into textune and cannot be unregistered")
+    TASKS.pop(name, None)
 
 
 # Model folders not written by a textune run are read by their architecture: the first task (in registry order)

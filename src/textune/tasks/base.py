@@ -1,5 +1,7 @@
 """The contract every task fills: what the training loop, `evaluate`, `predict`, `serve` and the report ask of
-a task. A task module defines one `Task` object, `TASK`; `textune.tasks.get_task(cfg.task)` finds it.
+a task. A task module defines one `Task` object, `TASK`; `textune.tasks.get_task(cfg.task)` finds it through
+the registry (`textune.tasks.TASKS`; a module outside textune is added with `textune.tasks.register_task`).
+Nothing else in textune names a task, so a new task is that one module (tests/test_new_task.py shows one).
 
 Two objects per task:
 - `Task`: the stateless part, used by commands on saved runs (evaluate a file, load a predictor, read inputs
@@ -66,7 +68,11 @@ class TaskInputs(ABC):
 
     `loss_fn`: the training loss `train_step` calls as `loss_fn(model, batch)`, or None for the model's own loss
     (`outputs.loss`). The task chooses it (classification: mixup or class-weighted cross-entropy), so the loop
-    never asks which task it runs. Evaluation always reports the model's own loss.
+    never asks which task it runs. Evaluation always reports the model's own loss. It returns either a mean
+    per example (a scalar tensor: every example of a step weighs the same), or, for a loss per token, the pair
+    `(loss summed over the batch's tokens, their number)`: the loop adds both up over the step's micro-batches
+    and processes and divides once, so every token of the step weighs the same, however they were shared out
+    (transformers' `num_items_in_batch`; instruction: answer tokens, language modeling: predicted tokens).
 
     `compute_metrics`: the user's hook, `compute_metrics(predictions, labels) -> dict`, set by
     `textune.train.train(cfg, compute_metrics=...)`; tasks that support it call `extra_metrics` in `evaluate`

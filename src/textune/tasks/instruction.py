@@ -296,10 +296,12 @@ def answer_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return logits.reshape(-1, logits.shape[-1]), targets[targets != -100]
 
 
-def answer_loss(model, batch: dict) -> torch.Tensor:
-    """The training loss: mean cross-entropy per labelled token, as the model's own loss."""
+def answer_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """The training loss as `TaskInputs.loss_fn` returns a loss per token: (cross-entropy summed over the
+    labelled tokens, their number). The loop divides by the count of the whole step (all processes and
+    micro-batches), so every answer token weighs the same, as in the model's own loss of one batch."""
     logits, targets = answer_logits(model, batch)
-    return torch.nn.functional.cross_entropy(logits.float(), targets)
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
 
 
 def answer_row_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ the perplexity.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -41,7 +42,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 from textune.config import Config, ModelConfig
 from textune.data import read_table, read_text_lines
 from textune.errors import TextuneError
-from textune.models import load_tokenizer, resolve_model, safetensors_only, set_attention
+from textune.models import load_tokenizer, resolve_model, resolve_run_model, safetensors_only, set_attention
 from textune.tasks.base import Task, TaskInputs
 from textune.tuning import apply_tuning
 
@@ -270,6 +271,18 @@ def row_losses(out, batch: dict, causal: bool) -> tuple[torch.Tensor, torch.Tens
     return losses.sum(1), (labels != -100).sum(1)
 
 
+def predicted_token_loss(model, batch: dict, causal: bool) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+    """The training loss as `TaskInputs.loss_fn` returns a loss per token: (cross-entropy summed over the
+    predicted tokens, their number), so the loop weighs every masked or next token of a step the same, whichever
+    process or micro-batch it is in (masks draw different counts per row). With NSP, the model's own loss: its
+    next-sentence part is a mean per pair, which a count of tokens cannot weigh."""
+    if "next_sentence_label" in batch:
+        return model(**batch).loss
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})  # the model's own loss would be unused
+    sums, counts = row_losses(out, batch, causal)
+    return sums.sum(), counts.sum()
+
+
 @torch.inference_mode()
 def evaluate_language_model(model, loader, accelerator=None, causal: bool = False) -> dict:
     """Mean loss per predicted token over a held-out loader, its perplexity (exp of that loss) and the
@@ -316,6 +329,10 @@ class PretrainInputs(TaskInputs):
     train_collator: object
     notes: list[str] = field(default_factory=list)
     evaluate_first = True  # record the starting perplexity as the step-0 evaluation
+
+    @property
+    def loss_fn(self):
+        return functools.partial(predicted_token_loss, causal=self.objective == "clm")
 
     def summary(self, cfg: Config) -> str:
         s = self.stats
@@ -395,6 +412,19 @@ def lm_objective(run_or_model: str | Path) -> str:
     return "mlm" if model_architecture(run_or_model) is MASKED_LM else "clm"
 
 
+def _model_and_run_dir(run_or_model: str | Path) -> tuple[Path, Path | None]:
+    """(model folder, run folder or None) of what a language-model predictor loaded: a run's model/ (which may
+    be an adapter, without config.json), a folder that is model and run at once (a merged folder, whose
+    config.yaml carries the run's system prompt: see models.resolve_run_model), a bare model folder or a
+    Hub id (no run)."""
+    path = Path(run_or_model).expanduser()
+    if (path / "model").is_dir():
+        return path / "model", path
+    if (path / "config.json").is_file():
+        return resolve_run_model(path)
+    return path, None
+
+
 class LanguageModelPredictor:
     """A masked or causal LM loaded for `textune serve`, `generate` and `chat`: `fill_mask` (masked LMs),
     `generate` and `chat` (causal LMs). `run_or_model` None is SmolLM2-135M-Instruct (see `textune.gguf`);
@@ -418,9 +448,7 @@ class LanguageModelPredictor:
             run_or_model, objective = default_causal_lm_dir(), "clm"
         self.objective = objective or lm_objective(run_or_model)
         self.model, self.tokenizer = (load_masked_lm if self.objective == "mlm" else load_causal_lm)(run_or_model)
-        path = Path(run_or_model).expanduser()
-        self.run_dir = path if (path / "model").is_dir() else None
-        self.model_dir = path / "model" if self.run_dir is not None else path
+        self.model_dir, self.run_dir = _model_and_run_dir(run_or_model)
         self.batch_size = batch_size
         self.device = inference_device(None)
         self.model = with_precision(self.model.to(self.device), precision, self.device)
