@@ -64,6 +64,23 @@ class ModelPredictor:
         # `config`: the saved model's, which the model in memory may share with other adapters (`around`)
         self.label_names = [self.config.id2label[i] for i in range(self.config.num_labels)]
 
+    def refuse_another_task(self) -> None:
+        """Raise where the saved model was built for another task than this predictor's (a QA folder given to the
+        NER predictor would otherwise fail deep inside with a shape error).
+
+        Raises:
+            TextuneError: the model's architecture belongs to another task; names it and `load_predictor`.
+        """
+        from textune.tasks import TASKS, architecture_of, task_of_architecture  # the registry: no ML imports
+
+        config = self.config  # the saved model's (a registry's model in memory may hold another adapter's)
+        architectures = getattr(config, "architectures", None)
+        if architecture_of(architectures) not in (None, *TASKS[self.task].architectures):
+            other = task_of_architecture(architectures, getattr(config, "problem_type", None))
+            raise TextuneError(f"{self.run_dir or getattr(self, 'model_dir', 'the model')} holds a {other} model, not "
+                               f"a {self.task} one; load it with textune.tasks.load_predictor(path), which picks the "
+                               f"predictor of its task")
+
 
 def load_trained_model(model_dir: str | Path):
     """(model in eval mode, tokenizer) of a fine-tuned model folder as `textune train` saves it: a full model,

@@ -40,8 +40,8 @@ from textune.models import load_tokenizer, resolve_model
 from textune.report_html import (cards_html, esc, fmt, img_html, missing_html, read_predictions,
                                  text_cell_html)
 from textune.tasks.base import ExportSpec, Task
-from textune.tasks.sequence import (SequenceInputs, SequencePredictor, load_sequence_model, read_labelled_file,
-                                    read_sequence_inputs)
+from textune.tasks.sequence import (SequenceInputs, SequencePredictor, classify_router, load_sequence_model,
+                                    read_labelled_file, read_sequence_inputs)
 
 
 
@@ -220,7 +220,7 @@ class Classification(Task):
     serve_adapters = True
 
     def router(self, ctx):
-        return classify_router(ctx)
+        return classify_router(ctx, prediction_model(), "ClassifyResponse", "classify")
 
     def serve_description(self, predictor) -> str:
         return "a text classifier"
@@ -573,40 +573,13 @@ Classification.export_spec = ExportSpec(decide=predicted_labels, decisions="pred
 # ------------------------------ serving
 
 
-def classify_models() -> tuple[type, type]:
-    """(request, response) of POST /v1/classify; pydantic is imported here, so training never loads it."""
-    from pydantic import BaseModel, ConfigDict, Field
-
-    class ClassifyRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        texts: list[str] = Field(min_length=1, description="texts to classify", examples=[["a great film"]])
-        text_pairs: list[str] | None = Field(None, description="second texts of a sentence-pair task, one per text")
-        adapter: str | None = Field(None, description="adapter of the registry to use; empty = the base model")
+def prediction_model() -> type:
+    """One text's answer of POST /v1/classify (pydantic is imported here, so training never loads it)."""
+    from pydantic import BaseModel, Field
 
     class Prediction(BaseModel):
         label: str
         score: float = Field(description="probability of the predicted label")
         probabilities: dict[str, float]
 
-    class ClassifyResponse(BaseModel):
-        model: str
-        adapter: str | None
-        results: list[Prediction] = Field(description="one per input text, in the input order")
-
-    return ClassifyRequest, ClassifyResponse
-
-
-def classify_router(ctx):
-    """POST /v1/classify: each text's label, its probability and every label's, micro-batched."""
-    request, response = classify_models()
-    router = ctx.router()
-
-    async def classify(req) -> dict:
-        """Labels, scores and probabilities of each text, in the input order."""
-        ctx.check_texts(req.texts, req.text_pairs)
-        ctx.check_adapter(req.adapter)
-        results = await ctx.batched(req.texts, req.text_pairs, req.adapter)
-        return {"model": ctx.model_name, "adapter": req.adapter, "results": results}
-
-    ctx.post(router, "/v1/classify", classify, request, response)
-    return router
+    return Prediction

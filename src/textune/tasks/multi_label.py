@@ -32,8 +32,8 @@ from textune.evaluate import predict_logits
 from textune.models import load_tokenizer, resolve_model
 from textune.report_html import esc, fmt, missing_html, read_predictions, text_cell_html
 from textune.tasks.base import ExportSpec, Task
-from textune.tasks.sequence import (SequenceInputs, SequencePredictor, load_sequence_model, read_labelled_file,
-                                    read_sequence_inputs, target_data_report)
+from textune.tasks.sequence import (SequenceInputs, SequencePredictor, classify_router, load_sequence_model,
+                                    read_labelled_file, read_sequence_inputs, target_data_report)
 
 THRESHOLDS_FILE = "thresholds.json"
 
@@ -177,7 +177,7 @@ class MultiLabel(Task):
     serve_adapters = True
 
     def router(self, ctx):
-        return label_set_router(ctx)
+        return classify_router(ctx, label_set_model(), "LabelSetResponse", "label")
 
     def serve_description(self, predictor) -> str:
         return "a multi-label classifier (the set of labels of each text)"
@@ -294,15 +294,9 @@ MultiLabel.prediction_files = Task.prediction_files + (f"model/{THRESHOLDS_FILE}
 # ------------------------------ serving
 
 
-def label_set_models() -> tuple[type, type]:
-    """(request, response) of POST /v1/classify; pydantic is imported here, so training never loads it."""
-    from pydantic import BaseModel, ConfigDict, Field
-
-    class ClassifyRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        texts: list[str] = Field(min_length=1, description="texts to label", examples=[["a great film"]])
-        text_pairs: list[str] | None = Field(None, description="second texts of a sentence-pair task, one per text")
-        adapter: str | None = Field(None, description="adapter of the registry to use; empty = the base model")
+def label_set_model() -> type:
+    """One text's answer of POST /v1/classify (pydantic is imported here, so training never loads it)."""
+    from pydantic import BaseModel, Field
 
     class LabelScore(BaseModel):
         label: str
@@ -313,25 +307,4 @@ def label_set_models() -> tuple[type, type]:
                                                      "(empty when none is)")
         probabilities: dict[str, float]
 
-    class LabelSetResponse(BaseModel):
-        model: str
-        adapter: str | None
-        results: list[LabelSet] = Field(description="one per input text, in the input order")
-
-    return ClassifyRequest, LabelSetResponse
-
-
-def label_set_router(ctx):
-    """POST /v1/classify (the URL classifiers answer at): each text's set of labels, micro-batched."""
-    request, response = label_set_models()
-    router = ctx.router()
-
-    async def classify(req) -> dict:
-        """The labels of each text at or above their thresholds, and every label's probability, in input order."""
-        ctx.check_texts(req.texts, req.text_pairs)
-        ctx.check_adapter(req.adapter)
-        results = await ctx.batched(req.texts, req.text_pairs, req.adapter)
-        return {"model": ctx.model_name, "adapter": req.adapter, "results": results}
-
-    ctx.post(router, "/v1/classify", classify, request, response)
-    return router
+    return LabelSet

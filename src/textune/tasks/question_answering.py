@@ -47,7 +47,6 @@ from textune.data_checks import DataReport, Finding
 from textune.errors import TextuneError
 from textune.infer import ModelPredictor, read_inputs as read_text_inputs
 from textune.models import load_classifier, load_tokenizer, resolve_model, saved_run_config, set_attention
-from textune.tasks import TASKS, architecture_of, task_of_architecture
 from textune.tasks.base import SAMPLE_TEXTS, ExportSpec, Task, TaskInputs
 from textune.tuning import apply_tuning
 
@@ -503,13 +502,7 @@ class QuestionAnswererPredictor(ModelPredictor):
         self._configure()
 
     def _configure(self) -> None:
-        config = self.config  # the saved model's (a registry's model in memory may hold another adapter's)
-        architectures = getattr(config, "architectures", None)
-        if architecture_of(architectures) not in (None, *TASKS[self.task].architectures):
-            other = task_of_architecture(architectures, getattr(config, "problem_type", None))
-            raise TextuneError(f"{self.run_dir or getattr(self, 'model_dir', 'the model')} holds a {other} model, not "
-                               f"a {self.task} one; load it with textune.tasks.load_predictor(path), which picks the "
-                               f"predictor of its task")
+        self.refuse_another_task()
         if not getattr(self.tokenizer, "is_fast", False):
             raise TextuneError("question answering needs a fast tokenizer (character offsets of tokens); this "
                                "model's tokenizer is a slow one")

@@ -30,8 +30,8 @@ from textune.evaluate import predict_logits
 from textune.models import load_tokenizer, resolve_model
 from textune.report_html import fmt, img_html, missing_html, read_predictions, text_cell_html
 from textune.tasks.base import ExportSpec, Task
-from textune.tasks.sequence import (SequenceInputs, SequencePredictor, load_sequence_model, read_labelled_file,
-                                    read_sequence_inputs, target_data_report)
+from textune.tasks.sequence import (SequenceInputs, SequencePredictor, classify_router, load_sequence_model,
+                                    read_labelled_file, read_sequence_inputs, target_data_report)
 
 
 def target_scale(cfg, train_labels) -> tuple[float, float]:
@@ -135,7 +135,7 @@ class Regression(Task):
     serve_adapters = True
 
     def router(self, ctx):
-        return score_router(ctx)
+        return classify_router(ctx, score_model(), "ScoreResponse", "score")
 
     def serve_description(self, predictor) -> str:
         return "a regression model (one score per text)"
@@ -232,38 +232,11 @@ Regression.export_spec = ExportSpec()
 # ------------------------------ serving
 
 
-def score_models() -> tuple[type, type]:
-    """(request, response) of POST /v1/classify; pydantic is imported here, so training never loads it."""
-    from pydantic import BaseModel, ConfigDict, Field
-
-    class ClassifyRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        texts: list[str] = Field(min_length=1, description="texts to score", examples=[["a great film"]])
-        text_pairs: list[str] | None = Field(None, description="second texts of a sentence-pair task, one per text")
-        adapter: str | None = Field(None, description="adapter of the registry to use; empty = the base model")
+def score_model() -> type:
+    """One text's answer of POST /v1/classify (pydantic is imported here, so training never loads it)."""
+    from pydantic import BaseModel, Field
 
     class Score(BaseModel):
         score: float = Field(description="the predicted value, on the scale of the training labels")
 
-    class ScoreResponse(BaseModel):
-        model: str
-        adapter: str | None
-        results: list[Score] = Field(description="one per input text, in the input order")
-
-    return ClassifyRequest, ScoreResponse
-
-
-def score_router(ctx):
-    """POST /v1/classify (the URL classifiers answer at): each text's score, micro-batched."""
-    request, response = score_models()
-    router = ctx.router()
-
-    async def classify(req) -> dict:
-        """The score of each text (or text pair), in the input order."""
-        ctx.check_texts(req.texts, req.text_pairs)
-        ctx.check_adapter(req.adapter)
-        results = await ctx.batched(req.texts, req.text_pairs, req.adapter)
-        return {"model": ctx.model_name, "adapter": req.adapter, "results": results}
-
-    ctx.post(router, "/v1/classify", classify, request, response)
-    return router
+    return Score

@@ -171,3 +171,34 @@ def target_data_report(data: TaskData, balance: dict[str, dict[str, int]]) -> Da
     report.findings = [f for f in report.findings if f.kind != "imbalance"]
     report.label_balance = balance
     return report
+
+
+# ------------------------------ serving
+
+
+def classify_router(ctx, result: type, response_name: str, verb: str):
+    """POST /v1/classify, the URL every sequence task answers at: texts (and pairs, and an adapter) in, one
+    `result` per text out, micro-batched. Classification, regression and multi-label differ only in `result`
+    (label + probabilities, a score, a label set); `response_name` names the response in the OpenAPI schema so a
+    client sees which it gets. pydantic is imported here, so training never loads it."""
+    from pydantic import BaseModel, ConfigDict, Field, create_model
+
+    class ClassifyRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        texts: list[str] = Field(min_length=1, description=f"texts to {verb}", examples=[["a great film"]])
+        text_pairs: list[str] | None = Field(None, description="second texts of a sentence-pair task, one per text")
+        adapter: str | None = Field(None, description="adapter of the registry to use; empty = the base model")
+
+    response = create_model(response_name, model=(str, ...), adapter=(str | None, ...),
+                            results=(list[result], Field(description="one per input text, in the input order")))
+    router = ctx.router()
+
+    async def classify(req) -> dict:
+        """The prediction of each text (or text pair), in the input order."""
+        ctx.check_texts(req.texts, req.text_pairs)
+        ctx.check_adapter(req.adapter)
+        results = await ctx.batched(req.texts, req.text_pairs, req.adapter)
+        return {"model": ctx.model_name, "adapter": req.adapter, "results": results}
+
+    ctx.post(router, "/v1/classify", classify, ClassifyRequest, response)
+    return router
