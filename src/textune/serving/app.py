@@ -103,8 +103,8 @@ class ModelsResponse(BaseModel):
     object: Literal["list"]
     data: list[ModelEntry] = Field(description="the served model, as OpenAI's API lists models")
     base: str = Field(description="the served model's name")
-    task: str = Field(description="its task, a name of the task registry (classification, token-classification, "
-                                  "question-answering, language-modeling, regression, multi-label, instruction)")
+    task: str = Field(description="its task: the `task:` name of the registry that trained it (textune.tasks.TASKS, "
+                                  "built-in or registered)")
     labels: list[str] = Field(description="the labels it predicts (empty where it predicts none)")
     max_length: int | None = Field(description="tokens it reads at most, where it truncates")
     adapter_base: str | None = Field(description="the base model of the adapter registry, if one is loaded")
