@@ -13,8 +13,10 @@ import html
 import io
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from matplotlib.figure import Figure
+if TYPE_CHECKING:  # matplotlib takes ~0.5 s to import; predictors import task modules that import this one
+    from matplotlib.figure import Figure
 
 CSS = """
 :root { --ink:#1f2328; --muted:#59636e; --line:#d1d9e0; --bg:#f6f8fa; --card:#fff; --accent:#1f77b4; }

@@ -27,8 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import (accuracy_score, average_precision_score, classification_report, confusion_matrix,
-                             f1_score, matthews_corrcoef, precision_recall_fscore_support, roc_auc_score)
 
 from textune.augment import Mixup, augment_training_split
 from textune.data import (TaskData, column_values, label_counts, length_stats, load_task_data, tokenize_splits,
@@ -55,6 +53,10 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, label_names: l
     and the per-class report. With `probs` (N x classes) also `roc_auc` and `average_precision`: of the positive
     class for two classes, one-vs-rest macro averages with more (NaN where a class has no rows to rank).
     scikit-learn computes them all (`evaluate.load` would need the Hub)."""
+    # Imported here, not at the top: loading sklearn takes ~1 s, and a predictor (predict, serve) never needs it.
+    from sklearn.metrics import (accuracy_score, classification_report, confusion_matrix, f1_score,
+                                 precision_recall_fscore_support)
+
     ids = list(range(len(label_names)))
     p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=ids, average="macro", zero_division=0)
     out = {"accuracy": float(accuracy_score(labels, preds)),
@@ -80,6 +82,8 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, label_names: l
 def matthews(labels: np.ndarray, preds: np.ndarray) -> float:
     """Matthews correlation; 0.0 where it is undefined (one class in labels and predictions), without sklearn's
     warning about that case."""
+    from sklearn.metrics import matthews_corrcoef
+
     if len(labels) == 0:
         return 0.0
     with warnings.catch_warnings():
@@ -90,6 +94,8 @@ def matthews(labels: np.ndarray, preds: np.ndarray) -> float:
 def ranking_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
     """ROC-AUC and average precision of class probabilities: the positive class (id 1) for two classes,
     one-vs-rest macro averages with more. NaN where they are undefined (a class without rows, or only one class)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     labels = np.asarray(labels)
     with warnings.catch_warnings():  # an undefined score is NaN here; sklearn would also warn about it
         warnings.simplefilter("ignore")
@@ -472,7 +478,7 @@ def precision_recall_html(probs: np.ndarray, labels: np.ndarray, label_names: li
     """The report's precision-recall curve of the positive class (id 1) of a binary classifier, with the
     precision and recall at the 0.5 cut the predictions use and the average precision."""
     from matplotlib.figure import Figure
-    from sklearn.metrics import precision_recall_curve
+    from sklearn.metrics import average_precision_score, precision_recall_curve
 
     out = ['<section id="precision-recall"><h2>Precision-recall curve</h2>']
     if len(labels) == 0 or len(set(labels.tolist())) < 2:
