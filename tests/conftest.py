@@ -170,6 +170,23 @@ def trained_run(tiny_model, toy_data, tmp_path_factory) -> Path:
     return train(cfg)
 
 
+def assert_same_rows(got, expected, path="row"):
+    """Predictor rows equal, floats to 1e-4 (rounded to 6 decimals from outputs computed in another order or by
+    another runtime)."""
+    if isinstance(expected, dict):
+        assert set(got) == set(expected), path
+        for k in expected:
+            assert_same_rows(got[k], expected[k], f"{path}.{k}")
+    elif isinstance(expected, list):
+        assert len(got) == len(expected), path
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert_same_rows(g, e, f"{path}[{i}]")
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, abs=1e-4), path
+    else:
+        assert got == expected, path
+
+
 def needs_shared(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():

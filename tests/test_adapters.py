@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FILLER, build_tiny_bert, toy_overrides, toy_rows, write_csv
+from conftest import FILLER, assert_same_rows, build_tiny_bert, toy_overrides, toy_rows, write_csv
 from textune.adapters import (
     AdapterPredictor,
     AdapterRegistry,
@@ -301,20 +301,6 @@ def lora_task_run(task: str, tiny_model: Path, root: Path):
     return qa_overrides(tiny_model, data, root / "run", **lora, **{"data.allow_unanswerable": True}), (["is it"] * 3, contexts)
 
 
-def assert_same_rows(got, expected, path="row"):
-    """Predictor rows equal, floats to 1e-4 (rounded to 6 decimals from outputs computed in another order)."""
-    if isinstance(expected, dict):
-        assert set(got) == set(expected), path
-        for k in expected:
-            assert_same_rows(got[k], expected[k], f"{path}.{k}")
-    elif isinstance(expected, list):
-        assert len(got) == len(expected), path
-        for i, (g, e) in enumerate(zip(got, expected)):
-            assert_same_rows(g, e, f"{path}[{i}]")
-    elif isinstance(expected, float):
-        assert got == pytest.approx(expected, abs=1e-4), path
-    else:
-        assert got == expected, path
 
 
 @pytest.mark.parametrize("task", ["regression", "multi-label", "question-answering", "token-classification"])

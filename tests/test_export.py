@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from conftest import build_tiny_lm, run_textune, toy_overrides, write_csv, write_jsonl  # noqa: E402
+from conftest import assert_same_rows, build_tiny_lm, run_textune, toy_overrides, write_csv, write_jsonl  # noqa: E402
 from test_adapters import train_adapter  # noqa: E402
 from test_multi_label import ml_overrides, toy_row as ml_row  # noqa: E402
 from test_question_answering import qa_overrides, toy_rows as qa_rows  # noqa: E402
@@ -35,20 +35,6 @@ TEXTS = ["the movie was great and superb", "awful boring film", "the plot was ve
          "it was poor", "love this story", "the film"]
 
 
-def assert_same_rows(got, expected, path="row"):
-    """Predictor rows equal, floats to 1e-4 (they are rounded to 6 decimals from outputs 1e-6 apart)."""
-    if isinstance(expected, dict):
-        assert set(got) == set(expected), path
-        for k in expected:
-            assert_same_rows(got[k], expected[k], f"{path}.{k}")
-    elif isinstance(expected, list):
-        assert len(got) == len(expected), path
-        for i, (g, e) in enumerate(zip(got, expected)):
-            assert_same_rows(g, e, f"{path}[{i}]")
-    elif isinstance(expected, float):
-        assert got == pytest.approx(expected, abs=1e-4), path
-    else:
-        assert got == expected, path
 
 
 @pytest.fixture(scope="module")
