@@ -301,8 +301,6 @@ def lora_task_run(task: str, tiny_model: Path, root: Path):
     return qa_overrides(tiny_model, data, root / "run", **lora, **{"data.allow_unanswerable": True}), (["is it"] * 3, contexts)
 
 
-
-
 @pytest.mark.parametrize("task", ["regression", "multi-label", "question-answering", "token-classification"])
 def test_every_saved_form_of_a_lora_run_predicts_as_the_run(task, tiny_model, tmp_path):
     """The run, its merged folder moved elsewhere, the adapter registry, and (with onnxruntime) the ONNX export of

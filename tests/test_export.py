@@ -35,8 +35,6 @@ TEXTS = ["the movie was great and superb", "awful boring film", "the plot was ve
          "it was poor", "love this story", "the film"]
 
 
-
-
 @pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory):
     """The toy classifier exported by the CLI, as a user does it: (folder, the command's result)."""
