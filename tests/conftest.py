@@ -187,6 +187,18 @@ def assert_same_rows(got, expected, path="row"):
         assert got == expected, path
 
 
+def nested(overrides: dict) -> dict:
+    """Dotted config keys (as the CLI takes them) as the nested mapping a YAML config file holds."""
+    out: dict = {}
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
 def needs_shared(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():

@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import build_tiny_bert, toy_rows, write_csv
+from conftest import build_tiny_bert, nested, toy_rows, write_csv
 from textune.config import TrainConfig, load_config
 from textune.errors import TextuneError
 from textune.train import check_process_count, enable_gradient_checkpointing, train
@@ -316,17 +316,6 @@ def every_task_overrides(d: Path) -> dict[str, dict]:
                                              write_jsonl(d / "chat-validation.jsonl", chat[:n]), d,
                                              **{"eval.generate_samples": 3, "eval.max_new_tokens": 4}),
     }
-
-
-def nested(overrides: dict) -> dict:
-    out: dict = {}
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
 
 
 @pytest.fixture(scope="module")

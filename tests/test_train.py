@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import toy_overrides, toy_rows, write_csv
+from conftest import nested, toy_overrides, toy_rows, write_csv
 from textune.config import TrainConfig, load_config
 from textune.errors import TextuneError
 from textune.models import load_classifier
@@ -317,14 +317,7 @@ def test_off_a_terminal_progress_is_one_plain_line_per_logging_step(tiny_model, 
 
     cfg = tmp_path / "c.yaml"
     over = toy_overrides(tiny_model, toy_data, tmp_path / "r", **{"train.max_steps": 6, "train.logging_steps": 2})
-    nested: dict = {}
-    for key, value in over.items():
-        *parents, leaf = key.split(".")
-        node = nested
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    cfg.write_text(json.dumps(nested))
+    cfg.write_text(json.dumps(nested(over)))
     with (tmp_path / "stderr.log").open("w") as err:
         proc = subprocess.run([sys.executable, "-m", "textune", "train", str(cfg)], stdout=subprocess.DEVNULL,
                               stderr=err, timeout=300)
