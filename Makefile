@@ -28,6 +28,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: install
 	$(VENV)/bin/textune train configs/rotten-tomatoes-minilm-full.yaml --overwrite
+	@echo "demo run in runs/; watch, compare and launch runs in your browser: $(VENV)/bin/textune ui  (http://localhost:7860)"
 
 test: install test-deps
 	$(PY) -m pytest -q

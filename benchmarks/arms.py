@@ -42,3 +42,29 @@ def add_arm_arguments(parser: argparse.ArgumentParser, seed: int | None = None, 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), printed beside every figure: timings hold for that CPU only."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def export_run(run: str, out: str) -> dict:
+    """`textune export` of a benchmark's textune run to `out`, in an arm's process (the parent stays without
+    torch): its seconds, what ONNX Runtime fused, its check against PyTorch, and the fp32 matmul ceiling."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from bench_predict import matmul_ceiling
+    from textune.export import export_onnx
+
+    start = time.perf_counter()
+    export_onnx(run, out)
+    info = json.loads((Path(out) / "textune_onnx.json").read_text())
+    return {"seconds": round(time.perf_counter() - start, 1), "max_abs_diff": info["check"]["max_abs_diff"],
+            "check_on": info["check"]["on"], "fused": info["optimization"].get("operators") or info["optimization"],
+            "matmul_gflops_fp32": round(matmul_ceiling("float32"), 1)}

@@ -21,12 +21,14 @@ textune: the loop's own rate at its last logging step, before the final evaluati
 Prediction (one more process per arm, on the best-F1 textune run's model): the 2,000 WNUT-16 sentences as raw
 text (words joined by spaces), `transformers.pipeline("token-classification", aggregation_strategy="first",
 batch_size=32)` against textune's `TokenClassifierPredictor` (batch 32; fp32, the exact path, and bf16, what
-`textune predict --quantize bf16` does): sentences/s, and the share of
+`textune predict --quantize bf16` does; and fp32 on `textune export` of that run, ONNX Runtime with the graph
+fused by its transformer optimizer, exported in a process of its own before it): sentences/s, and the share of
 sentences where both give exactly the same entities (type, start, end); agreement with aggregation "simple"
-too. Each arm loads, warms up and times `--repeats` passes; the fastest counts.
+too; for the export, its own check (max abs logit difference from PyTorch on real tokens). Each arm loads, warms up and times `--repeats` passes; the fastest counts.
 
 Targets (issue 15): entity F1 within 1 point of the Trainer's (mean over seeds); training samples/s >= 1.5x
-the Trainer's defaults; prediction >= 2x the pipeline with the same entities on >= 99% of sentences.
+the Trainer's defaults; prediction >= 2x the pipeline with the same entities on >= 99% of sentences; issue 34:
+the fused ONNX export >= 3x the pipeline with the same entities.
 
     python benchmarks/bench_ner.py
     python benchmarks/bench_ner.py --epochs 1 --seeds 1 --predict-sentences 200     # a quick smoke run
@@ -45,12 +47,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from arms import add_arm_arguments, mean_std, measure
+from arms import add_arm_arguments, cpu_name, export_run, mean_std, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 WNUT = ROOT.parent / "shared" / "data" / "wnut16"
 BATCH_SIZE, LR, WARMUP, MAX_LENGTH, WEIGHT_DECAY, SEED = 16, 1e-4, 0.1, 128, 0.01, 42
-PREDICT_ARMS = ("pipeline", "predictor", "predictor-bf16")
+PREDICT_ARMS = ("pipeline", "predictor", "predictor-bf16", "onnx")
 
 
 def read_split(name: str):
@@ -153,6 +155,7 @@ def run_predict(arm: str, model_dir: str, n: int, repeats: int) -> dict:
     else:
         from textune.tasks.token_classification import TokenClassifierPredictor
 
+        # "onnx": model_dir is the export folder, which the predictor takes like a run
         predictor = TokenClassifierPredictor(model_dir, batch_size=32,
                                              precision="bf16" if arm.endswith("bf16") else "fp32")
         predict = lambda: predictor.predict(texts)  # noqa: E731
@@ -187,6 +190,9 @@ def main() -> None:
         Path(args.arm_output).write_text(json.dumps(run_predict(args.arm, args.model, args.predict_sentences,
                                                                 args.repeats)))
         return
+    if args.arm == "export":
+        Path(args.arm_output).write_text(json.dumps(export_run(args.model, args.workdir)))
+        return
 
     seeds = [SEED + i for i in range(args.seeds)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,11 +206,17 @@ def main() -> None:
                                   "--workdir", str(workdir)], tmp / f"{arm}-{seed}.json")
                 runs[arm].append({"seed": seed, **result})
         ok = [r for r in runs["textune"] if "error" not in r]
-        best_model = str(Path(max(ok, key=lambda r: r["f1"])["model"]) / "model") if ok else None
-        predict = {}
+        best_run = max(ok, key=lambda r: r["f1"])["model"] if ok else None
+        best_model = str(Path(best_run) / "model") if ok else None
+        predict, exported = {}, {}
         if best_model:
+            exported = measure(__file__, ["--arm", "export", "--model", best_run, "--workdir", str(tmp / "onnx")],
+                               tmp / "export.json")
             for arm in PREDICT_ARMS:
-                predict[arm] = measure(__file__, ["--arm", arm, "--model", best_model, "--predict-sentences",
+                if arm == "onnx" and "error" in exported:
+                    continue
+                model = str(tmp / "onnx") if arm == "onnx" else best_model
+                predict[arm] = measure(__file__, ["--arm", arm, "--model", model, "--predict-sentences",
                                         str(args.predict_sentences), "--repeats", str(args.repeats)],
                                        tmp / f"{arm}.json")
     summary = {}
@@ -224,14 +236,17 @@ def main() -> None:
                         "peak_rss_mb": max(r["peak_rss_mb"] for r in good),
                         "failed": [r for r in rows if "error" in r]}
     prediction = {}
-    if predict and all("error" not in r for r in predict.values()):
+    if predict and all("error" not in predict.get(arm, {"error": 1}) for arm in PREDICT_ARMS[:3]):
         n = args.predict_sentences
         theirs = predict["pipeline"]
         norm = lambda rows: [[tuple(e) for e in row] for row in rows]  # noqa: E731 (JSON turned tuples into lists)
         prediction = {"sentences": n, "pipeline_per_s": round(n / theirs["seconds"], 1),
                       "load_seconds": {"pipeline": round(theirs["load_seconds"], 2)},
                       "peak_rss_mb": {"pipeline": theirs["peak_rss_mb"]}}
-        for arm, key in (("predictor", "textune"), ("predictor-bf16", "textune_bf16")):
+        ours_fp32 = predict["predictor"]
+        for arm, key in (("predictor", "textune"), ("predictor-bf16", "textune_bf16"), ("onnx", "onnx_fused")):
+            if "error" in predict.get(arm, {"error": 1}):
+                continue
             ours = predict[arm]
             prediction[key] = {
                 "per_s": round(n / ours["seconds"], 1), "speedup": round(theirs["seconds"] / ours["seconds"], 2),
@@ -239,6 +254,9 @@ def main() -> None:
                     norm(ours["entities"]), norm(theirs["entities"]))) / n, 4),
                 "same_entities_as_pipeline_simple": round(sum(a == b for a, b in zip(
                     norm(ours["entities"]), norm(theirs["entities_simple"]))) / n, 4)}
+            prediction[key]["x_pytorch_fp32"] = round(ours_fp32["seconds"] / ours["seconds"], 2)
+            prediction[key]["same_entities_as_pytorch_fp32"] = round(sum(a == b for a, b in zip(
+                norm(ours["entities"]), norm(ours_fp32["entities"]))) / n, 4)
             prediction["load_seconds"][key] = round(ours["load_seconds"], 2)
             prediction["peak_rss_mb"][key] = ours["peak_rss_mb"]
     t, tr = summary.get("textune", {}), summary.get("trainer", {})
@@ -254,8 +272,12 @@ def main() -> None:
         "prediction (bf16) >= 2x pipeline with the same entities on >= 99% of sentences":
             prediction.get("textune_bf16", {}).get("speedup", 0) >= 2
             and prediction.get("textune_bf16", {}).get("same_entities_as_pipeline_first", 0) >= 0.99,
+        "fused ONNX >= 3x pipeline with the same entities": prediction.get("onnx_fused", {}).get("speedup", 0) >= 3
+            and prediction.get("onnx_fused", {}).get("same_entities_as_pipeline_first", 0) == 1.0,
     }
-    print(f"\nWNUT-16: 1,800 training / 200 validation sentences, {args.epochs:g} epochs, batch {BATCH_SIZE}, lr {LR:g}, "
+    ceiling = {k: v for k, v in exported.items() if k != "started_at"}.get("matmul_gflops_fp32")
+    print(f"\n{cpu_name()}, {os.cpu_count()} cores, fp32 matmul ceiling {ceiling or '-'} GFLOP/s (measured in this run)")
+    print(f"WNUT-16: 1,800 training / 200 validation sentences, {args.epochs:g} epochs, batch {BATCH_SIZE}, lr {LR:g}, "
           f"max_length {MAX_LENGTH}, seeds {', '.join(map(str, seeds))} (mean ± std over seeds)")
     header = f"{'arm':<10}{'entity F1':>18}{'precision':>11}{'recall':>9}{'samples/s':>16}{'peak MB':>9}"
     print(header + "\n" + "-" * len(header))
@@ -269,16 +291,23 @@ def main() -> None:
     if prediction:
         print(f"\nprediction on {prediction['sentences']:,} raw sentences (batch 32, fastest of {args.repeats}): "
               f"pipeline {prediction['pipeline_per_s']}/s, peak {prediction['peak_rss_mb']['pipeline']:.0f} MB")
-        for key in ("textune", "textune_bf16"):
-            r = prediction[key]
-            print(f"  {key:<13} {r['per_s']}/s = {r['speedup']}x; same entities as pipeline 'first' on "
-                  f"{r['same_entities_as_pipeline_first']:.2%}, as 'simple' on {r['same_entities_as_pipeline_simple']:.2%}; "
+        for key in ("textune", "textune_bf16", "onnx_fused"):
+            r = prediction.get(key)
+            if r is None:
+                continue
+            print(f"  {key:<13} {r['per_s']}/s = {r['speedup']}x ({r['x_pytorch_fp32']}x PyTorch fp32); same entities "
+                  f"as pipeline 'first' on {r['same_entities_as_pipeline_first']:.2%}, as 'simple' on "
+                  f"{r['same_entities_as_pipeline_simple']:.2%}, as PyTorch fp32 on {r['same_entities_as_pytorch_fp32']:.2%}; "
                   f"peak {prediction['peak_rss_mb'][key]:.0f} MB")
+        if "error" not in exported and exported:
+            print(f"  export: fused {exported['fused']}, check max abs logit difference {exported['max_abs_diff']:.1e} "
+                  f"on {exported['check_on']}")
     for name, met in targets.items():
         print(f"target  {name}: {'met' if met else 'MISSED'}")
     out = ROOT / args.output
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpu_count": os.cpu_count(), "seeds": seeds, "epochs": args.epochs,
+    out.write_text(json.dumps({"cpu": cpu_name(), "cpu_count": os.cpu_count(), "matmul_gflops_fp32": ceiling,
+                               "export": {k: v for k, v in exported.items() if k != "started_at"}, "seeds": seeds, "epochs": args.epochs,
                                "hyperparameters": {"batch_size": BATCH_SIZE, "lr": LR, "warmup_ratio": WARMUP,
                                                    "weight_decay": WEIGHT_DECAY, "max_length": MAX_LENGTH},
                                "training": summary, "prediction": prediction, "targets": targets,

@@ -9,7 +9,10 @@ Arms, each in its own process (so peak resident memory is its own, read with `os
   textune-int8   the same with precision="int8" (dynamic quantisation of the Linear layers)
   textune-compile  textune-fp32 with the model through torch.compile (dynamic=False) and batches padded to
                  multiples of 16 (train.compile's length buckets), the compiling inside its cold start
-  onnx-fp32      ClassifierPredictor on `textune export RUN --format onnx` (ONNX Runtime, CPU provider)
+  onnx-fp32      ClassifierPredictor on `textune export RUN --format onnx` (ONNX Runtime, CPU provider): the graph
+                 fused by ONNX Runtime's transformer optimizer (attention, embedding + LayerNorm, bias + GELU,
+                 residual + LayerNorm), float32
+  onnx-plain     the same export without the fusions (`export_onnx(..., fuse=False)`: the export before issue 34)
   onnx-int8      the same on `--quantize int8` (ONNX Runtime's dynamic quantisation)
   optimum-ort    optimum's ORTModelForSequenceClassification the way its docs show it: exported from the run's
                  model folder, then transformers.pipeline(..., batch_size=32) over it. optimum-onnx's only
@@ -17,7 +20,8 @@ Arms, each in its own process (so peak resident memory is its own, read with `os
                  (--optimum-python; see benchmarks/README.md); it is skipped when there is none.
 
 For each: samples/s, ratio against the naive loop and the pipeline, agreement of the predicted labels with
-textune fp32 (identical for pipeline and fp32 is the target), cold start (process start to the first batch
+textune fp32 (identical for pipeline and fp32 is the target), for textune's arms the max abs logit difference
+from textune fp32, cold start (process start to the first batch
 predicted, model loading included; the exports are made once before the arms, their seconds reported apart), and
 model FLOPs utilisation: useful FLOPs (2 x non-embedding parameters x real tokens) per second over a 2048x2048
 matmul timed in the same run (fp32's ceiling for fp32 arms; for bf16 and int8 arms the higher of fp32's and bf16's,
@@ -25,7 +29,8 @@ as a CPU without native bf16 multiplies bf16 slower than fp32).
 
 Targets: textune fp32 >= 30x naive and >= 2x pipeline with identical predictions; bf16 or int8 >= 1.5x
 textune fp32 with >= 99% agreement; MFU > 50%; textune's fastest path with >= 99.5% agreement >= 1.3x
-optimum's ORT default (issue 20).
+optimum's ORT default (issue 20); the fused ONNX export >= 1.4x textune fp32 with identical labels and logits
+within 1e-4 (issue 34).
 
     python benchmarks/bench_predict.py                                   # benchmarks/runs/sst2-minilm-full
     python benchmarks/bench_predict.py RUN --repeats 3 --optimum-python /path/to/optimum-venv/bin/python
@@ -46,15 +51,15 @@ import sys
 import time
 from pathlib import Path
 
-from arms import add_arm_arguments, measure
+from arms import add_arm_arguments, cpu_name, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2_VALIDATION = ROOT.parent / "shared" / "data" / "sst2" / "validation.tsv"
-ARMS = ["naive", "pipeline", "textune-fp32", "textune-bf16", "textune-int8", "onnx-fp32", "onnx-int8", "optimum-ort",
-        "textune-compile"]
+ARMS = ["naive", "pipeline", "textune-fp32", "textune-bf16", "textune-int8", "onnx-fp32", "onnx-plain", "onnx-int8",
+        "optimum-ort", "textune-compile"]
 DEFAULT_ARMS = ARMS[:-1]
-TEXTUNE_ARMS = ["textune-fp32", "textune-bf16", "textune-int8", "onnx-fp32", "onnx-int8", "textune-compile"]
-FP32_ARMS = ["naive", "pipeline", "textune-fp32", "onnx-fp32", "optimum-ort", "textune-compile"]
+TEXTUNE_ARMS = ["textune-fp32", "textune-bf16", "textune-int8", "onnx-fp32", "onnx-plain", "onnx-int8", "textune-compile"]
+FP32_ARMS = ["naive", "pipeline", "textune-fp32", "onnx-fp32", "onnx-plain", "optimum-ort", "textune-compile"]
 SST2_TRAIN = SST2_VALIDATION.with_name("train.tsv")
 BATCH_SIZE, NAIVE_PAD = 32, 128
 
@@ -90,7 +95,8 @@ def pipeline_predict(pipe):
 
 
 def arm_predictor(arm: str, run: Path, exports: Path):
-    """The arm's predict(texts) -> labels, loaded the way a user of that tool would load it."""
+    """The arm's predict(texts) -> labels (textune's arms: logits, an array texts x classes), loaded the way a
+    user of that tool would load it."""
     from transformers import AutoTokenizer, pipeline
 
     model_dir = run / "model"
@@ -109,7 +115,7 @@ def arm_predictor(arm: str, run: Path, exports: Path):
             predictor.tokenizer.pad = functools.partial(predictor.tokenizer.pad, pad_to_multiple_of=16)
         else:
             predictor = ClassifierPredictor(run, batch_size=BATCH_SIZE, precision=arm.split("-")[1])
-        return lambda items: predictor.predict_proba(items).argmax(1).tolist()
+        return predictor.logits
     if arm == "pipeline":
         return pipeline_predict(pipeline("text-classification", model=str(model_dir), batch_size=BATCH_SIZE,
                                          device=-1))
@@ -153,7 +159,10 @@ def run_arm(arm: str, run: Path, exports: Path, repeats: int, count: int | None)
         start = time.perf_counter()
         labels = predict(texts)
         best = min(best, time.perf_counter() - start)
+    logits = labels.tolist() if arm in TEXTUNE_ARMS else None
+    labels = labels.argmax(1).tolist() if arm in TEXTUNE_ARMS else labels
     return {"arm": arm, "seconds": round(best, 3), "samples_per_s": round(len(texts) / best, 1), "labels": labels,
+            "logits": logits,
             "compiling_pass_s": warm_pass,
             "first_prediction_at": first_prediction_at}
 
@@ -172,9 +181,9 @@ def make_exports(run: Path, exports: Path) -> dict:
     from textune.export import export_onnx
 
     seconds = {}
-    for arm, quantize in (("onnx-fp32", None), ("onnx-int8", "int8")):
+    for arm, quantize in (("onnx-fp32", None), ("onnx-plain", None), ("onnx-int8", "int8")):
         start = time.perf_counter()
-        export_onnx(run, exports / arm, quantize=quantize)
+        export_onnx(run, exports / arm, quantize=quantize, fuse=arm != "onnx-plain")
         seconds[arm] = round(time.perf_counter() - start, 1)
     return seconds
 
@@ -256,12 +265,15 @@ def main() -> None:
         results.append({"arm": arm, **r})
     by_arm = {r["arm"]: r for r in results if "error" not in r}
     reference = by_arm.get("textune-fp32", {}).get("labels")
+    reference_logits = by_arm.get("textune-fp32", {}).get("logits")
     for r in by_arm.values():
         # bf16 and int8 arms against the better ceiling: where the CPU has no native bf16, fp32's is higher
         peak = ceiling["float32"] if r["arm"] in FP32_ARMS else max(ceiling.values())
         r["mfu"] = round(2 * params * tokens / r["seconds"] / 1e9 / peak, 4)
         r["agreement_with_fp32"] = (round(sum(a == b for a, b in zip(r["labels"], reference)) / len(reference), 4)
                                     if reference else None)
+        r["max_logit_diff_fp32"] = (max(abs(a - b) for row, ref in zip(r["logits"], reference_logits)
+                                        for a, b in zip(row, ref)) if reference_logits and r["logits"] else None)
         for base in ("naive", "pipeline", "optimum-ort"):
             if base in by_arm:
                 r[f"x_{base}"] = round(r["samples_per_s"] / by_arm[base]["samples_per_s"], 2)
@@ -282,12 +294,16 @@ def main() -> None:
              for r in fast)),
         ("fp32 MFU > 50%", ("textune-fp32",), fp32.get("mfu", 0) > 0.5),
         (fastest_name, ("optimum-ort",), fastest.get("x_optimum-ort", 0) >= 1.3),
+        ("fused ONNX >= 1.4x fp32, labels identical, logits within 1e-4", ("onnx-fp32", "textune-fp32"),
+         by_arm.get("onnx-fp32", {}).get("samples_per_s", 0) >= 1.4 * fp32.get("samples_per_s", float("inf"))
+         and by_arm.get("onnx-fp32", {}).get("agreement_with_fp32") == 1.0
+         and (by_arm.get("onnx-fp32", {}).get("max_logit_diff_fp32") or 1) <= 1e-4),
     )}
 
     header = (f"{'arm':<14}{'samples/s':>10}{'x naive':>9}{'x pipeline':>11}{'x optimum':>10}{'agree fp32':>11}"
-              f"{'MFU':>7}{'peak MB':>9}{'cold s':>8}")
+              f"{'MFU':>7}{'max dlogit':>11}{'peak MB':>9}{'cold s':>8}")
     print(f"\n{len(load_texts(args.texts)):,} SST-2 sentences, {tokens:,} real tokens, {params / 1e6:.1f}M non-embedding parameters; "
-          f"matmul ceiling {', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in ceiling.items())}; "
+          f"{cpu_name()}, {os.cpu_count()} cores, matmul ceiling {', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in ceiling.items())}; "
           f"export seconds {export_seconds}")
     print(header + "\n" + "-" * len(header))
     for r in results:
@@ -296,13 +312,14 @@ def main() -> None:
             continue
         print(f"{r['arm']:<14}{r['samples_per_s']:>10.1f}{r.get('x_naive', 0):>9.2f}{r.get('x_pipeline', 0):>11.2f}"
               f"{r.get('x_optimum-ort', 0):>10.2f}{r['agreement_with_fp32'] or 0:>11.2%}{r['mfu']:>7.1%}"
+              f"{'-' if r['max_logit_diff_fp32'] is None else format(r['max_logit_diff_fp32'], '.1e'):>11}"
               f"{r['peak_rss_mb']:>9.0f}{r['cold_start_s']:>8.2f}")
     for name, met in targets.items():
         print(f"target  {name}: {'not measured (its arms did not run)' if met is None else 'met' if met else 'MISSED'}")
     out = ROOT / args.output
     out.parent.mkdir(parents=True, exist_ok=True)
-    summary = [{k: v for k, v in r.items() if k != "labels"} for r in results]
-    out.write_text(json.dumps({"cpu_count": os.cpu_count(), "run": os.path.relpath(run, ROOT),
+    summary = [{k: v for k, v in r.items() if k not in ("labels", "logits")} for r in results]
+    out.write_text(json.dumps({"cpu": cpu_name(), "cpu_count": os.cpu_count(), "run": os.path.relpath(run, ROOT),
                                "texts": len(load_texts(args.texts)), "real_tokens": tokens,
                                "non_embedding_parameters": params,
                                "matmul_gflops": {k: round(v, 1) for k, v in ceiling.items()},

@@ -24,10 +24,14 @@ removed `pipeline("question-answering")` (its REMOVED_TASKS), so the baseline is
 it ran in transformers 4 with its defaults: one window per model call (batch_size 1), span scores from
 `select_starts_ends` (kept in transformers for document QA; max_answer_len set to 30 like ours), the best
 over the windows. Against textune's `QuestionAnswererPredictor` (windows of all questions batched by length,
-batch 32): questions/s, and the share of questions with the same answer text.
+batch 32): questions/s, and the share of questions with the same answer text. A third arm runs the same
+predictor on `textune export` of that run (ONNX Runtime, the graph fused by its transformer optimizer, float32;
+exported in a process of its own before it): questions/s, answers against PyTorch's and the pipeline's, and the
+export's own check (max abs start/end logit difference from PyTorch on its check windows).
 
 Targets (issue 16): EM and F1 within 1 point of the Trainer's; training samples/s >= 1.5x the Trainer's
-defaults; prediction >= 2x the pipeline with the same answer on >= 99% of questions.
+defaults; prediction >= 2x the pipeline with the same answer on >= 99% of questions; issue 34: the fused ONNX
+export >= 1.5x the pipeline with the same answers.
 
     python benchmarks/bench_qa.py
     python benchmarks/bench_qa.py --train-questions 48 --eval-questions 40 --epochs 1     # a quick smoke run
@@ -45,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from arms import add_arm_arguments, measure
+from arms import add_arm_arguments, cpu_name, export_run, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 SQUAD = ROOT.parent / "shared" / "data" / "squad"
@@ -215,6 +219,7 @@ def run_predict(arm: str, model_dir: str, eval_questions: int | None) -> dict:
         return {"seconds": time.perf_counter() - start, "load_seconds": load_seconds, "answers": answers}
     from textune.tasks.question_answering import QuestionAnswererPredictor
 
+    # "onnx": model_dir is the export folder, which the predictor takes like a run
     predictor = QuestionAnswererPredictor(model_dir, batch_size=32, max_length=MAX_LENGTH)
     predictor.doc_stride, predictor.max_answer_length = STRIDE, MAX_ANSWER_LENGTH
     load_seconds = time.perf_counter() - start
@@ -237,8 +242,11 @@ def main() -> None:
         result = run(Path(args.workdir), args.train_questions, args.eval_questions, args.epochs)
         Path(args.arm_output).write_text(json.dumps(result))
         return
-    if args.arm in ("pipeline", "predictor"):
+    if args.arm in ("pipeline", "predictor", "onnx"):
         Path(args.arm_output).write_text(json.dumps(run_predict(args.arm, args.model, args.eval_questions)))
+        return
+    if args.arm == "export":
+        Path(args.arm_output).write_text(json.dumps(export_run(args.model, args.workdir)))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -254,12 +262,16 @@ def main() -> None:
         predict = {}
         if "error" not in runs["textune"]:
             model = str(Path(runs["textune"]["model"]) / "model")
-            for arm in ("pipeline", "predictor"):
-                predict[arm] = measure(__file__, ["--arm", arm, "--model", model]
+            exported = measure(__file__, ["--arm", "export", "--model", runs["textune"]["model"], "--workdir",
+                                          str(tmp / "onnx")], tmp / "export.json")
+            for arm in ("pipeline", "predictor", "onnx"):
+                if arm == "onnx" and "error" in exported:
+                    continue
+                predict[arm] = measure(__file__, ["--arm", arm, "--model", str(tmp / "onnx") if arm == "onnx" else model]
                                        + (["--eval-questions", str(args.eval_questions)] if args.eval_questions else []),
                                        tmp / f"{arm}.json")
     prediction = {}
-    if predict and all("error" not in r for r in predict.values()):
+    if predict and all("error" not in predict.get(arm, {"error": 1}) for arm in ("predictor", "pipeline")):
         ours, theirs = predict["predictor"], predict["pipeline"]
         n = len(ours["answers"])
         same = sum(a == b for a, b in zip(ours["answers"], theirs["answers"]))
@@ -269,6 +281,14 @@ def main() -> None:
                       "load_seconds": {"pipeline": round(theirs["load_seconds"], 2),
                                        "textune": round(ours["load_seconds"], 2)},
                       "peak_rss_mb": {"pipeline": theirs["peak_rss_mb"], "textune": ours["peak_rss_mb"]}}
+        if "error" not in predict.get("onnx", {"error": 1}):
+            onnx = predict["onnx"]
+            prediction["onnx"] = {
+                "per_s": round(n / onnx["seconds"], 1), "x_pipeline": round(theirs["seconds"] / onnx["seconds"], 2),
+                "x_pytorch": round(ours["seconds"] / onnx["seconds"], 2),
+                "same_answer_as_pytorch": round(sum(a == b for a, b in zip(onnx["answers"], ours["answers"])) / n, 4),
+                "same_answer_as_pipeline": round(sum(a == b for a, b in zip(onnx["answers"], theirs["answers"])) / n, 4),
+                "export": {k: v for k, v in exported.items() if k != "started_at"}, "peak_rss_mb": onnx["peak_rss_mb"]}
     t, tr = runs.get("textune", {}), runs.get("trainer", {})
     both = "error" not in t and "error" not in tr
     targets = {
@@ -277,8 +297,12 @@ def main() -> None:
         "training samples/s >= 1.5x the Trainer's defaults": both and t["samples_per_s"] >= 1.5 * tr["samples_per_s"],
         "prediction >= 2x pipeline": prediction.get("speedup", 0) >= 2,
         "same answer as the pipeline on >= 99% of questions": prediction.get("same_answer", 0) >= 0.99,
+        "fused ONNX >= 1.5x pipeline with the same answers": prediction.get("onnx", {}).get("x_pipeline", 0) >= 1.5
+            and prediction.get("onnx", {}).get("same_answer_as_pipeline", 0) == 1.0,
     }
-    print(f"\nSQuAD: {args.train_questions:,} training questions, {args.eval_questions or 'all'} validation questions, "
+    ceiling = prediction.get("onnx", {}).get("export", {}).get("matmul_gflops_fp32")
+    print(f"\n{cpu_name()}, {os.cpu_count()} cores, fp32 matmul ceiling {ceiling or '-'} GFLOP/s (measured in this run)")
+    print(f"SQuAD: {args.train_questions:,} training questions, {args.eval_questions or 'all'} validation questions, "
           f"{args.epochs:g} epochs, batch {BATCH_SIZE}, lr {LR:g}, max_length {MAX_LENGTH}, stride {STRIDE}")
     header = f"{'arm':<10}{'EM':>9}{'F1':>9}{'samples/s':>11}{'peak MB':>9}"
     print(header + "\n" + "-" * len(header))
@@ -291,11 +315,18 @@ def main() -> None:
         print(f"\nprediction on {prediction['questions']:,} validation questions: pipeline (v4 algorithm) "
               f"{prediction['pipeline_per_s']}/s, textune {prediction['textune_per_s']}/s ({prediction['speedup']}x); "
               f"same answer on {prediction['same_answer']:.2%}; peak MB {prediction['peak_rss_mb']}")
+    if prediction.get("onnx"):
+        o = prediction["onnx"]
+        print(f"fused ONNX export ({o['export'].get('fused', {})}): {o['per_s']}/s, {o['x_pipeline']}x pipeline, "
+              f"{o['x_pytorch']}x textune PyTorch fp32; same answer as PyTorch on {o['same_answer_as_pytorch']:.2%}, as "
+              f"the pipeline on {o['same_answer_as_pipeline']:.2%}; export check max abs logit difference "
+              f"{o['export'].get('max_abs_diff', float('nan')):.1e}; peak MB {o['peak_rss_mb']}")
     for name, met in targets.items():
         print(f"target  {name}: {'met' if met else 'MISSED'}")
     out = ROOT / args.output
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpu_count": os.cpu_count(), "train_questions": args.train_questions,
+    out.write_text(json.dumps({"cpu": cpu_name(), "cpu_count": os.cpu_count(), "matmul_gflops_fp32": ceiling,
+                               "train_questions": args.train_questions,
                                "eval_questions": args.eval_questions, "epochs": args.epochs,
                                "hyperparameters": {"batch_size": BATCH_SIZE, "lr": LR, "warmup_ratio": WARMUP,
                                                    "weight_decay": WEIGHT_DECAY, "max_length": MAX_LENGTH,

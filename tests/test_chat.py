@@ -4,17 +4,15 @@ against a server in a background thread."""
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
 import torch
 
-from conftest import build_tiny_chat_lm
+from conftest import build_tiny_chat_lm, serve_in_thread
 from openapi_check import assert_matches_schema
 from textune.cli import main
 from textune.errors import TextuneError
@@ -229,25 +227,11 @@ def test_cli_generate_chat_text_prints_the_answer(chat_dir, lm, capsys):
 @pytest.fixture(scope="module")
 def server(chat_dir):
     """Base URL of the tiny chat model served (token required) by uvicorn in a background thread."""
-    import uvicorn
-
     from textune.serving import ServeSettings, create_app
     from textune.tasks.language_modeling import LanguageModelPredictor
 
     app = create_app(LanguageModelPredictor(chat_dir), ServeSettings(token=TOKEN, **SERVER_LIMITS), "tiny-chat")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    yield from serve_in_thread(app)
 
 
 @pytest.fixture(scope="module")

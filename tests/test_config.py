@@ -136,14 +136,16 @@ def test_help_config_is_grouped_by_section_and_lists_every_fixed_choice():
     assert "(default: empty; choices: maximize, minimize, empty)" in next(l for l in lines if "search.direction " in l)
     assert "choices: auto, true, false" in next(l for l in lines if "train.compile " in l)
     # every Literal in the typed config shows all of its values
-    for cls in (Config,) + tuple(typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)
-                                 if dataclasses.is_dataclass(typing.get_type_hints(Config)[f.name])):
+    # (by the whole dotted key: a name may be in two sections, tuning.method and train.method)
+    hints = typing.get_type_hints(Config)
+    sections = {Config: "", **{hints[f.name]: f"{f.name}." for f in dataclasses.fields(Config)
+                               if dataclasses.is_dataclass(hints[f.name])}}
+    for cls, prefix in sections.items():
         for name, tp in typing.get_type_hints(cls).items():
             literals = [a for a in (typing.get_args(tp) or (tp,)) if typing.get_origin(a) is typing.Literal] or (
                 [tp] if typing.get_origin(tp) is typing.Literal else [])
             for literal in literals:
-                line = next(l for l in lines if l.startswith("  ") and l.split()[0].endswith(f".{name}")
-                            or l.split()[0:1] == [name])
+                line = next(l for l in lines if l.startswith("  ") and l.split()[0] == prefix + name)
                 assert all(str(v) in line.split("choices: ")[1] for v in typing.get_args(literal)), line
 
 

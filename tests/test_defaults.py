@@ -63,6 +63,9 @@ def task_data(task: str, folder: Path) -> dict:
         return {"pretrain.corpus": str(path)}
     if task == "instruction":
         return {"data.train": str(write_jsonl(folder / "train.jsonl", chat_rows()))}
+    if task == "embedding":  # pairs: the column of positives is the one key this task cannot default
+        pairs = [{"text": r["text"], "positive": " ".join(reversed(r["text"].split()))} for r in rows]
+        return {"data.train": str(write_csv(folder / "train.csv", pairs)), "data.text_pair_column": "positive"}
     raise AssertionError(f"no toy data for task {task}: add it here")
 
 

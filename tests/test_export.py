@@ -54,10 +54,19 @@ def test_cli_export_writes_model_tokenizer_run_files_and_its_check(exported, tra
     assert info["source"] == str(trained_run.resolve()) and info["task"] == "classification"
     assert info["inputs"] == ["input_ids", "attention_mask", "token_type_ids"] and info["outputs"] == ["logits"]
     assert info["check"]["max_abs_diff"] < 1e-5 and info["quantize"] is None
+    # a BERT: ONNX Runtime's transformer fusions applied, in float32, and said in the check's line
+    optimization = info["optimization"]
+    assert optimization["fused"] and optimization["precision"] == "fp32" and optimization["opt_level"] == 1
+    assert {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization"} <= set(optimization["operators"])
+    assert "ONNX Runtime (fused: 1 EmbedLayerNormalization, 2 Attention" in result.stdout
 
 
 def test_onnx_logits_equal_pytorch_on_a_padded_batch_of_another_shape(exported, trained_run):
+    import onnx
+
     out, _ = exported
+    operators = {node.op_type for node in onnx.load(out / "model.onnx").graph.node}
+    assert {"Attention", "EmbedLayerNormalization"} <= operators and "Softmax" not in operators  # the fused graph
     model, tokenizer = load_trained_model(trained_run / "model")
     # five rows, padded to the longest: neither the batch size nor the length of the export's example
     batch = tokenizer(TEXTS[:5], TEXTS[1:6], padding=True, return_tensors="pt")
@@ -134,8 +143,9 @@ def test_each_encoder_task_predicts_the_same_on_its_export(task, tiny_model, tmp
     run, inputs = task_run(task, tiny_model, tmp_path)
     lines = []
     out = export_onnx(run, say=lines.append)
-    assert out == run / "onnx" and "validation rows of" in lines[0], lines
-    assert json.loads((out / "textune_onnx.json").read_text())["check"]["max_abs_diff"] < 1e-4
+    assert out == run / "onnx" and "validation rows of" in lines[0] and "(fused: " in lines[0], lines
+    info = json.loads((out / "textune_onnx.json").read_text())
+    assert info["check"]["max_abs_diff"] < 1e-4 and "Attention" in info["optimization"]["operators"]
     if task == "multi-label":
         assert (out / "thresholds.json").read_text() == (run / "model" / "thresholds.json").read_text()
     on_export = load_predictor(out)
@@ -153,6 +163,79 @@ def test_int8_export_reports_its_agreement_and_predicts(trained_run, tmp_path):
     assert not (out / "model.fp32.onnx").exists()
     probs = ClassifierPredictor(out).predict_proba(TEXTS)
     assert probs.shape == (len(TEXTS), 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_fused_per_token_outputs_equal_pytorch_on_a_padded_batch_of_another_shape(tiny_model, tmp_path):
+    """Token classification's logits, one per token, from the fused graph: the same as PyTorch's on every real
+    token of a batch whose size and length are not the export's sample's."""
+    import torch
+
+    run, _ = task_run("token-classification", tiny_model, tmp_path)
+    out = export_onnx(run, say=lambda line: None)
+    assert json.loads((out / "textune_onnx.json").read_text())["optimization"]["fused"]
+    model, tokenizer = load_trained_model(run / "model")
+    words = [t.split() for t in TEXTS[:5]]
+    batch = tokenizer(words, is_split_into_words=True, padding=True, return_tensors="pt")
+    mask = batch["attention_mask"].bool().numpy()
+    assert mask.shape[0] == 5 and not mask.all()
+    with torch.inference_mode():
+        expected = model(**batch).logits.numpy()
+    np.testing.assert_allclose(OnnxModel(out)(**batch).logits.numpy()[mask], expected[mask], atol=1e-5)
+
+
+def test_an_architecture_the_optimizer_does_not_fuse_is_exported_plain_with_one_line(tiny_model, tmp_path):
+    import torch
+    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2ForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    config = DebertaV2Config(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                             type_vocab_size=0, num_labels=2, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    DebertaV2ForSequenceClassification(config).save_pretrained(tmp_path / "deberta")
+    tokenizer.save_pretrained(tmp_path / "deberta")
+    lines = []
+    out = export_onnx(tmp_path / "deberta", say=lines.append)
+    why = ("ONNX Runtime's transformer optimizer has no fusions for deberta-v2 models (it fuses bert, roberta, "
+           "xlm-roberta, camembert, distilbert, electra)")
+    assert lines[0] == f"plain ONNX graph (no fusions): {why}" and len(lines) == 2
+    assert lines[1].startswith("ONNX Runtime (plain graph) vs PyTorch on 8 built-in sample texts")
+    info = json.loads((out / "textune_onnx.json").read_text())
+    assert info["optimization"] == {"fused": False, "why": why} and info["check"]["max_abs_diff"] < 1e-5
+    np.testing.assert_allclose(ClassifierPredictor(out).predict_proba(TEXTS),
+                               ClassifierPredictor(tmp_path / "deberta").predict_proba(TEXTS), atol=1e-5)
+
+
+def test_a_fused_graph_that_disagrees_or_an_optimizer_failure_keeps_the_plain_graph(trained_run, tmp_path,
+                                                                                  monkeypatch):
+    import onnxruntime.transformers.optimizer as optimizer
+
+    import textune.export as export
+    from textune.export import compare_outputs
+
+    calls = []
+
+    def fused_far_apart(*args):  # the first comparison is the fused graph's against the plain one
+        calls.append(1)
+        return (0.5, None) if len(calls) == 1 else compare_outputs(*args)
+
+    monkeypatch.setattr(export, "compare_outputs", fused_far_apart)
+    lines = []
+    out = export_onnx(trained_run, tmp_path / "disagrees", say=lines.append)
+    assert lines[0] == "plain ONNX graph (no fusions): the fused graph differs from the plain one by 5.00e-01"
+    assert "ONNX Runtime (plain graph) vs PyTorch" in lines[1]
+    assert json.loads((out / "textune_onnx.json").read_text())["check"]["max_abs_diff"] < 1e-5
+    monkeypatch.undo()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("graph too strange\nsecond line")
+
+    monkeypatch.setattr(optimizer, "optimize_model", broken)
+    lines = []
+    out = export_onnx(trained_run, tmp_path / "failed", say=lines.append)
+    assert lines[0] == "plain ONNX graph (no fusions): ONNX Runtime's transformer optimizer failed on it (graph too strange)"
+    assert json.loads((out / "textune_onnx.json").read_text())["optimization"]["fused"] is False
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["model.onnx"]
 
 
 def test_a_lora_run_is_merged_into_its_base_before_export(tiny_model, toy_data, tmp_path):
@@ -197,7 +280,7 @@ def test_the_check_names_its_rows_found_from_any_folder_or_why_it_used_samples(t
 
 def test_tasks_without_an_export_spec_and_models_of_another_kind_are_refused(tmp_path):
     covered = r"ONNX export covers the encoder tasks \(classification, token-classification, question-answering, " \
-              r"regression, multi-label\)"
+              r"regression, multi-label, embedding\)"
     lm = build_tiny_lm(tmp_path / "clm", "clm")
     with pytest.raises(TextuneError, match=r"clm: language-modeling models cannot be exported to ONNX yet; " + covered):
         export_onnx(lm)

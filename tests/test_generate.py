@@ -210,14 +210,14 @@ def test_model_architecture_reads_the_registry_table_for_folders_runs_and_adapte
     from transformers import AutoModelForCausalLM
 
     from textune.generate import model_architecture
-    from textune.tasks import CAUSAL_LM, MASKED_LM
+    from textune.tasks import CAUSAL_LM, ENCODER_BODY, MASKED_LM
 
     assert model_architecture(mlm_dir) is MASKED_LM and model_architecture(clm_dir) is CAUSAL_LM
     lora = get_peft_model(AutoModelForCausalLM.from_pretrained(clm_dir),
                           LoraConfig(task_type=TaskType.CAUSAL_LM, r=2, target_modules=["c_attn"]))
     lora.save_pretrained(tmp_path / "run" / "model")  # an adapter: its PEFT task type says what it is
     assert model_architecture(tmp_path / "run") is CAUSAL_LM
-    assert model_architecture(tiny_model) is None  # a bare encoder: no task builds it
+    assert model_architecture(tiny_model) is ENCODER_BODY  # a bare encoder: what task embedding trains
     assert model_architecture(tmp_path / "nothing") is None
 
 

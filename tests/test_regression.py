@@ -99,7 +99,7 @@ def test_config_keys_and_metrics():
     assert cfg.train.greater_is_better is False  # mse, mae: lower is better
     with pytest.raises(ConfigError, match=r"data\.label_scale: expected \[low, high\] with low < high"):
         load_config(None, {"task": "regression", "data.train": "x.csv", "data.label_scale": [5, 0]})
-    with pytest.raises(ConfigError, match=r"data\.label_scale: is for task regression, not classification"):
+    with pytest.raises(ConfigError, match=r"data\.label_scale: is for task regression or embedding, not classification"):
         load_config(None, {"data.train": "x.csv", "data.label_scale": [0, 1]})
     with pytest.raises(ConfigError, match=r"data\.augment\.mixup_alpha: mixup mixes class labels"):
         load_config(None, {"task": "regression", "data.train": "x.csv", "data.augment.mixup_alpha": 0.2})

@@ -211,7 +211,8 @@ def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
         columns["max_new_tokens"] = args.max_new_tokens
     inputs, echo = task.read_inputs(args.input, columns, predictor)
     rows = predict_rows(predictor, inputs, echo)  # one row per input line: a blank line gets an empty row
-    write_jsonl(rows, args.output)
+    if not task.write_output(rows, args.output):  # a format of the task's own (embedding: .npy), else JSONL
+        write_jsonl(rows, args.output)
     if args.output and args.output != "-":
         blank = sum(isinstance(row, BlankLine) for row in echo)
         print(f"{len(rows) - blank} predictions written to {args.output}"
@@ -227,7 +228,8 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("run_or_model", help="a run folder or a model folder")
     r.add_argument("--input", required=True, help="'-' for stdin or a .txt (one text per line; a blank line gets an empty output row), or a data file "
                                                   "(token classification: also .conll/.bio, tagged per token)")
-    r.add_argument("--output", help="JSONL file to write (default: stdout)")
+    r.add_argument("--output", help="JSONL file to write (default: stdout); embedding models: a .npy name writes "
+                                    "the vectors as one float32 array")
     r.add_argument("--text-column", help="column of texts in a data file (default: the run's, else 'text')")
     r.add_argument("--text-pair-column", help="column of second texts for pair tasks")
     r.add_argument("--tokens-column", help="token classification: column of word lists in a table file "
@@ -551,15 +553,21 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_search, allow_extra=True)
 
 
+def _env_token(token_env: str | None) -> str | None:
+    """The token `--token-env NAME` names (serve, ui), or None without the flag."""
+    if token_env is None:
+        return None
+    token = os.environ.get(token_env)
+    if not token:
+        raise _usage(f"--token-env {token_env}: that environment variable is not set or empty; "
+                     f"export {token_env}=<token> first")
+    return token
+
+
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     from textune.serving import ServeSettings, serve
 
-    token = None
-    if args.token_env is not None:
-        token = os.environ.get(args.token_env)
-        if not token:
-            raise _usage(f"--token-env {args.token_env}: that environment variable is not set or empty; "
-                         f"export {args.token_env}=<token> first")
+    token = _env_token(args.token_env)
     settings = ServeSettings(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                              max_texts=args.max_texts, max_chars=args.max_chars,
                              max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
@@ -594,6 +602,30 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--token-env", metavar="NAME", help="require 'Authorization: Bearer <token>', the token "
                                                         "read from this environment variable")
     sv.set_defaults(func=cmd_serve)
+
+
+def cmd_ui(args: argparse.Namespace, extra: list[str]) -> int:
+    from textune.ui.server import run_ui
+
+    run_ui(args.runs, host=args.host, port=args.port, token=_env_token(args.token_env))
+    return 0
+
+
+def add_ui_parser(sub: argparse._SubParsersAction) -> None:
+    """`textune ui [--runs DIR]`."""
+    u = sub.add_parser("ui", help="a local web app: launch, watch, compare and try runs (docs of its API at /docs)",
+                       description="Serve a web app over the runs in --runs: the runs table, live curves, "
+                                   "compare, a new-run form and a playground. Runs it launches are `textune train` "
+                                   "processes of their own: they go on when the browser or the UI closes.")
+    u.add_argument("--runs", default="runs", metavar="DIR", help="the runs folder to show and launch into "
+                                                                 "(default: runs)")
+    u.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only; another needs "
+                                                       "--token-env)")
+    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--token-env", metavar="NAME", help="require the token read from this environment variable "
+                                                       "('Authorization: Bearer <token>', or open a page once "
+                                                       "with ?token=<token>)")
+    u.set_defaults(func=cmd_ui)
 
 
 def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
@@ -785,6 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_gguf_parser(sub)
     add_search_parser(sub)
     add_serve_parser(sub)
+    add_ui_parser(sub)
     add_diagnose_parser(sub)
     add_curves_parser(sub)
     add_report_parser(sub)

@@ -99,9 +99,13 @@ class DataConfig:
     text_pair_column: str | None = _f(None, "column holding the second text of a sentence-pair task (MRPC)")
     label_column: str = _f("label", "column holding the label (ints or strings)")
     label_names: list[str] | None = _f(None, "names for integer labels (or integer tags) 0..K-1, e.g. [negative, positive]")
-    label_scale: list[float] | None = _f(None, "regression: [low, high] of the target; the model learns (y - low) / "
+    label_scale: list[float] | None = _f(None, "regression, embedding: [low, high] of the target (embedding: of "
+                                               "scored pairs' scores); the model learns (y - low) / "
                                                "(high - low) and predictions come back on your scale; empty = the "
                                                "training labels' range")
+    negative_column: str | None = _f(None, "embedding: column holding a hard negative for each (anchor, positive) "
+                                           "pair (triplets); empty = pairs, whose negatives are the other pairs of "
+                                           "the batch")
     label_separator: str = _f("|", "multi-label, CSV/TSV files: the character joining a row's labels in the label "
                                    "column (\"sports|politics\"); JSONL/Parquet label columns hold lists")
     tokens_column: str = _f("tokens", "token-classification, table files: column holding each sentence's list of words")
@@ -133,6 +137,8 @@ class DataConfig:
     validation_split: float = _f(0.1, "share of training rows held out when no validation file is given")
     max_train_samples: int | None = _f(None, "use only the first N training rows (after shuffling with the seed)")
     max_eval_samples: int | None = _f(None, "evaluate on a seeded sample of N validation rows, stratified by label")
+    max_train_per_class: int | None = _f(None, "classification: train on at most N rows of each label, drawn by the "
+                                               "seed (few-shot); a label with fewer rows keeps all of them")
     strict: bool = _f(False, "treat leakage (evaluation texts also in train) and conflicting labels as errors")
     streaming: bool = _f(False, "read data.train lazily as a stream (files bigger than memory), tokenised on the fly; "
                                 "needs train.max_steps and a data.validation file; checks and statistics use its "
@@ -140,6 +146,18 @@ class DataConfig:
     shuffle_buffer: int = _f(10_000, "data.streaming: rows held in memory to shuffle the stream (0 = read in file order)")
     cache: bool = _f(True, "reuse the tokenised data from the datasets cache when the file, tokenizer and "
                            "model.max_length are unchanged (false: tokenise again)")
+    long_text: Literal["truncate", "head_tail", "chunks"] = _f(
+        "truncate", "classification, regression, multi-label: a text longer than model.max_length: truncate = its "
+                    "first tokens; head_tail = its first quarter and last three quarters of the room (Sun et al. "
+                    "2019); chunks = windows of model.max_length, each trained on with the text's label, their "
+                    "logits pooled into one prediction (single texts only; pairs keep truncate)")
+    chunk_stride: int | None = _f(None, "classification, regression, multi-label, data.long_text chunks: tokens "
+                                        "shared by consecutive windows (below model.max_length); empty = a quarter "
+                                        "of model.max_length")
+    max_chunks: int = _f(8, "classification, regression, multi-label, data.long_text chunks: windows read per text "
+                            "at most, spread from its first to its last (training, evaluation and prediction alike)")
+    chunk_pooling: Literal["mean", "max"] = _f("mean", "classification, regression, multi-label, data.long_text "
+                                                       "chunks: how the windows' logits make the text's: mean or max")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -225,8 +243,9 @@ class TrainConfig:
     fused_optimizer: bool = _f(True, "AdamW as one fused kernel where PyTorch has one (CPU, CUDA); false: the "
                                      "multi-tensor foreach version")
     compile: Literal["auto"] | bool = _f(
-        "auto", "torch.compile the training step: true, false, or auto (compile where a gain was measured for this "
-                "device and precision and the run is long enough to pay for compiling; says which at start-up)")
+        "auto", "torch.compile the training step: true, false, or auto (where shapes are fixed or bucketed and the "
+                "run is long enough, time the first batch eager and compiled here and compile if it pays; says "
+                "which and why at start-up)")
     pad_to_multiple_of: int | None = _f(
         None, "pad training batches to a multiple of N tokens (bounds the shapes to compile); empty = 16 when "
               "compiling, else no rounding")
@@ -239,6 +258,17 @@ class TrainConfig:
     class_weights: Literal["none", "balanced"] | dict[str, float] = _f(
         "none", "classification: weight each class's cross-entropy; balanced: n / (classes * count of the class) "
                 "from the training labels; or {label: weight} (unlisted labels weigh 1); none: plain loss")
+    method: Literal["standard", "contrastive"] = _f(
+        "standard", "classification: standard = fine-tune the encoder and its head on cross-entropy; contrastive = "
+                    "SetFit's few-shot method: the encoder learns from pairs of training rows (same label or not), "
+                    "then a logistic-regression head is fitted on its embeddings")
+    num_iterations: int | None = _f(None, "classification, train.method contrastive: draw 2 x N x (training rows) "
+                                          "pairs, half of each kind (SetFit's num_iterations); empty = every pair "
+                                          "of rows, the rarer kind repeated to match (SetFit's oversampling)")
+    loss: Literal["auto", "mnrl", "cosent", "cosine"] = _f(
+        "auto", "embedding: mnrl = in-batch negatives (sentence-transformers' MultipleNegativesRankingLoss), for "
+                "pairs and triplets; cosent (CoSENTLoss) or cosine (CosineSimilarityLoss) for scored pairs; auto = "
+                "mnrl for pairs, cosent for scored pairs")
     threshold: float | None = _f(None, "multi-label: one probability threshold for every label; empty = one per "
                                        "label, chosen on validation at the end of training for the best F1")
     loss_on: Literal["assistant", "all"] = _f("assistant", "instruction: assistant = the loss counts the "
@@ -499,6 +529,7 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     for key, value in {"train.max_steps": t.max_steps, "train.eval_steps": t.eval_steps,
                        "train.early_stopping_patience": t.early_stopping_patience,
                        "data.max_train_samples": d.max_train_samples, "data.max_eval_samples": d.max_eval_samples,
+                       "data.max_train_per_class": d.max_train_per_class, "train.num_iterations": t.num_iterations,
                        "train.pad_to_multiple_of": t.pad_to_multiple_of}.items():
         if value is not None and value <= 0:
             problems.append(f"{key}: must be greater than 0 or empty, got {value}")
@@ -577,7 +608,10 @@ def _resolve_task(cfg: Config, problems: list[str]) -> None:
         problems.append(f"train.metric: {t.metric!r} is not a metric of task {cfg.task}{hint}; choose one of "
                         f"{', '.join(spec.metrics)}")
     _check_target_keys(cfg, problems)
+    _check_long_text(cfg, problems)
     _check_instruction_keys(cfg, problems)
+    _check_training_method(cfg, problems)
+    _check_embedding_keys(cfg, problems)
     if t.greater_is_better is None:
         t.greater_is_better = t.metric not in LOWER_IS_BETTER
     elif t.metric in LOWER_IS_BETTER and t.greater_is_better:
@@ -589,8 +623,8 @@ def _check_target_keys(cfg: Config, problems: list[str]) -> None:
     (multi-label), class_weights (classification, not together with mixup)."""
     d, t = cfg.data, cfg.train
     if d.label_scale is not None:
-        if cfg.task != "regression":
-            problems.append(f"data.label_scale: is for task regression, not {cfg.task}; remove it")
+        if cfg.task not in ("regression", "embedding"):
+            problems.append(f"data.label_scale: is for task regression or embedding, not {cfg.task}; remove it")
         elif len(d.label_scale) != 2 or d.label_scale[0] >= d.label_scale[1]:
             problems.append(f"data.label_scale: expected [low, high] with low < high, got {d.label_scale}")
     if not d.label_separator:
@@ -614,6 +648,91 @@ def _check_target_keys(cfg: Config, problems: list[str]) -> None:
             if bad or not t.class_weights:
                 problems.append(f"train.class_weights: weights must be greater than 0 and at least one given, got "
                                 f"{t.class_weights}")
+
+
+def _check_embedding_keys(cfg: Config, problems: list[str]) -> None:
+    """data.negative_column and train.loss: only for task embedding, which needs a pair column and trains the
+    encoder whole (its saved folder is a sentence-transformers model: an adapter folder would not be)."""
+    d, t = cfg.data, cfg.train
+    embedding = cfg.task == "embedding"
+    for key, is_set in (("data.negative_column", d.negative_column is not None), ("train.loss", t.loss != "auto")):
+        if is_set and not embedding:
+            problems.append(f"{key}: is for task embedding, not {cfg.task}; remove it")
+    if not embedding:
+        return
+    if not d.text_pair_column:
+        problems.append("data.text_pair_column: task embedding reads pairs; set it to the column of positives (or "
+                        "of second texts), and data.text_column to the anchors (or first texts)")
+    if cfg.tuning.method != "full":
+        problems.append(f"tuning.method: {cfg.tuning.method} cannot be used with task embedding, whose saved model is "
+                        f"a whole sentence-transformers folder; use tuning.method: full")
+    if t.loss == "mnrl" and t.batch_size < 2:
+        problems.append("train.batch_size: 1 leaves in-batch negatives (train.loss mnrl) with no negatives: each "
+                        "pair's negatives are the other pairs of its batch; use 16 or more")
+
+
+def _check_training_method(cfg: Config, problems: list[str]) -> None:
+    """train.method contrastive and data.max_train_per_class: only for the tasks their help names (key_tasks),
+    and contrastive only with what its pair loss and fitted head can honour."""
+    d, t = cfg.data, cfg.train
+    for key, is_set in (("data.max_train_per_class", d.max_train_per_class is not None),
+                        ("train.method", t.method != "standard")):
+        tasks = key_tasks(key)
+        if is_set and cfg.task not in tasks:
+            value = "" if key.startswith("data.") else f" {t.method}"
+            problems.append(f"{key}:{value} is for task {', '.join(tasks)}, not {cfg.task}; remove it")
+            return
+    if t.method == "standard":
+        if t.num_iterations is not None:
+            problems.append("train.num_iterations: counts the pairs of train.method contrastive, but train.method is "
+                            "standard; remove it or set train.method: contrastive")
+        return
+    # The encoder learns from pairs and the head is fitted, not trained: nothing reads class logits in training.
+    refused = (("tuning.method", cfg.tuning.method != "full", f"{cfg.tuning.method} (the encoder is fine-tuned "
+                "whole on pairs, then the head is fitted); use tuning.method: full"),
+               ("data.augment.mixup_alpha", d.augment.mixup_alpha > 0, "mixes class labels, which contrastive pairs "
+                "do not have; set it to 0"),
+               ("train.class_weights", t.class_weights != "none", "weights a cross-entropy that contrastive training "
+                "does not use; remove it"),
+               ("data.streaming", d.streaming, "pairs are drawn from training rows held in memory (a few-shot set); "
+                "set it to false"),
+               ("data.long_text", d.long_text == "chunks", "a pair compares two texts' embeddings, not their "
+                "windows'; use truncate or head_tail"))
+    for key, bad, why in refused:
+        if bad:
+            problems.append(f"{key}: cannot be used with train.method contrastive: {why}")
+
+
+def _check_long_text(cfg: Config, problems: list[str]) -> None:
+    """data.long_text and its chunk keys: only for tasks that pool a text's rows into one prediction (the
+    registry's `document_pooling`; QA and NER window long texts their own way), single texts only, and windows
+    that each hold new tokens."""
+    d, max_length = cfg.data, cfg.model.max_length
+    if d.chunk_stride is not None and not 0 <= d.chunk_stride < max_length:
+        problems.append(f"data.chunk_stride: must be 0 or more and below model.max_length ({max_length}), got "
+                        f"{d.chunk_stride}: consecutive windows share chunk_stride tokens, so each must also hold new "
+                        f"ones; e.g. chunk_stride {max_length // 4}")
+    if d.max_chunks < 1:
+        problems.append(f"data.max_chunks: must be 1 or more (windows read per text), got {d.max_chunks}")
+    if d.long_text == "truncate":
+        for key, is_set in (("data.chunk_stride", d.chunk_stride is not None), ("data.max_chunks", d.max_chunks != 8),
+                            ("data.chunk_pooling", d.chunk_pooling != "mean")):
+            if is_set:
+                problems.append(f"{key}: is for data.long_text chunks, but data.long_text is truncate; remove it or "
+                                f"set data.long_text: chunks")
+        return
+    pooling = [name for name, spec in TASKS.items() if spec.document_pooling]
+    if cfg.task not in pooling:
+        problems.append(f"data.long_text: {d.long_text} is for tasks that make one prediction per text "
+                        f"({', '.join(pooling)}), not {cfg.task}, which reads long texts its own way; set "
+                        f"data.long_text: truncate")
+    elif d.text_pair_column is not None:
+        problems.append(f"data.long_text: {d.long_text} reads single texts, but data.text_pair_column is set "
+                        f"({d.text_pair_column!r}); text pairs keep truncation (longest first): set data.long_text: "
+                        f"truncate")
+    elif cfg.train.method != "standard":
+        problems.append(f"data.long_text: {d.long_text} cannot be used with train.method {cfg.train.method}, which "
+                        f"learns from pairs of whole training rows; set data.long_text: truncate")
 
 
 def _check_instruction_keys(cfg: Config, problems: list[str]) -> None:

@@ -262,6 +262,8 @@ def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
     validation = splits["validation"]
     if validation is None:
         train, validation = _split_validation(train, cfg.validation_split, label_names, seed, notes)
+    if cfg.max_train_per_class:  # after the validation split: few-shot rows are never validation's
+        train = sample_per_class(train, cfg.max_train_per_class, label_names, seed, notes)
     if cfg.max_train_samples:
         train = train.select(range(min(cfg.max_train_samples, len(train))))
     if cfg.max_eval_samples and cfg.max_eval_samples < len(validation):
@@ -320,6 +322,21 @@ def _split_validation(train: Dataset, share: float, label_names: list[str], seed
     notes.append("validation split: " + "; ".join(reasons) + "; every class of 2 or more rows is in both splits "
                  "(give data.validation a file to choose the rows yourself)")
     return train.select(kept), train.select(held)
+
+
+def sample_per_class(train: Dataset, n: int, label_names: list[str], seed: int, notes: list[str]) -> Dataset:
+    """data.max_train_per_class: a seeded draw of at most `n` rows of each label (few-shot training sets), in the
+    shuffled order of `train`; a label with fewer rows keeps them all, and `notes` says which. The same seed
+    draws the same rows, whatever else the config changes."""
+    labels = np.asarray(column_values(train, "labels"))
+    counts = np.bincount(labels, minlength=len(label_names))
+    rng = np.random.default_rng(seed)
+    picked = [rng.choice(np.flatnonzero(labels == c), min(n, k), replace=False) for c, k in enumerate(counts) if k]
+    short = [f"{name!r} ({k})" for name, k in zip(label_names, counts) if 0 < k < n]
+    if short:
+        notes.append(f"data.max_train_per_class {n}: {', '.join(short)} {'has' if len(short) == 1 else 'have'} fewer "
+                     f"training rows than that and {'keeps' if len(short) == 1 else 'keep'} all of them")
+    return train.select(np.sort(np.concatenate(picked)))
 
 
 def _sample_evaluation(validation: Dataset, n: int, seed: int) -> Dataset:
@@ -717,9 +734,37 @@ def _batch_encoder(data: TaskData, tokenizer, max_length: int, with_length: bool
     return encode
 
 
-def tokenize_splits(data: TaskData, tokenizer, max_length: int, cache: bool = True) -> dict[str, Dataset]:
+def _long_text_encoder(data: TaskData, tokenizer, max_length: int, long_text):
+    """The batched `map` function of data.long_text head_tail or chunks (`textune.chunking`): rows cut or windowed,
+    each with its text's other columns (labels), `length` (its own tokens, for length grouping) and
+    `document_length` (its text's tokens before any cut, for the statistics); chunks also carry `document`, the
+    text's row in its split, which evaluation pools the windows' logits by (`evaluate.DOCUMENT_KEY`)."""
+    from textune.chunking import encode_long_texts
+
+    def encode(batch: dict[str, list], indices: list[int] | None = None) -> dict[str, list]:
+        out = encode_long_texts(tokenizer, batch[data.text_column], max_length, long_text)
+        local = out.pop("document")
+        for column, values in batch.items():
+            if column != data.text_column:
+                out[column] = [values[i] for i in local]
+        out["length"] = [len(ids) for ids in out["input_ids"]]
+        if long_text.chunked and indices is not None:
+            out["document"] = [indices[i] for i in local]
+        return out
+
+    return encode
+
+
+def tokenize_splits(data: TaskData, tokenizer, max_length: int, cache: bool = True,
+                    long_text=None) -> dict[str, Dataset]:
     """Batched tokenisation, cached by `datasets` (keyed on the data, the tokenizer and max_length; `cache`
-    False recomputes it). Adds `length` (tokens before truncation) for the statistics."""
+    False recomputes it). Adds `length` (tokens before truncation) for the statistics. `long_text`: a
+    `chunking.LongText` that cuts (head_tail) or windows (chunks) long texts; None or truncate: the first tokens."""
+    if long_text is not None and long_text.mode != "truncate":
+        encode = _long_text_encoder(data, tokenizer, max_length, long_text)
+        return {split: ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc=None,
+                              load_from_cache_file=cache)
+                for split in ("train", "validation", "test") if (ds := getattr(data, split)) is not None}
     encode = _batch_encoder(data, tokenizer, max_length, with_length=True)
     out = {}
     for split in ("train", "validation", "test"):
@@ -730,11 +775,38 @@ def tokenize_splits(data: TaskData, tokenizer, max_length: int, cache: bool = Tr
     return out
 
 
-def tokenize_stream(data: TaskData, tokenizer, max_length: int) -> IterableDataset:
+def tokenize_stream(data: TaskData, tokenizer, max_length: int, long_text=None) -> IterableDataset:
     """`data.train_stream` tokenised lazily, batch by batch as the loader reads it (no `length`: a stream
-    is neither measured nor length-grouped)."""
+    is neither measured nor length-grouped; with `long_text` cutting, the collator drops the columns it adds)."""
+    if long_text is not None and long_text.mode != "truncate":
+        encode = _long_text_encoder(data, tokenizer, max_length, long_text)
+        # the stream holds the text and label columns only (`_labelled_stream`)
+        return data.train_stream.map(encode, batched=True, remove_columns=[*_text_columns(data), "labels"])
     encode = _batch_encoder(data, tokenizer, max_length, with_length=False)
     return data.train_stream.map(encode, batched=True, remove_columns=_text_columns(data))
+
+
+def document_lengths(ds: Dataset) -> list[int]:
+    """Tokens of each text of a tokenised split before any cut: one per text, also where data.long_text chunks
+    reads a text as several rows."""
+    if "document_length" not in ds.column_names:
+        return column_values(ds, "length")
+    lengths = column_values(ds, "document_length")
+    if "document" not in ds.column_names:
+        return lengths
+    documents = column_values(ds, "document")
+    return [n for i, n in enumerate(lengths) if i == 0 or documents[i] != documents[i - 1]]
+
+
+def split_length_stats(ds: Dataset, max_length: int) -> dict:
+    """`length_stats` of a tokenised split's texts; for data.long_text chunks also its windows per text
+    (`chunks`: documents, windows, mean, p95, max)."""
+    stats = length_stats(document_lengths(ds), max_length)
+    if "document" in ds.column_names:
+        from textune.chunking import chunk_counts, count_summary
+
+        stats["chunks"] = count_summary(chunk_counts(np.asarray(column_values(ds, "document"))))
+    return stats
 
 
 def column_values(ds: Dataset | IterableDataset, name: str) -> list:

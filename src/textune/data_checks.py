@@ -38,12 +38,17 @@ class DataReport:
     rows: dict[str, int]
     label_balance: dict[str, dict[str, int]]
     findings: list[Finding]
+    # What the model will read of the texts (their token lengths, how many are cut, windows per text for
+    # data.long_text chunks): lines a task that tokenises its texts adds, printed after the label balance.
+    # Keyword-only: a subclass's own fields come after the three positional ones (QA's QuestionDataReport).
+    lengths: list[str] = field(default_factory=list, kw_only=True)
 
     def format(self) -> str:
         lines = ["rows       " + " | ".join(f"{k} {v:,}" for k, v in self.rows.items())]
         for split, counts in self.label_balance.items():
             total = sum(counts.values()) or 1
             lines.append(f"labels     {split}: " + ", ".join(f"{k} {v:,} ({v / total:.0%})" for k, v in counts.items()))
+        lines += self.lengths
         if not self.findings:
             lines.append("checks     no empty texts, duplicates, leakage or conflicting labels found")
         for f in self.findings:

@@ -4,7 +4,9 @@ diverged.
 Works on RUN/history.jsonl alone (plus, optionally, the label counts from RUN/data_stats.json and the
 metric that selects the checkpoint from RUN/config.yaml), so it needs no torch and runs on a finished, a running or a copied run folder. Rules are checked from the
 most to the least severe; the first that fires is the verdict, and every rule that could not be judged
-for lack of points says so in the evidence.
+for lack of points says so in the evidence. Whatever the verdict, a run whose best evaluation is worse than a
+zero-shot baseline the task measured at start-up (RUN/data_stats.json's `baselines`: the majority class, the
+mean target, the base model's embedding cosine of a text pair) gets a warning with both figures.
 """
 
 from __future__ import annotations
@@ -79,14 +81,33 @@ class Diagnosis:
     remedies: list[str] = field(default_factory=list)
     best_epoch: float | None = None  # of the lowest validation loss
     best_step: int | None = None
+    # Said whatever the verdict, above it: the model scores worse than a rule that needs no training (a
+    # zero-shot baseline), which the curves alone cannot show (a healthy curve can end below it).
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"verdict": self.verdict, "evidence": self.evidence, "remedies": self.remedies,
-                "best_epoch": self.best_epoch, "best_step": self.best_step}
+        return {"verdict": self.verdict, "warnings": self.warnings, "evidence": self.evidence,
+                "remedies": self.remedies, "best_epoch": self.best_epoch, "best_step": self.best_step}
 
 
 def diagnose_curves(history_records: list[dict], label_counts: dict[str, int] | None = None,
-                    metric: str | None = None, greater_is_better: bool = True) -> Diagnosis:
+                    metric: str | None = None, greater_is_better: bool = True,
+                    baselines: dict | None = None) -> Diagnosis:
+    """The verdict of `judge_curves`, plus a warning for each zero-shot baseline the run did not beat.
+
+    Args:
+        baselines: what the task measured without training at start-up (`TaskInputs.baselines`, kept in
+            RUN/data_stats.json): name -> {"rule", "metrics", "advice"?} or {"rule", "skipped"}. A baseline whose
+            metrics hold `metric` is compared with the best evaluation of it; the others are not judged.
+        The rest: as `judge_curves`.
+    """
+    d = judge_curves(history_records, label_counts, metric, greater_is_better)
+    _below_baselines(history_records, baselines or {}, metric, greater_is_better, d)
+    return d
+
+
+def judge_curves(history_records: list[dict], label_counts: dict[str, int] | None = None,
+                 metric: str | None = None, greater_is_better: bool = True) -> Diagnosis:
     """Judge a run from its history records (the lines of RUN/history.jsonl).
 
     Args:
@@ -316,6 +337,25 @@ def _underfitting(losses, evals, eval_losses, label_counts, d: Diagnosis) -> boo
     return True
 
 
+def _below_baselines(history_records: list[dict], baselines: dict, metric: str | None, greater_is_better: bool,
+                     d: Diagnosis) -> None:
+    """A warning (both figures, what to try) for each baseline whose `metric` the run's best evaluation did not
+    beat. The best, not the last: the kept checkpoint is the best, and if even it loses, training did not pay."""
+    values = [float(r[f"eval_{metric}"]) for r in history_records if r.get("type") == "eval"
+              and isinstance(r.get(f"eval_{metric}"), (int, float)) and math.isfinite(r[f"eval_{metric}"])]
+    if not values:
+        return
+    best = max(values) if greater_is_better else min(values)
+    for name, baseline in baselines.items():
+        figure = (baseline.get("metrics") or {}).get(metric)
+        if figure is None or (best >= figure if greater_is_better else best <= figure):
+            continue
+        d.warnings.append(f"below its zero-shot baseline: the best validation {metric}, {best:.4f}, is worse than "
+                          f"the {name}'s {figure:.4f} ({baseline['rule']}; no training)")
+        d.remedies.insert(0, baseline.get("advice") or f"fine-tuning made {metric} worse than the {name}: check the "
+                          "data and the learning rate, or keep the baseline")
+
+
 def _healthy(losses, evals, eval_losses, d: Diagnosis) -> None:
     if _late_fall(losses) is None:  # healthy means it levelled off, which needs a quarter to compare with
         d.verdict = "inconclusive"
@@ -368,6 +408,25 @@ def run_label_counts(run_dir: str | Path) -> dict[str, int] | None:
     return counts.get("validation") or counts.get("train")
 
 
+def run_baselines(run_dir: str | Path) -> dict:
+    """The zero-shot baselines measured at the run's start (RUN/data_stats.json's `baselines`), or {}."""
+    path = Path(run_dir) / "data_stats.json"
+    return (json.loads(path.read_text(encoding="utf-8")).get("baselines") or {}) if path.is_file() else {}
+
+
+def format_baselines(baselines: dict) -> list[str]:
+    """The start-up summary's lines: each baseline's figures on the validation split, or why it was skipped."""
+    lines = []
+    for name, b in baselines.items():
+        if b.get("skipped"):
+            lines.append(f"baseline   {name}: not measured: {b['skipped']}")
+        else:
+            figures = " | ".join(f"{k} {v:.4f}" for k, v in b["metrics"].items())
+            lines.append(f"baseline   {name}: {figures} on validation without training, for fine-tuning to beat "
+                         f"({b['rule']})")
+    return lines
+
+
 def selection_from_config(config: dict | None) -> dict:
     """`metric` and `greater_is_better` for `diagnose_curves` from a run's config mapping (RUN/config.yaml);
     {} when it has none (the verdict then rests on the validation loss)."""
@@ -385,12 +444,14 @@ def diagnose_run(run_dir: str | Path) -> Diagnosis:
         import yaml
 
         config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    return diagnose_curves(load_history(run_dir), run_label_counts(run_dir), **selection_from_config(config))
+    return diagnose_curves(load_history(run_dir), run_label_counts(run_dir), **selection_from_config(config),
+                           baselines=run_baselines(run_dir))
 
 
 def format_diagnosis(d: Diagnosis) -> str:
     """A few lines for the terminal: the verdict, its evidence and what to try."""
     lines = [f"diagnosis  {d.verdict}"]
+    lines += [f"  ! {w}" for w in d.warnings]
     lines += [f"  - {e}" for e in d.evidence]
     if d.remedies:
         lines.append("  try:")

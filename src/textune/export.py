@@ -11,6 +11,12 @@ What is exported, and how the export is checked, is the task's (`Task.export_spe
 its outputs, whether they hold a value per token, how check inputs are truncated, its built-in sample inputs and
 the decisions an int8 export must agree on. A task without one is refused in one line.
 
+Where ONNX Runtime's transformer optimizer covers the architecture (`FUSED_MODEL_TYPES`: the BERT family), the
+graph is fused (`onnxruntime.transformers.optimizer.optimize_model`, its "bert" fusions: attention, embedding +
+LayerNorm, bias + GELU, residual + LayerNorm) and kept in float32; the fused graph is what is checked against
+PyTorch and shipped, and `textune_onnx.json`'s `optimization` records what was fused. Other architectures, or a
+fused graph that would not agree with PyTorch, keep the plain graph, with one line saying why.
+
 The exporter is torch's own TorchScript one (`torch.onnx.export(..., dynamo=False)`). Hugging Face's
 optimum-onnx would know each architecture's inputs and outputs, but its only release pins transformers<4.58
 and textune runs on transformers 5; the dynamo exporter needs onnxscript, one more dependency for nothing the
@@ -33,7 +39,7 @@ import torch
 from textune.atomic import replace_atomically
 from textune.errors import ONNX_EXPORT_INFO, ONNX_MODEL_FILE, TextuneError, is_onnx_export
 from textune.models import (copy_prediction_files, inference_max_length, resolve_run_model, run_data_file,
-                            saved_run_config)
+                            saved_run_config, set_attention)
 from textune.onnx_model import OnnxModel, require
 from textune.tasks import TASKS, architecture_of, get_task, task_of
 from textune.tasks.base import ExportSpec, Task
@@ -43,6 +49,14 @@ from textune.tasks.base import ExportSpec, Task
 OPSET = 17
 FP32_TOLERANCE = 1e-3  # max abs logit difference: float32 kernels differ in summation order, not more
 CHECK_ROWS = 32
+# config.model_type of the architectures ONNX Runtime's transformer optimizer fuses as its "bert" model type (its
+# docs list BERT, RoBERTa, DistilBERT, ELECTRA and their multilingual twins; each was checked on a tiny random
+# model: attention, embedding and LayerNorm fusions applied, logits within 1e-8). DeBERTa's disentangled
+# attention, rotary encoders (ModernBERT) and others have no fusion there.
+FUSED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra")
+# Level 1 (basic, hardware-independent) rewrites before the Python fusions: what optimize_model does by default
+# for "bert". Higher levels would save CPU-specific layouts into the file; the session applies them at load anyway.
+FUSION_OPT_LEVEL = 1
 
 
 class _Traced(torch.nn.Module):
@@ -58,7 +72,7 @@ class _Traced(torch.nn.Module):
 
 
 def export_onnx(run_or_model: str | Path, output: str | Path | None = None, quantize: str | None = None,
-                overwrite: bool = False, say: Callable[[str], None] = print) -> Path:
+                overwrite: bool = False, say: Callable[[str], None] = print, fuse: bool = True) -> Path:
     """Export the model of a run (or model folder) of a task that has an export spec to ONNX; return the
     export folder.
 
@@ -72,6 +86,8 @@ def export_onnx(run_or_model: str | Path, output: str | Path | None = None, quan
         quantize: None (float32) or "int8": dynamic quantisation of the weights (onnxruntime's
             `quantize_dynamic`, QInt8); its difference from PyTorch and its agreement are reported, not enforced.
         overwrite: replace an existing export at `output`.
+        fuse: apply ONNX Runtime's transformer fusions where they cover the architecture; False keeps the plain
+            graph (benchmarks compare the two).
 
     Raises:
         TextuneError: not a run or model folder; a task or architecture that cannot be exported; `output`
@@ -95,6 +111,13 @@ def export_onnx(run_or_model: str | Path, output: str | Path | None = None, quan
     if is_peft_model(model):  # what load_trained_model could not merge
         raise TextuneError("prefix tuning adds learned keys and values at run time, which cannot be folded into "
                            "the weights nor exported; use the run itself (textune predict RUN)")
+    unfused = unfused_reason(model.config) if fuse else "not asked for (fuse=False)"
+    if unfused is None:
+        # The optimizer's attention fusion matches the ops of the eager attention (MatMul, scale, mask Add,
+        # Softmax, MatMul); a trace of PyTorch's SDPA kernel leaves attention unfused. Same function, same logits.
+        set_attention(model, "eager")
+    if spec.wrap is not None:  # outputs computed from the model's (the embedding task pools its hidden states)
+        model = spec.wrap(model, model_dir)
     max_length = inference_max_length(tokenizer, (saved_run_config(run_dir).get("model") or {}).get("max_length"),
                                       config=model.config)
     first, second, where = check_inputs(task, run_dir)
@@ -104,10 +127,11 @@ def export_onnx(run_or_model: str | Path, output: str | Path | None = None, quan
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         copy_prediction_files(task.prediction_files, model_dir, run_dir, tmp)
-        check = _check_export(model, batch, input_names, spec, tmp, where, quantize, say)
+        optimization = _fuse(model.config, batch, spec, tmp, unfused, say)
+        check = _check_export(model, batch, input_names, spec, tmp, where, quantize, optimization, say)
         info = {"source": str((run_dir or model_dir).resolve()), "task": task.name,
                 "architecture": type(model).__name__, "opset": OPSET, "inputs": input_names,
-                "outputs": list(spec.outputs), "quantize": quantize, "check": check}
+                "outputs": list(spec.outputs), "optimization": optimization, "quantize": quantize, "check": check}
         (tmp / ONNX_EXPORT_INFO).write_text(json.dumps(info, indent=2))
     return target
 
@@ -132,8 +156,55 @@ def exportable_task(run_or_model, model_dir: Path) -> Task:
     return task
 
 
+def unfused_reason(config) -> str | None:
+    """Why an export of a model of this config stays a plain ONNX graph; None where ONNX Runtime's transformer
+    optimizer fuses it."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in FUSED_MODEL_TYPES:
+        return None
+    return (f"ONNX Runtime's transformer optimizer has no fusions for {model_type} models (it fuses "
+            f"{', '.join(FUSED_MODEL_TYPES)})")
+
+
+def _fuse(config, batch: dict[str, torch.Tensor], spec: ExportSpec, folder: Path, unfused: str | None,
+          say: Callable[[str], None]) -> dict:
+    """Replace the plain graph in `folder` by ONNX Runtime's fused one where `unfused` is None and the fused graph
+    agrees with the plain one on `batch`; else keep the plain graph and say why in one line. Return what the
+    export's info records as its `optimization`."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fused_file = folder / "model.fused.onnx"
+    try:
+        if unfused is None:
+            # the optimizer logs every pattern it looked for and did not find: noise, as the check below decides
+            logging.disable(logging.WARNING)
+            try:
+                fused = optimize_model(str(folder / ONNX_MODEL_FILE), model_type="bert", opt_level=FUSION_OPT_LEVEL,
+                                       num_heads=getattr(config, "num_attention_heads", 0),
+                                       hidden_size=getattr(config, "hidden_size", 0))
+            finally:
+                logging.disable(logging.NOTSET)
+            fused.save_model_to_file(str(fused_file))  # float32 kept: no float16 conversion, which a CPU does not run
+            operators = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
+            mask = batch["attention_mask"].numpy().astype(bool)
+            diff, _ = compare_outputs(_onnx_outputs(folder, batch), _onnx_outputs(folder, batch, fused_file.name),
+                                      mask, spec)
+            if operators and diff <= FP32_TOLERANCE:
+                os.replace(fused_file, folder / ONNX_MODEL_FILE)
+                return {"fused": True, "optimizer": "onnxruntime.transformers.optimizer", "model_type": "bert",
+                        "opt_level": FUSION_OPT_LEVEL, "precision": "fp32", "operators": operators}
+            unfused = (f"the fused graph differs from the plain one by {diff:.2e}" if operators else
+                       "ONNX Runtime's transformer optimizer found nothing to fuse in it")
+    except Exception as e:  # noqa: BLE001  an optimizer failure costs the fusions, not the export
+        unfused = f"ONNX Runtime's transformer optimizer failed on it ({(str(e).splitlines() or [''])[0][:200]})"
+    finally:
+        fused_file.unlink(missing_ok=True)
+    say(f"plain ONNX graph (no fusions): {unfused}")
+    return {"fused": False, "why": unfused}
+
+
 def _check_export(model, batch: dict[str, torch.Tensor], input_names: list[str], spec: ExportSpec, folder: Path,
-                  where: str, quantize: str | None, say: Callable[[str], None]) -> dict:
+                  where: str, quantize: str | None, optimization: dict, say: Callable[[str], None]) -> dict:
     """Compare the export in `folder` with PyTorch on `batch` (the inputs the export takes), quantise it where
     asked; return what the export's info records of the check.
 
@@ -146,7 +217,9 @@ def _check_export(model, batch: dict[str, torch.Tensor], input_names: list[str],
     mask = batch["attention_mask"].numpy().astype(bool)
     rows = len(mask)
     diff, _ = compare_outputs(reference, _onnx_outputs(folder, batch), mask, spec)
-    say(f"ONNX Runtime vs PyTorch on {rows} {where}: max abs logit difference {diff:.2e}")
+    fused = ", ".join(f"{n} {name}" for name, n in optimization.get("operators", {}).items())
+    graph = f"fused: {fused}" if optimization["fused"] else "plain graph"
+    say(f"ONNX Runtime ({graph}) vs PyTorch on {rows} {where}: max abs logit difference {diff:.2e}")
     if not diff <= FP32_TOLERANCE:
         raise TextuneError(f"the ONNX export of {type(model).__name__} differs from PyTorch by {diff:.2e} (more "
                            f"than {FP32_TOLERANCE:g}) on {where}; nothing was written")
@@ -162,6 +235,7 @@ def _check_export(model, batch: dict[str, torch.Tensor], input_names: list[str],
 
 def _quantize_int8(path: Path) -> None:
     """Replace the float32 model at `path` by its dynamic int8 quantisation (weights QInt8)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     fp32 = path.with_name("model.fp32.onnx")
@@ -169,7 +243,10 @@ def _quantize_int8(path: Path) -> None:
     # quiet its advice to pre-process the graph first: the agreement reported after it measures the result
     logging.disable(logging.WARNING)
     try:
-        quantize_dynamic(fp32, path, weight_type=QuantType.QInt8)
+        # A fused graph's contrib operators (Attention, SkipLayerNormalization) have no ONNX shape inference: their
+        # outputs' type is float32, said here, as the quantiser asks.
+        quantize_dynamic(fp32, path, weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
         logging.disable(logging.NOTSET)
     fp32.unlink()
@@ -261,5 +338,5 @@ def _write_onnx(model, batch: dict[str, torch.Tensor], output_names: list[str], 
     return input_names
 
 
-def _onnx_outputs(folder: Path, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {n: t.numpy() for n, t in OnnxModel(folder)(**batch).items()}
+def _onnx_outputs(folder: Path, batch: dict[str, torch.Tensor], file: str = ONNX_MODEL_FILE) -> dict[str, np.ndarray]:
+    return {n: t.numpy() for n, t in OnnxModel(folder, file)(**batch).items()}

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from textune.diagnose import diagnose_curves, load_history, run_label_counts, selection_from_config
+from textune.diagnose import diagnose_curves, load_history, run_baselines, run_label_counts, selection_from_config
 from textune.errors import TextuneError
 from textune.models import saved_run_config
 from textune.tasks import TASKS, architecture_of
@@ -171,8 +171,9 @@ def _curve_section(records: list[dict], config: dict) -> list[str]:
 
 
 def _diagnosis_section(records: list[dict], run: Path, config: dict) -> list[str]:
-    d = diagnose_curves(records, run_label_counts(run), **selection_from_config(config))
+    d = diagnose_curves(records, run_label_counts(run), **selection_from_config(config), baselines=run_baselines(run))
     lines = ["## Diagnosis", "", f"textune's reading of the learning curves: **{d.verdict}**.", ""]
+    lines += [f"- **Warning:** {w}" for w in d.warnings]
     lines += [f"- {e}" for e in d.evidence]
     if d.remedies:
         lines += ["", "What to try:", ""] + [f"- {r}" for r in d.remedies]

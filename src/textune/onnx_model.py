@@ -36,9 +36,9 @@ class OnnxModel:
     """An exported model on an ONNX Runtime CPU session, called as the predictors call a transformers model:
     `model(input_ids=..., attention_mask=..., token_type_ids=...)` -> `OnnxOutput` of torch tensors
     (`logits`, or `start_logits` and `end_logits`), with the model's `config`. Inputs the export does not
-    take are ignored."""
+    take are ignored. `file`: another graph of the folder than model.onnx (export compares its fused graph)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, file: str = ONNX_MODEL_FILE):
         require("onnxruntime")
         import onnxruntime as ort
         from transformers import AutoConfig
@@ -46,7 +46,7 @@ class OnnxModel:
         options = ort.SessionOptions()
         # the thread count torch was given (predict, serve --threads) holds for the session too
         options.intra_op_num_threads = torch.get_num_threads()
-        self.session = ort.InferenceSession(str(Path(folder) / ONNX_MODEL_FILE), options,
+        self.session = ort.InferenceSession(str(Path(folder) / file), options,
                                             providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

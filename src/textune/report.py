@@ -2,7 +2,7 @@
 
 Everything is inline (CSS in a <style> block, figures as base64 `data:` PNGs, no script, no web font), so
 the file opens offline, survives being mailed or attached to a ticket, and makes no network request.
-Sections: summary, diagnosis, learning curves (the metric chart shows the task's headline metric), the task's
+Sections: summary, diagnosis, zero-shot baselines (where the task measured any at start-up), learning curves (the metric chart shows the task's headline metric), the task's
 own sections (`Task.report_sections`; for a classifier: final metrics with the confusion matrix as a heat map,
 calibration, the most confidently wrong validation examples; for a token classifier: per-type F1, type
 confusions, the worst sentences with spans marked), data statistics and the config. A section whose input file
@@ -48,11 +48,35 @@ def _read_json(path: Path) -> dict | None:
 def _diagnosis_html(d: Diagnosis) -> str:
     color = VERDICT_COLORS.get(d.verdict, "#57606a")
     out = [f'<section id="diagnosis"><h2>Diagnosis {badge_html(d.verdict, color)}</h2>']
+    out += [f'<p class="note"><b>Warning:</b> {esc(w)}</p>' for w in d.warnings]
     out.append("<ul>" + "".join(f"<li>{esc(e)}</li>" for e in d.evidence) + "</ul>")
     if d.remedies:
         out.append("<h3>What to try</h3><ul>" + "".join(f"<li>{esc(r)}</li>" for r in d.remedies) + "</ul>")
     out.append("</section>")
     return "".join(out)
+
+
+def _baselines_html(baselines: dict | None, metrics: dict | None) -> str:
+    """The zero-shot baselines measured at start-up beside the run's final validation figures; empty where the
+    task has none."""
+    if not baselines:
+        return ""
+    final = (metrics or {}).get("validation") or {}
+    out = ['<section id="baselines"><h2>Zero-shot baselines</h2><p class="muted">What a rule that needs no '
+           "training scores on the same validation rows, measured when the run started: the fine-tuned model "
+           'should beat each.</p><table><tr><th class="l">baseline</th><th class="l">rule</th><th class="l">metric'
+           "</th><th>baseline</th><th>this run</th></tr>"]
+    for name, b in baselines.items():
+        if b.get("skipped"):
+            out.append(f'<tr><td class="l">{esc(name)}</td><td class="l">{esc(b.get("rule", ""))}</td>'
+                       f'<td class="l" colspan="3">not measured: {esc(b["skipped"])}</td></tr>')
+            continue
+        for i, (metric, value) in enumerate(b["metrics"].items()):
+            head = (f'<td class="l">{esc(name)}</td><td class="l">{esc(b["rule"])}</td>' if i == 0
+                    else '<td class="l"></td><td class="l"></td>')
+            out.append(f'<tr>{head}<td class="l">{esc(metric)}</td><td>{fmt(value)}</td>'
+                       f"<td>{fmt(final.get(metric))}</td></tr>")
+    return "".join(out) + "</table></section>"
 
 
 def _label_balance_html(label_counts: dict[str, dict[str, int]]) -> str:
@@ -94,7 +118,12 @@ def _data_html(stats: dict | None) -> str:
             out.append(f'<p class="note">Training and validation texts differ in length (mean {a} vs {b} tokens): '
                        "check that they come from the same kind of text.</p>")
     truncated = max((s.get("truncated_share", 0) for s in (stats.get("token_lengths") or {}).values()), default=0)
-    if truncated > 0.05:
+    long_text = (stats.get("long_text") or {}).get("mode")
+    if truncated > 0.05 and long_text:  # data.long_text head_tail or chunks: the ends are read, say how
+        out.append(f'<p class="note">{truncated:.0%} of some split is longer than model.max_length {max_length}: '
+                   + ("each keeps its first and last tokens (data.long_text head_tail)." if long_text == "head_tail"
+                      else "each is read in windows whose logits are pooled (data.long_text chunks).") + "</p>")
+    elif truncated > 0.05:
         out.append(f'<p class="note">{truncated:.0%} of some split is cut at model.max_length {max_length}: '
                    "the model never sees the end of those texts.</p>")
     out.append("</div></div></section>")
@@ -171,7 +200,7 @@ def build_report(run_dir: str | Path) -> str:
     metrics = _read_json(run / "metrics.json")
     counts = (stats or {}).get("label_counts") or {}
     diagnosis = diagnose_curves(records, counts.get("validation") or counts.get("train"),
-                                **selection_from_config(config))
+                                **selection_from_config(config), baselines=(stats or {}).get("baselines"))
     task = task_of(run)
     task_cards, task_sections = get_task(task).report_sections(run, metrics, stats)
 
@@ -193,6 +222,7 @@ def build_report(run_dir: str | Path) -> str:
         f"{esc(run.resolve())} &middot; report of {now}</div></header>",
         cards_html(summary),
         _diagnosis_html(diagnosis),
+        _baselines_html((stats or {}).get("baselines"), metrics),
         _curves_html(run.name, records, diagnosis.best_step, task, ((config or {}).get("train") or {}).get("metric")),
         task_sections,
         _data_html(stats),

@@ -36,7 +36,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from textune.config import Config, TrainConfig, save_config, with_resolved_paths
 from textune.data import column_values
-from textune.diagnose import diagnose_curves, format_diagnosis
+from textune.diagnose import diagnose_curves, format_baselines, format_diagnosis
 from textune.compiling import CompiledForward, plan_compile
 from textune.checkpoint import (check_checkpoint_matches, find_checkpoint, list_checkpoints, load_checkpoint,
                                 remove_checkpoints, save_checkpoint)
@@ -397,7 +397,10 @@ def make_run_folder(run: Path, resuming: bool) -> None:
 def write_run_header(run: Path, cfg: Config, inputs: TaskInputs) -> None:
     """The resolved config and the data statistics, the run folder's first files."""
     save_config(cfg, run / "config.yaml")
-    (run / "data_stats.json").write_text(json.dumps(inputs.data_stats(cfg), indent=2))
+    stats = inputs.data_stats(cfg)
+    if inputs.measured_baselines:  # the diagnosis and the report read them here, as they read the label counts
+        stats["baselines"] = inputs.measured_baselines
+    (run / "data_stats.json").write_text(json.dumps(stats, indent=2))
 
 
 # ---------------------------------------------------------------- the training step and loop
@@ -602,6 +605,12 @@ def load_inputs(cfg: Config, accelerator: Accelerator, precision: str, precision
         check_checkpoint_matches(checkpoint, inputs.model)
     say = accelerator.print
     say(inputs.summary(cfg))
+    # What the task scores without training (zero-shot baselines), measured once, by the process that writes the
+    # run folder: the others never report it.
+    if accelerator.is_main_process:
+        inputs.measured_baselines = inputs.baselines(cfg)
+        for line in format_baselines(inputs.measured_baselines):
+            say(line)
     say(f"tuning     {cfg.tuning.method}: {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})")
     say(f"device     {accelerator.device} | precision {precision}" + (f" ({precision_note})" if precision_note else ""))
     return inputs
@@ -664,8 +673,10 @@ def plan_training(cfg: Config, inputs: TaskInputs, accelerator: Accelerator, pre
     planned_samples = (t.max_steps * t.batch_size * t.gradient_accumulation_steps if t.max_steps
                        else math.ceil(len(train_data) * t.epochs))
     compile_plan = plan_compile(t.compile, accelerator.device.type, precision, planned_samples, cfg.model.max_length,
-                                t.pad_to_multiple_of)
-    say(f"compile    {compile_plan.describe()}")
+                                t.pad_to_multiple_of, batch_size=t.batch_size, fixed_length=inputs.fixed_length,
+                                streamed=isinstance(train_data, IterableDataset), processes=accelerator.num_processes)
+    if not compile_plan.measure:  # a measured plan says its choice once it has measured (CompiledForward.probe)
+        say(f"compile    {compile_plan.describe()}")
     train_loader = make_loader(train_data, inputs.tokenizer, t.batch_size, True, t.group_by_length, cfg.seed,
                                t.num_workers, collate=inputs.collator("train", compile_plan.pad_to_multiple_of))
     eval_loader = make_loader(inputs.tokenized["validation"], inputs.tokenizer, eval_batch_size(t, accelerator),
@@ -762,7 +773,7 @@ class TrainingLoop:
         plan, accelerator = self.plan, self.accelerator
         if not plan.compile_plan.enabled:
             return None
-        forward = CompiledForward(plan.model, plan.compile_plan.max_shapes, accelerator.print)
+        forward = CompiledForward(plan.model, plan.compile_plan, accelerator.print)
         if plan.batches_per_epoch is not None:  # a stream is not indexable: its first batch compiles in the loop
             data = plan.train_loader.dataset
             first = [data[i] for i in range(min(len(data), self.t.batch_size // accelerator.num_processes))]
@@ -869,7 +880,8 @@ def finish_run(cfg: Config, run: Path, plan: TrainingPlan, inputs: TaskInputs, a
         say(f"cleanup    {deleted} checkpoint(s) deleted now that the model is saved (train.keep_last N keeps the "
             f"last N)")
     say(f"run        {run}  ({loop.seconds / 60:.1f} min, {metrics['train']['samples_per_s']} samples/s)")
-    say(format_diagnosis(diagnose_curves(loop.history.records, inputs.label_counts(), t.metric, t.greater_is_better)))
+    say(format_diagnosis(diagnose_curves(loop.history.records, inputs.label_counts(), t.metric, t.greater_is_better,
+                                         inputs.measured_baselines)))
 
 
 def final_metrics(validation: dict, loop: TrainingLoop, parameters: tuple[int, int]) -> dict:

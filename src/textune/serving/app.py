@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from textune.serving.batching import Metrics, MicroBatcher, ServeSettings
 from textune.serving.context import ServeContext
-from textune.serving.errors import CHAT_PATH, ErrorResponse, OpenAIErrorResponse, error_response, \
+from textune.serving.errors import CHAT_PATH, OPENAI_PATHS, ErrorResponse, OpenAIErrorResponse, error_response, \
     install_error_handlers, token_check
 from textune.tasks import DEFAULT_TASK, TASKS, get_task
 
@@ -80,7 +80,7 @@ def unsupported_router(ctx: ServeContext, described: str, served: list[str]) -> 
         return endpoint
 
     for path in others:
-        error = OpenAIErrorResponse if path == CHAT_PATH else ErrorResponse
+        error = OpenAIErrorResponse if path in OPENAI_PATHS else ErrorResponse
         router.post(path, status_code=404, responses={404: {"model": error}},
                     summary=f"{path.removeprefix('/v1/')}: not supported by {described}")(refuse(path))
     return router

@@ -51,15 +51,17 @@ class ServeContext:
         router.post(path, response_model=response, **route)(handler)
 
     def check_texts(self, texts: list[str], pairs: list[str] | None = None, name: str = "texts",
-                    pair_name: str = "text_pairs", pairs_limited: bool = True, texts_limited: bool = True) -> None:
+                    pair_name: str = "text_pairs", pairs_limited: bool = True, texts_limited: bool = True,
+                    chars_scale: int = 1) -> None:
         """Refuse more texts than --max-texts, pairs that do not pair up, and texts over --max-chars (unless
         `texts_limited` is False), pairs too (unless `pairs_limited` is False): a task that reads them whole,
-        however long (in windows), lifts the limit, and the body size bounds them.
+        however long (in windows), lifts the limit, and the body size bounds them. `chars_scale`: the limit of
+        texts is that many times --max-chars (a model that reads several windows of a text: data.max_chunks).
 
         Raises:
             HTTPException: 413 or 422 with the field at fault.
         """
-        n, limit = len(texts), self.settings.max_chars
+        n, limit = len(texts), self.settings.max_chars * chars_scale
         if n > self.settings.max_texts:
             raise HTTPException(413, f"got {n} {name}, at most {self.settings.max_texts} per request; split the "
                                      f"request")
@@ -71,7 +73,10 @@ class ServeContext:
         for which, text in checked:
             if len(text) > limit:
                 raise HTTPException(413, f"{which} has {len(text)} characters, at most {limit}; shorten it (the "
-                                         f"model reads only its first tokens anyway)")
+                                         f"model reads only its first tokens anyway)" if chars_scale == 1 else
+                                    f"{which} has {len(text)} characters, at most {limit} ({chars_scale} x "
+                                    f"--max-chars: the model reads {chars_scale} windows of a text at most); shorten "
+                                    f"it or split it")
 
     def check_adapter(self, adapter: str | None) -> None:
         """Refuse an adapter name the server cannot serve (no registry, or not in it) with 400."""

@@ -17,6 +17,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 CHAT_PATH = "/v1/chat/completions"  # OpenAI's API: its errors take OpenAI's shape
+EMBEDDINGS_PATH = "/v1/embeddings"  # OpenAI's too (the embedding task)
+OPENAI_PATHS = (CHAT_PATH, EMBEDDINGS_PATH)
 
 
 class ErrorBody(BaseModel):
@@ -56,8 +58,8 @@ class APIError(HTTPException):
 
 def error_response(status: int, message: str, headers: dict | None = None, path: str = "", param: str | None = None,
                    code: str | None = None) -> JSONResponse:
-    """The JSON error of `path`'s shape (OpenAI's on the chat path, textune's elsewhere)."""
-    if path == CHAT_PATH:
+    """The JSON error of `path`'s shape (OpenAI's on OpenAI's paths, textune's elsewhere)."""
+    if path in OPENAI_PATHS:
         kind = "invalid_request_error" if status < 500 else "server_error"
         body = {"message": message, "type": kind, "param": param, "code": code}
     else:
@@ -90,7 +92,7 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(400, "the request body is not valid JSON", path=path)
         fields = [".".join(str(p) for p in e["loc"] if p != "body") or "body" for e in errors]
         message = "; ".join(f"{field}: {e['msg']}" for field, e in zip(fields, errors))
-        if path == CHAT_PATH:  # OpenAI answers a malformed request with 400, which its clients raise as BadRequestError
+        if path in OPENAI_PATHS:  # OpenAI answers a malformed request with 400, which its clients raise as BadRequestError
             return error_response(400, message, path=path, param=fields[0])
         return error_response(422, message)
 

@@ -42,6 +42,9 @@ CAUSAL_LM = Architecture(("ForCausalLM", "LMHeadModel"), "AutoModelForCausalLM",
 # BertForPreTraining = MLM + NSP heads. PEFT has no masked-LM task type: FEATURE_EXTRACTION wraps it generically.
 MASKED_LM = Architecture(("ForMaskedLM", "ForPreTraining"), "AutoModelForMaskedLM", "FEATURE_EXTRACTION",
                          "fill-mask")
+# The bare encoder (BertModel, MPNetModel): what sentence-transformers folders hold. Last in the registry, so a
+# `...LMHeadModel` is read as the causal LM it is before this suffix matches.
+ENCODER_BODY = Architecture(("Model",), "AutoModel", "FEATURE_EXTRACTION", "feature-extraction")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,10 @@ class TaskSpec:
     # The saved model kinds a run of this task writes, the one it builds by default first.
     architectures: tuple[Architecture, ...]
     problem_type: str | None = None  # a sequence classifier's config.problem_type that names this task
+    # One prediction per text, pooled from the rows a long text is read as (data.long_text head_tail and chunks;
+    # its evaluation groups rows by document, `textune.evaluate.DOCUMENT_KEY`). Tasks that window long texts
+    # their own way (QA's doc_stride, NER's windows) leave it False, and config validation refuses the keys.
+    document_pooling: bool = False
 
     @property
     def pipeline_tag(self) -> str:
@@ -66,7 +73,8 @@ class TaskSpec:
 CLASSIFICATION_METRICS = ("accuracy", "f1", "f1_macro", "precision", "recall", "precision_macro", "recall_macro",
                           "mcc", "f1_weighted", "roc_auc", "average_precision", "loss")
 TASKS = {
-    "classification": TaskSpec("textune.tasks.classification", CLASSIFICATION_METRICS, "accuracy", (SEQUENCE_HEAD,)),
+    "classification": TaskSpec("textune.tasks.classification", CLASSIFICATION_METRICS, "accuracy", (SEQUENCE_HEAD,),
+                                 document_pooling=True),
     "token-classification": TaskSpec("textune.tasks.token_classification",
                                      ("f1", "precision", "recall", "accuracy", "loss"), "f1", (TOKEN_HEAD,)),
     "question-answering": TaskSpec("textune.tasks.question_answering", ("f1", "exact_match", "loss"), "f1",
@@ -74,13 +82,16 @@ TASKS = {
     "language-modeling": TaskSpec("textune.tasks.language_modeling", ("loss", "perplexity"), "loss",
                                   (MASKED_LM, CAUSAL_LM)),
     "regression": TaskSpec("textune.tasks.regression", ("pearson", "spearman", "mse", "mae", "loss"), "pearson",
-                           (SEQUENCE_HEAD,), "regression"),
+                           (SEQUENCE_HEAD,), "regression", document_pooling=True),
     "multi-label": TaskSpec("textune.tasks.multi_label", ("f1_micro", "f1_macro", "subset_accuracy", "hamming_loss",
                                                           "loss"), "f1_micro", (SEQUENCE_HEAD,),
-                            "multi_label_classification"),
+                            "multi_label_classification", document_pooling=True),
     # Held-out loss picks the best checkpoint: exact match and ROUGE-L come from a small generated sample.
     "instruction": TaskSpec("textune.tasks.instruction", ("loss", "perplexity", "rougeL", "exact_match"), "loss",
                             (CAUSAL_LM,)),
+    # Retrieval for pairs (MRR@10 the headline), correlation of the cosine for scored pairs (spearman).
+    "embedding": TaskSpec("textune.tasks.embedding", ("mrr_at_10", "recall_at_1", "recall_at_10", "ndcg_at_10",
+                                                      "spearman", "pearson", "loss"), "mrr_at_10", (ENCODER_BODY,)),
 }
 DEFAULT_TASK = "classification"
 

@@ -47,6 +47,10 @@ class ExportSpec:
             padded batch (`mask`: its attention mask, as booleans); an int8 export reports the share of them
             that agree with PyTorch's. None where no decision is made (a regression's score).
         decisions: what `decide` returns, in that report ("predicted labels").
+        wrap: `wrap(model, model_dir) -> torch.nn.Module`, what is traced instead of the loaded model where the
+            outputs are computed from it (the embedding task: its hidden states pooled into `sentence_embedding`);
+            the module takes the model's inputs by name, returns the outputs by name, and has its `config`.
+            None: the model itself.
     """
 
     outputs: tuple[str, ...] = ("logits",)
@@ -56,6 +60,26 @@ class ExportSpec:
     samples_name: str = "built-in sample texts"
     decide: Callable[[Any, Any], Any] | None = None
     decisions: str = ""
+    wrap: Callable[[Any, Path], Any] | None = None
+
+
+@dataclass(frozen=True)
+class PlaygroundSpec:
+    """How `textune ui`'s playground tries a model of the task (the UI names no task: it shows this).
+
+    Attributes:
+        inputs: (name, label, optional) of each text box, in the order `Task.playground_predict` passes them to
+            the predictor's `predict` (each as a one-item list; an empty optional box as None).
+        render: how the page shows the prediction row: "probabilities" (its `label` and `probabilities` as
+            bars), "spans" (its `entities`' start/end marked in the first box's text), "answer" (its `start`/`end`
+            marked in the last box's text), "text" (its `response`), "json" (the row as it is).
+        chat: the page also offers a multi-turn chat with a system prompt, streamed through the predictor's
+            `chat(messages, on_text=, cancel=)` (`LanguageModelPredictor.chat`), for models with a chat template.
+    """
+
+    inputs: tuple[tuple[str, str, bool], ...] = (("text", "text", False),)
+    render: str = "json"
+    chat: bool = False
 
 
 class TaskInputs(ABC):
@@ -83,6 +107,9 @@ class TaskInputs(ABC):
     tokenizer: Any
     tokenized: dict
     evaluate_first: ClassVar[bool] = False
+    # The one sequence length of every training batch, where the task makes its rows so (packed language-modelling
+    # blocks); None where batches are padded per batch. `train.compile: auto` reads it: one length, few compiles.
+    fixed_length: int | None = None
     loss_fn: Callable | None = None
     compute_metrics: Callable | None = None
 
@@ -116,7 +143,9 @@ class TaskInputs(ABC):
     def collator(self, split: str, pad_to_multiple_of: int | None = None):
         """The DataLoader collate function for `split` (train, validation or test). `pad_to_multiple_of` rounds
         padded lengths up to a multiple of N (`train.compile` bounds the shapes it compiles with it); collators
-        of fixed-length blocks can ignore it."""
+        of fixed-length blocks can ignore it. Where one text is read as several rows (data.long_text chunks), an
+        evaluation batch carries each row's document as `textune.evaluate.DOCUMENT_KEY` (never a model input):
+        `evaluate.predict_logits` then pools the rows into one per document, gathered over all processes."""
 
     @abstractmethod
     def evaluate(self, model, loader, accelerator=None) -> tuple[dict, Any]:
@@ -130,6 +159,19 @@ class TaskInputs(ABC):
     def label_counts(self) -> dict[str, int] | None:
         """Validation label counts, for the diagnosis's majority-class baseline; None where that means nothing."""
         return None
+
+    # What `baselines` measured at start-up; train.py sets it and stores it in RUN/data_stats.json.
+    measured_baselines: dict | None = None
+
+    def baselines(self, cfg) -> dict[str, dict]:
+        """Zero-shot baselines: what a rule that needs no training scores on the validation split, which a
+        fine-tuned model must beat. Name -> {"rule": how it predicts (one line), "metrics": {name: value}, named
+        as `evaluate`'s metrics so the two compare, "advice": what to try when a run scores below it (optional)},
+        or {"rule": ..., "skipped": why it was not measured (too costly, no pooling)}. Measured once at start-up
+        (train.py prints them and keeps them in RUN/data_stats.json for the diagnosis and the report); {} where no
+        such rule exists (the default). Must not draw from torch's random generator: training's dropout and
+        order come after it."""
+        return {}
 
 
 class Task(ABC):
@@ -169,6 +211,11 @@ class Task(ABC):
         """Metrics of `predictor` on a labelled file (`textune evaluate`)."""
         raise TextuneError(f"textune evaluate does not support {self.name} models")
 
+    def write_output(self, rows: list[dict], path: str | None) -> bool:
+        """Write `textune predict`'s rows to `path` in a format of the task's own, chosen by its extension (the
+        embedding task: `.npy`); False where the task has none for it, and the rows are written as JSONL."""
+        return False
+
     def format_metrics(self, metrics: dict) -> str:
         """The lines `textune evaluate` prints after the headline."""
         return ""
@@ -204,3 +251,15 @@ class Task(ABC):
     def report_sections(self, run: Path, metrics: dict | None, stats: dict | None) -> tuple[list[tuple[str, str]], str]:
         """(summary cards as (name, HTML value) pairs, HTML sections) for the report page."""
         return [], ""
+
+    # What `textune ui`'s playground shows for this task's models; None: the playground says the task has none.
+    playground: ClassVar[PlaygroundSpec | None] = None
+
+    def playground_predict(self, predictor, fields: dict[str, str]) -> dict:
+        """The prediction row for the playground's text boxes (`fields`, by `playground.inputs` name): by default
+        the predictor's `predict` on one-item lists of the boxes' texts, in order."""
+        spec = self.playground or PlaygroundSpec()
+        args = [[fields[name]] if (fields.get(name) or "").strip() else None for name, _, _ in spec.inputs]
+        if args and args[0] is None:
+            raise TextuneError(f"{spec.inputs[0][1]}: write something to predict on")
+        return predictor.predict(*args)[0]

@@ -29,17 +29,21 @@ import torch
 import torch.nn.functional as F
 
 from textune.augment import Mixup, augment_training_split
-from textune.data import (TaskData, column_values, label_counts, length_stats, load_task_data, tokenize_splits,
-                          tokenize_stream)
+from textune.chunking import LongText
+from textune.data import (TaskData, column_values, label_counts, load_task_data, split_length_stats,
+                          tokenize_splits, tokenize_stream)
 from textune.data_checks import DataReport, check_task_data, enforce
 from textune.errors import TextuneError
 from textune.evaluate import predict_logits
 from textune.models import load_tokenizer, resolve_model
 from textune.report_html import (cards_html, esc, fmt, img_html, missing_html, read_predictions,
                                  text_cell_html)
-from textune.tasks.base import ExportSpec, Task
-from textune.tasks.sequence import (SequenceInputs, SequencePredictor, classify_router, load_sequence_model,
-                                    read_labelled_file, read_sequence_inputs)
+from textune.tasks.base import ExportSpec, PlaygroundSpec, Task
+from textune.tasks.contrastive import (CosineSimilarityLoss, PairCollator, contrastive_pairs, fit_head,
+                                       load_contrastive_model, pairs_summary)
+from textune.tasks.sequence import (COSINE_RULE, SequenceInputs, SequencePredictor, classify_router,
+                                    load_sequence_model, pair_cosines, read_labelled_file, read_sequence_inputs,
+                                    by_length_html, with_token_lengths)
 
 
 
@@ -110,6 +114,30 @@ def ranking_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
             return {"roc_auc": float("nan"), "average_precision": float("nan")}
 
 
+# The metrics of a zero-shot baseline's predictions (`ClassificationInputs.baselines`), as `train.metric` names them.
+BASELINE_METRICS = ("accuracy", "f1", "f1_macro", "f1_weighted", "mcc")
+# The cosine baseline of a pair task fits one threshold: a few hundred pairs pin it down, and each costs two
+# forward passes at start-up.
+COSINE_FIT_PAIRS = 500
+
+
+def cosine_rule(scores: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+    """(threshold, side) of the best training accuracy for telling class 1 from class 0 by one score: side +1
+    predicts class 1 above the threshold, -1 below it (so label ids in either order work). The threshold lies
+    midway between neighbouring scores (or at +-inf: one class for every row)."""
+    order = np.argsort(scores, kind="stable")
+    s, y = np.asarray(scores, dtype=np.float64)[order], np.asarray(labels)[order]
+    ones_below = np.concatenate([[0], np.cumsum(y == 1)])  # class-1 rows among the i lowest scores, i = 0..n
+    zeros_below = np.arange(len(s) + 1) - ones_below
+    right = {1: zeros_below + (ones_below[-1] - ones_below),  # class 0 below the cut, class 1 above
+             -1: ones_below + (zeros_below[-1] - zeros_below)}
+    cuts = np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1], [True]]))  # never between equal scores
+    side = max((1, -1), key=lambda k: right[k][cuts].max())
+    i = int(cuts[right[side][cuts].argmax()])
+    threshold = -np.inf if i == 0 else np.inf if i == len(s) else (s[i - 1] + s[i]) / 2
+    return float(threshold), side
+
+
 def format_confusion(metrics: dict, width: int, top: int = 10) -> str:
     """The confusion matrix of `classification_metrics` for a terminal `width` characters wide.
 
@@ -154,6 +182,7 @@ def _shorten(name: str, room: int) -> str:
 class ClassificationInputs(SequenceInputs):
     """What a classification run trains on, all loaded and checked before anything is written."""
 
+    rows_with_tokens = True  # the report shows metrics by text length
     train_stream: object = None  # data.streaming: the training file, tokenised lazily as the loader reads it
     loss_fn: object = None  # Mixup, ClassWeightedLoss or None (the model's own cross-entropy)
 
@@ -185,7 +214,7 @@ class ClassificationInputs(SequenceInputs):
     def evaluate(self, model, loader, accelerator=None):
         """(metrics, (class probabilities, labels)) over a labelled loader. The `compute_metrics` hook gets the
         class probabilities (N x classes) and the label ids."""
-        logits, labels, loss = predict_logits(model, loader, accelerator)
+        logits, labels, loss = predict_logits(model, loader, accelerator, self.long_text.pooling)
         probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
         metrics = classification_metrics(labels, probs.argmax(-1), self.data.label_names, probs)
         metrics["loss"] = loss
@@ -202,6 +231,84 @@ class ClassificationInputs(SequenceInputs):
     def label_counts(self) -> dict[str, int]:
         return label_counts(self.data.validation, self.data.label_names)
 
+    def baselines(self, cfg) -> dict:
+        """The majority class of the training rows, predicted for every validation row, and, for pairs of two
+        classes, a threshold on the untrained model's embedding cosine fitted on training pairs (`cosine_rule`)."""
+        names = self.data.label_names
+        train_y = np.asarray(column_values(self.data.train, "labels"))
+        val_y = np.asarray(column_values(self.data.validation, "labels"))
+        majority = int(np.bincount(train_y, minlength=len(names)).argmax())
+        metrics = classification_metrics(val_y, np.full_like(val_y, majority), names)
+        out = {"majority class": {"rule": f"the training rows' most frequent label, {names[majority]}, for every row",
+                                  "metrics": {k: metrics[k] for k in BASELINE_METRICS}}}
+        if self.data.text_pair_column:
+            out["base-model cosine"] = self.cosine_baseline(cfg, train_y, val_y)
+        return out
+
+    def cosine_baseline(self, cfg, train_y: np.ndarray, val_y: np.ndarray) -> dict:
+        """The untrained model's embedding cosine as a two-class pair classifier: the threshold (and which side is
+        class 1) with the best accuracy on up to COSINE_FIT_PAIRS training pairs, applied to validation."""
+        names = self.data.label_names
+        if len(names) != 2:
+            return {"rule": COSINE_RULE, "skipped": f"{len(names)} classes: one similarity score separates two, and "
+                                                    f"a rule for more needs training"}
+        rng = np.random.default_rng(cfg.seed)  # its own generator: training's random state stays as it was
+        fit_rows = np.sort(rng.permutation(len(train_y))[:COSINE_FIT_PAIRS])
+        cosines, how = pair_cosines(self, cfg, {"train": self.data.train.select(fit_rows),
+                                                "validation": self.data.validation})
+        if cosines is None:
+            return {"rule": COSINE_RULE, "skipped": how}
+        threshold, side = cosine_rule(cosines["train"], train_y[fit_rows])
+        score = side * cosines["validation"]
+        metrics = classification_metrics(val_y, (score > side * threshold).astype(int), names,
+                                         np.stack([-score, score], axis=1))
+        above = names[1] if side > 0 else names[0]
+        return {"rule": f"{COSINE_RULE} ({how}) above {threshold:.3f} is {above}, the threshold fitted on "
+                        f"{len(fit_rows):,} training pairs",
+                "metrics": {k: metrics[k] for k in (*BASELINE_METRICS, "roc_auc", "average_precision")},
+                "advice": "the untrained model's embedding cosine already separates these pairs better: train "
+                          "longer or at another learning rate, or fine-tune embeddings (task: embedding) and keep "
+                          "a cosine threshold"}
+
+
+@dataclass
+class ContrastiveInputs(ClassificationInputs):
+    """A `train.method: contrastive` run (tasks/contrastive.py): the loop trains on pairs of training rows with
+    the cosine-similarity loss; each evaluation first fits the logistic-regression head on the training rows'
+    embeddings, then scores the validation rows like any classifier. It evaluates at step 0 too: the curve
+    starts at the untouched encoder with a fitted head, the figure contrastive training has to beat."""
+
+    evaluate_first = True
+    seed: int = 0
+    num_iterations: int | None = None
+
+    def __post_init__(self):
+        from datasets import Dataset
+
+        first, second, target = contrastive_pairs(column_values(self.data.train, "labels"), self.data.label_names,
+                                                  self.seed, self.num_iterations)
+        self.pairs = Dataset.from_dict({"first": first, "second": second, "target": target})
+        self.loss_fn = CosineSimilarityLoss()
+
+    @property
+    def train_data(self):
+        return self.pairs
+
+    def collator(self, split: str, pad_to_multiple_of: int | None = None):
+        if split == "train":
+            return PairCollator(self.tokenizer, self.tokenized["train"], pad_to_multiple_of)
+        return super().collator(split, pad_to_multiple_of)
+
+    def summary(self, cfg) -> str:
+        return "\n".join([super().summary(cfg), f"pooling    {self.model.pooling_source}",
+                          pairs_summary(np.asarray(self.pairs["target"]), len(self.data.train), self.num_iterations)])
+
+    def evaluate(self, model, loader, accelerator=None):
+        unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
+        fit_head(unwrapped, self.tokenized["train"], column_values(self.tokenized["train"], "labels"),
+                 super().collator("train"))
+        return super().evaluate(model, loader, accelerator)
+
 
 class ClassifierPredictor(SequencePredictor):
     """A loaded classifier. `ClassifierPredictor("runs/sst2").predict(["great film"])` -> [{"label": ..., ...}];
@@ -215,9 +322,11 @@ class ClassifierPredictor(SequencePredictor):
 
     def predict(self, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
         """One dict per input: `label`, `score` (its probability) and `probabilities` by label name."""
-        probs = self.predict_proba(texts, text_pairs)
-        return [{"label": self.label_names[int(p.argmax())], "score": round(float(p.max()), 6),
-                 "probabilities": {n: round(float(x), 6) for n, x in zip(self.label_names, p)}} for p in probs]
+        logits, chunks = self.document_logits(texts, text_pairs)
+        probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+        return self.with_chunks([{"label": self.label_names[int(p.argmax())], "score": round(float(p.max()), 6),
+                                  "probabilities": {n: round(float(x), 6) for n, x in zip(self.label_names, p)}}
+                                 for p in probs], chunks)
 
 
 class Classification(Task):
@@ -239,7 +348,8 @@ class Classification(Task):
         return load_task_data(cfg.data, cfg.seed)
 
     def check_data(self, cfg) -> DataReport:
-        return check_task_data(self.read_data(cfg))
+        data = self.read_data(cfg)
+        return with_token_lengths(check_task_data(data), cfg, data)
 
     def load_inputs(self, cfg) -> ClassificationInputs:
         """Model, tokenizer and data: resolved, read, checked (`data.strict`), tokenised, measured, tuned."""
@@ -249,16 +359,24 @@ class Classification(Task):
         data_report = check_task_data(data)
         enforce(data_report, cfg.data.strict)
         data = augment_training_split(data, cfg.data.augment, cfg.seed)  # after the checks: they see the user's rows
-        tokenized = tokenize_splits(data, tokenizer, cfg.model.max_length, cache=cfg.data.cache)
-        stats = {split: length_stats(ds["length"], cfg.model.max_length) for split, ds in tokenized.items()}
+        long_text = LongText.of(cfg.data, cfg.model.max_length)
+        tokenized = tokenize_splits(data, tokenizer, cfg.model.max_length, cache=cfg.data.cache, long_text=long_text)
+        stats = {split: split_length_stats(ds, cfg.model.max_length) for split, ds in tokenized.items()}
+        if cfg.train.method == "contrastive":  # SetFit's few-shot method (tasks/contrastive.py)
+            return ContrastiveInputs(model_path, tokenizer, data, data_report, tokenized, stats,
+                                     load_contrastive_model(cfg, model_path, data.label_names),
+                                     seed=cfg.seed, num_iterations=cfg.train.num_iterations, long_text=long_text)
         model = load_sequence_model(cfg, model_path, data.label_names)
-        stream = tokenize_stream(data, tokenizer, cfg.model.max_length) if data.train_stream is not None else None
+        stream = (tokenize_stream(data, tokenizer, cfg.model.max_length, long_text)
+                  if data.train_stream is not None else None)
         return ClassificationInputs(model_path, tokenizer, data, data_report, tokenized, stats, model, stream,
-                                    classification_loss(cfg, data))
+                                    classification_loss(cfg, data), long_text=long_text)
 
     # ------------------------------------------------------------ saved runs
 
     predictor_class = ClassifierPredictor
+    playground = PlaygroundSpec((("text", "text", False), ("pair", "second text (a model of pairs)", True)),
+                                "probabilities")
 
     def read_inputs(self, source: str, columns: dict, predictor):
         return read_sequence_inputs(source, columns)
@@ -289,12 +407,23 @@ class Classification(Task):
         cards = [("accuracy", fmt(v.get("accuracy"))), ("F1", fmt(v.get("f1"))), ("macro F1", fmt(v.get("f1_macro"))),
                  ("validation loss", fmt(v.get("loss"))), ("ECE", fmt(ece, 3))]
         pr_curve = precision_recall_html(probs, labels, label_names) if len(label_names) == 2 else ""
-        return cards, metrics_html(metrics) + calibration + pr_curve + wrong_html(rows)
+        by_length = by_length_html(rows, row_scores, (stats or {}).get("max_length"))
+        return cards, metrics_html(metrics) + calibration + pr_curve + by_length + wrong_html(rows)
 
 
 # ------------------------------------------------------------ report
 
 ECE_BINS = 10
+
+
+def row_scores(rows: list[dict]) -> dict[str, float]:
+    """Accuracy and macro F1 of validation rows (a group of the report's metrics by text length)."""
+    from sklearn.metrics import f1_score
+
+    labels, preds = [r["label"] for r in rows], [r["pred"] for r in rows]
+    return {"accuracy": float(np.mean([a == b for a, b in zip(labels, preds)])),
+            "macro F1": float(f1_score(labels, preds, average="macro", zero_division=0))}
+
 WORST_EXAMPLES = 12
 
 

@@ -49,7 +49,7 @@ from textune.config import Config, DataConfig
 from textune.data import column_values, length_stats, read_table, read_text_lines
 from textune.errors import TextuneError
 from textune.models import load_tokenizer, safetensors_only, saved_run_config, set_attention
-from textune.tasks.base import Task, TaskInputs
+from textune.tasks.base import PlaygroundSpec, Task, TaskInputs
 from textune.tasks.language_modeling import LanguageModelPredictor
 from textune.tuning import apply_tuning
 
@@ -713,6 +713,15 @@ def data_settings(columns: dict) -> DataConfig:
 class Instruction(Task):
     name = "instruction"
     predictor_class = InstructionPredictor
+    playground = PlaygroundSpec((("system", "system prompt", True), ("prompt", "message", False)), "text",
+                                chat=True)
+
+    def playground_predict(self, predictor, fields: dict[str, str]) -> dict:
+        """The answer to one user turn, after the system prompt where one is given."""
+        if not (fields.get("prompt") or "").strip():
+            raise TextuneError("message: write something for the model to answer")
+        system = [{"role": "system", "content": fields["system"]}] if (fields.get("system") or "").strip() else []
+        return predictor.predict([system + [{"role": "user", "content": fields["prompt"]}]])[0]
     serve_paths = ("/v1/generate", "/v1/chat/completions")
 
     def router(self, ctx):

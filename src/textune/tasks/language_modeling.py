@@ -43,7 +43,7 @@ from textune.config import Config, ModelConfig
 from textune.data import read_table, read_text_lines
 from textune.errors import TextuneError
 from textune.models import load_tokenizer, resolve_model, resolve_run_model, safetensors_only, set_attention
-from textune.tasks.base import Task, TaskInputs
+from textune.tasks.base import PlaygroundSpec, Task, TaskInputs
 from textune.tuning import apply_tuning
 
 
@@ -328,6 +328,7 @@ class PretrainInputs(TaskInputs):
     objective: str
     train_collator: object
     notes: list[str] = field(default_factory=list)
+    fixed_length: int | None = None  # model.max_length for packed blocks; NSP pairs are padded per batch
     evaluate_first = True  # record the starting perplexity as the step-0 evaluation
 
     @property
@@ -397,7 +398,8 @@ def load_pretrain_inputs(cfg: Config) -> PretrainInputs:
              "blocks": {k: len(v) for k, v in splits.items()}, "dropped_tokens": dropped}
     model, notes = load_language_model(cfg, model_path, tokenizer)
     model = apply_tuning(set_attention(model, cfg.model.attention), cfg.tuning)
-    return PretrainInputs(model_path, tokenizer, splits, stats, model, p.objective, train_collator, notes)
+    return PretrainInputs(model_path, tokenizer, splits, stats, model, p.objective, train_collator, notes,
+                          fixed_length=None if p.nsp else m.max_length)
 
 
 # ---------------------------------------------------------------- the predictor of a saved language model
@@ -506,6 +508,26 @@ class LanguageModeling(Task):
     name = "language-modeling"
     predictor_class = LanguageModelPredictor
     serve_paths = ("/v1/fill-mask", "/v1/generate", "/v1/chat/completions")
+    playground = PlaygroundSpec((("system", "system prompt (a chat model)", True),
+                                 ("prompt", "prompt (a masked model: a text holding its mask token)", False)), "text",
+                                chat=True)
+
+    def playground_predict(self, predictor, fields: dict[str, str]) -> dict:
+        """A causal LM's answer (in its chat template, after the system prompt, where it has one; else the prompt
+        continued); a masked LM's candidates for each mask."""
+        prompt, system = (fields.get("prompt") or "").strip(), (fields.get("system") or "").strip() or None
+        if not prompt:
+            raise TextuneError("prompt: write something for the model to continue")
+        if not predictor.causal:
+            masks = predictor.fill_mask([prompt])[0]
+            return {"response": "\n".join(", ".join(f"{c['token']} {c['score']:.3f}" for c in m) for m in masks),
+                    "masks": masks}
+        from textune.generate import generate_text
+
+        chat = bool(predictor.tokenizer.chat_template)
+        text = generate_text(predictor.model, predictor.tokenizer, prompt, max_new_tokens=64, chat=chat,
+                             system=system if chat else None)[0]
+        return {"response": text, "chat": chat}
 
     def router(self, ctx):
         return generation_router(ctx) if ctx.predictor.causal else fill_mask_router(ctx)

@@ -24,16 +24,18 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, hamming_loss, precision_recall_fscore_support
 
-from textune.data import (TaskData, column_values, length_stats, load_multi_label_data, parse_label_lists,
+from textune.chunking import LongText
+from textune.data import (TaskData, column_values, load_multi_label_data, parse_label_lists, split_length_stats,
                           tokenize_splits)
 from textune.data_checks import DataReport, enforce
 from textune.errors import TextuneError
 from textune.evaluate import predict_logits
 from textune.models import load_tokenizer, resolve_model
 from textune.report_html import esc, fmt, missing_html, read_predictions, text_cell_html
-from textune.tasks.base import ExportSpec, Task
+from textune.tasks.base import ExportSpec, PlaygroundSpec, Task
 from textune.tasks.sequence import (SequenceInputs, SequencePredictor, classify_router, load_sequence_model,
-                                    read_labelled_file, read_sequence_inputs, target_data_report)
+                                    read_labelled_file, read_sequence_inputs, target_data_report,
+                                    by_length_html, with_token_lengths)
 
 THRESHOLDS_FILE = "thresholds.json"
 
@@ -86,6 +88,7 @@ def label_balance(data: TaskData) -> dict[str, dict[str, int]]:
 class MultiLabelInputs(SequenceInputs):
     """What a multi-label run trains on, all loaded and checked before anything is written."""
 
+    rows_with_tokens = True  # the report shows metrics by text length
     threshold: float | None  # train.threshold: one for all labels, kept at the end; None = chosen per label
 
     def summary(self, cfg) -> str:
@@ -108,7 +111,7 @@ class MultiLabelInputs(SequenceInputs):
     def evaluate(self, model, loader, accelerator=None):
         """(metrics at train.threshold or 0.5, (probabilities, multi-hot labels)). The `compute_metrics` hook
         gets the label probabilities (N x labels) and the multi-hot labels."""
-        logits, labels, loss = predict_logits(model, loader, accelerator)
+        logits, labels, loss = predict_logits(model, loader, accelerator, self.long_text.pooling)
         probs = sigmoid(logits)
         cut = np.full(probs.shape[1], 0.5 if self.threshold is None else self.threshold)
         metrics = multi_label_metrics(probs, labels, cut, self.data.label_names)
@@ -163,12 +166,13 @@ class MultiLabelPredictor(SequencePredictor):
         return sigmoid(self.logits(texts, text_pairs))
 
     def predict(self, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
+        logits, chunks = self.document_logits(texts, text_pairs)
         out = []
-        for p in self.predict_proba(texts, text_pairs):
+        for p in sigmoid(logits):
             above = sorted((i for i in range(len(p)) if p[i] >= self.thresholds[i]), key=lambda i: -p[i])
             out.append({"labels": [{"label": self.label_names[i], "score": round(float(p[i]), 6)} for i in above],
                         "probabilities": {n: round(float(x), 6) for n, x in zip(self.label_names, p)}})
-        return out
+        return self.with_chunks(out, chunks)
 
 
 class MultiLabel(Task):
@@ -182,10 +186,12 @@ class MultiLabel(Task):
     def serve_description(self, predictor) -> str:
         return "a multi-label classifier (the set of labels of each text)"
     predictor_class = MultiLabelPredictor
+    playground = PlaygroundSpec((("text", "text", False), ("pair", "second text (a model of pairs)", True)),
+                                "probabilities")
 
     def check_data(self, cfg) -> DataReport:
         data = load_multi_label_data(cfg.data, cfg.seed, self.name)
-        return target_data_report(data, label_balance(data))
+        return with_token_lengths(target_data_report(data, label_balance(data)), cfg, data)
 
     def load_inputs(self, cfg) -> MultiLabelInputs:
         """Model, tokenizer and data: resolved, read, checked (`data.strict`), tokenised, measured, tuned."""
@@ -194,10 +200,12 @@ class MultiLabel(Task):
         data = load_multi_label_data(cfg.data, cfg.seed, self.name)
         report = target_data_report(data, label_balance(data))
         enforce(report, cfg.data.strict)
-        tokenized = tokenize_splits(data, tokenizer, cfg.model.max_length, cache=cfg.data.cache)
-        stats = {split: length_stats(ds["length"], cfg.model.max_length) for split, ds in tokenized.items()}
+        long_text = LongText.of(cfg.data, cfg.model.max_length)
+        tokenized = tokenize_splits(data, tokenizer, cfg.model.max_length, cache=cfg.data.cache, long_text=long_text)
+        stats = {split: split_length_stats(ds, cfg.model.max_length) for split, ds in tokenized.items()}
         model = load_sequence_model(cfg, model_path, data.label_names, "multi_label_classification")
-        return MultiLabelInputs(model_path, tokenizer, data, report, tokenized, stats, model, cfg.train.threshold)
+        return MultiLabelInputs(model_path, tokenizer, data, report, tokenized, stats, model, cfg.train.threshold,
+                                long_text=long_text)
 
     def read_inputs(self, source: str, columns: dict, predictor):
         return read_sequence_inputs(source, columns)
@@ -233,7 +241,16 @@ class MultiLabel(Task):
                  ("subset accuracy", fmt(at.get("subset_accuracy", v.get("subset_accuracy")))),
                  ("Hamming loss", fmt(at.get("hamming_loss", v.get("hamming_loss"))))]
         rows = read_predictions(run / "validation_predictions.jsonl")
-        return cards, per_label_html(v, tuned) + wrong_sets_html(rows)
+        by_length = by_length_html(rows, row_scores, (stats or {}).get("max_length"))
+        return cards, per_label_html(v, tuned) + by_length + wrong_sets_html(rows)
+
+
+def row_scores(rows: list[dict]) -> dict[str, float]:
+    """Micro F1 and subset accuracy of validation rows' label sets (a group of the report's metrics by length)."""
+    hits = sum(len(set(r["labels"]) & set(r["pred"])) for r in rows)
+    wanted, given = sum(len(r["labels"]) for r in rows), sum(len(r["pred"]) for r in rows)
+    return {"micro F1": 2 * hits / (wanted + given) if wanted + given else 1.0,
+            "subset accuracy": float(np.mean([set(r["labels"]) == set(r["pred"]) for r in rows]))}
 
 
 def per_label_text(per_label: dict) -> str:

@@ -47,7 +47,7 @@ from textune.data_checks import DataReport, Finding
 from textune.errors import TextuneError
 from textune.infer import ModelPredictor, read_inputs as read_text_inputs
 from textune.models import load_classifier, load_tokenizer, resolve_model, saved_run_config, set_attention
-from textune.tasks.base import SAMPLE_TEXTS, ExportSpec, Task, TaskInputs
+from textune.tasks.base import SAMPLE_TEXTS, ExportSpec, PlaygroundSpec, Task, TaskInputs
 from textune.tuning import apply_tuning
 
 TABLE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
@@ -702,6 +702,7 @@ class QuestionAnswering(Task):
     def serve_description(self, predictor) -> str:
         return "a question-answering model (extractive)"
     predictor_class = QuestionAnswererPredictor
+    playground = PlaygroundSpec((("question", "question", False), ("context", "context", False)), "answer")
 
     def read_splits(self, cfg) -> dict:
         """The configured files as checked questions: split name -> Questions."""

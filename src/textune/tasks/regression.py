@@ -23,15 +23,18 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import mean_absolute_error, mean_squared_error
 
-from textune.data import column_values, length_stats, load_regression_data, parse_numeric_labels, tokenize_splits
+from textune.chunking import LongText
+from textune.data import (column_values, load_regression_data, parse_numeric_labels, split_length_stats,
+                          tokenize_splits)
 from textune.data_checks import DataReport, enforce
 from textune.errors import TextuneError
 from textune.evaluate import predict_logits
 from textune.models import load_tokenizer, resolve_model
 from textune.report_html import fmt, img_html, missing_html, read_predictions, text_cell_html
-from textune.tasks.base import ExportSpec, Task
-from textune.tasks.sequence import (SequenceInputs, SequencePredictor, classify_router, load_sequence_model,
-                                    read_labelled_file, read_sequence_inputs, target_data_report)
+from textune.tasks.base import ExportSpec, PlaygroundSpec, Task
+from textune.tasks.sequence import (COSINE_RULE, SequenceInputs, SequencePredictor, classify_router,
+                                    load_sequence_model, pair_cosines, read_labelled_file, read_sequence_inputs,
+                                    target_data_report, by_length_html, with_token_lengths)
 
 
 def target_scale(cfg, train_labels) -> tuple[float, float]:
@@ -74,6 +77,7 @@ class RegressionInputs(SequenceInputs):
     """What a regression run trains on, all loaded and checked before anything is written. Its `tokenized`
     labels are normalised to [0, 1] by `scale`."""
 
+    rows_with_tokens = True  # the report shows metrics by text length
     scale: tuple[float, float]
 
     def summary(self, cfg) -> str:
@@ -87,6 +91,29 @@ class RegressionInputs(SequenceInputs):
                  f"{'data.label_scale' if cfg.data.label_scale else 'the training range'}; predictions on your scale"]
         return "\n".join(lines + self.summary_footer(cfg))
 
+    def baselines(self, cfg) -> dict:
+        """The mean target (the training mean predicted for every validation row: its MSE and MAE; a constant has
+        no correlation) and, for text pairs, the untrained model's embedding cosine, whose Pearson and Spearman
+        need no scale, so they compare with the fine-tuned model's as they are."""
+        train_y = np.asarray(column_values(self.data.train, "labels"), dtype=np.float64)
+        val_y = np.asarray(column_values(self.data.validation, "labels"), dtype=np.float64)
+        mean = float(train_y.mean())
+        m = regression_metrics(np.full(len(val_y), mean), val_y)
+        out = {"mean target": {"rule": f"the training mean, {mean:.4g}, for every row",
+                               "metrics": {"mse": m["mse"], "mae": m["mae"]}}}
+        if self.data.text_pair_column:
+            cosines, how = pair_cosines(self, cfg, {"validation": self.data.validation})
+            if cosines is None:
+                out["base-model cosine"] = {"rule": COSINE_RULE, "skipped": how}
+            else:
+                m = regression_metrics(cosines["validation"], val_y)
+                out["base-model cosine"] = {
+                    "rule": f"{COSINE_RULE}, {how}", "metrics": {"pearson": m["pearson"], "spearman": m["spearman"]},
+                    "advice": "the untrained model's embeddings already rank these pairs better: fine-tune them as "
+                              "embeddings (task: embedding on the scored pairs, as configs/lee-minilm-embedding.yaml "
+                              "does) instead of a new regression head, or use the base model's cosine as it is"}
+        return out
+
     def label_stats(self) -> dict:
         return {"label_stats": {k: target_stats(getattr(self.data, k)["labels"]) for k in self.tokenized},
                 "label_scale": list(self.scale)}
@@ -94,7 +121,7 @@ class RegressionInputs(SequenceInputs):
     def evaluate(self, model, loader, accelerator=None):
         """(metrics, (predictions, labels)) on the user's scale; `loss` is the training loss (MSE of the
         normalised target). The `compute_metrics` hook gets the predictions and labels on the user's scale."""
-        outputs, labels, loss = predict_logits(model, loader, accelerator)
+        outputs, labels, loss = predict_logits(model, loader, accelerator, self.long_text.pooling)
         low, high = self.scale
         preds, labels = low + outputs[:, 0] * (high - low), low + labels * (high - low)
         metrics = regression_metrics(preds, labels)
@@ -126,7 +153,9 @@ class RegressionPredictor(SequencePredictor):
         return low + self.logits(texts, text_pairs)[:, 0] * (high - low)
 
     def predict(self, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
-        return [{"score": round(float(s), 6)} for s in self.predict_scores(texts, text_pairs)]
+        outputs, chunks = self.document_logits(texts, text_pairs)
+        low, high = self.scale
+        return self.with_chunks([{"score": round(float(low + s * (high - low)), 6)} for s in outputs[:, 0]], chunks)
 
 
 class Regression(Task):
@@ -140,9 +169,11 @@ class Regression(Task):
     def serve_description(self, predictor) -> str:
         return "a regression model (one score per text)"
     predictor_class = RegressionPredictor
+    playground = PlaygroundSpec((("text", "text", False), ("pair", "second text (a model of pairs)", True)))
 
     def check_data(self, cfg) -> DataReport:
-        return target_data_report(load_regression_data(cfg.data, cfg.seed, self.name), {})
+        data = load_regression_data(cfg.data, cfg.seed, self.name)
+        return with_token_lengths(target_data_report(data, {}), cfg, data)
 
     def load_inputs(self, cfg) -> RegressionInputs:
         """Model, tokenizer and data: resolved, read, checked (`data.strict`), tokenised with normalised targets."""
@@ -152,13 +183,15 @@ class Regression(Task):
         report = target_data_report(data, {})
         enforce(report, cfg.data.strict)
         low, high = target_scale(cfg, column_values(data.train, "labels"))
-        tokenized = tokenize_splits(data, tokenizer, cfg.model.max_length, cache=cfg.data.cache)
+        long_text = LongText.of(cfg.data, cfg.model.max_length)
+        tokenized = tokenize_splits(data, tokenizer, cfg.model.max_length, cache=cfg.data.cache, long_text=long_text)
         tokenized = {k: ds.map(lambda b: {"labels": [(y - low) / (high - low) for y in b["labels"]]}, batched=True,
                                load_from_cache_file=cfg.data.cache) for k, ds in tokenized.items()}
-        stats = {split: length_stats(ds["length"], cfg.model.max_length) for split, ds in tokenized.items()}
+        stats = {split: split_length_stats(ds, cfg.model.max_length) for split, ds in tokenized.items()}
         model = load_sequence_model(cfg, model_path, data.label_names, "regression")
         model.config.label_scale = [low, high]  # saved in config.json: predictions are scaled back with it
-        return RegressionInputs(model_path, tokenizer, data, report, tokenized, stats, model, (low, high))
+        return RegressionInputs(model_path, tokenizer, data, report, tokenized, stats, model, (low, high),
+                                long_text=long_text)
 
     def read_inputs(self, source: str, columns: dict, predictor):
         return read_sequence_inputs(source, columns)
@@ -181,7 +214,14 @@ class Regression(Task):
         cards = [("Pearson", fmt(v.get("pearson"))), ("Spearman", fmt(v.get("spearman"))), ("MSE", fmt(v.get("mse"))),
                  ("MAE", fmt(v.get("mae")))]
         rows = read_predictions(run / "validation_predictions.jsonl")
-        return cards, scatter_html(rows, v) + largest_errors_html(rows)
+        by_length = by_length_html(rows, row_scores, (stats or {}).get("max_length"))
+        return cards, scatter_html(rows, v) + by_length + largest_errors_html(rows)
+
+
+def row_scores(rows: list[dict]) -> dict[str, float]:
+    """MAE and Pearson correlation of validation rows (a group of the report's metrics by text length)."""
+    true, pred = np.array([r["label"] for r in rows]), np.array([r["pred"] for r in rows])
+    return {"MAE": float(np.abs(pred - true).mean()), "Pearson": regression_metrics(pred, true)["pearson"]}
 
 
 def scatter_html(rows: list[dict], metrics: dict) -> str:

@@ -48,7 +48,7 @@ from textune.data_checks import DataReport, Finding
 from textune.errors import TextuneError
 from textune.infer import ModelPredictor
 from textune.models import load_classifier, load_tokenizer, resolve_model, set_attention
-from textune.tasks.base import ExportSpec, Task, TaskInputs
+from textune.tasks.base import ExportSpec, PlaygroundSpec, Task, TaskInputs
 from textune.tuning import apply_tuning
 
 CONLL_EXTENSIONS = (".conll", ".bio")
@@ -567,6 +567,7 @@ class TokenClassification(Task):
     def serve_description(self, predictor) -> str:
         return "a token classifier (named-entity recognition)"
     predictor_class = TokenClassifierPredictor
+    playground = PlaygroundSpec((("text", "text", False),), "spans")
 
     def read_splits(self, cfg) -> tuple[dict, list[str]]:
         """The configured files as sentences, tags checked: (split name -> Sentences, tag names)."""
