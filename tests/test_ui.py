@@ -244,10 +244,11 @@ def test_launch_a_tiny_run_to_finished(client, runs, tiny_model, toy_data):
 def test_a_launch_that_fails_shows_why(client, runs, tiny_model, toy_data, tmp_path):
     config = nested(toy_overrides(tiny_model, toy_data, "ignored"))
     del config["output_dir"]
-    config["data"]["train"] = str(tmp_path / "missing.csv")
+    # a model that is not there fails in the run's process: the data check before launch does not load it
+    config["model"]["name"] = str(tmp_path / "missing-model")
     assert client.post("/api/runs", json={"config": config, "name": "broken"}).status_code == 201
     run = wait_for(client, "broken", lambda r: r["status"] != "running")
-    assert run["status"] == "failed" and "missing.csv" in run["reason"]
+    assert run["status"] == "failed" and "missing-model" in run["reason"]
     assert [r["status"] for r in client.get("/api/runs").json()["runs"]] == ["failed"]
 
 
@@ -268,6 +269,174 @@ def test_stop_and_resume(client, runs, tiny_model, toy_data):
     assert client.post("/api/runs/long/stop").status_code == 202  # end the test's run early
     wait_for(client, "long", lambda r: r["status"] != "running")
     assert resumed["history"][0]["step"] == 5
+
+
+# ---------------------------------------------------------------- bad input without training (fake run folders)
+
+
+def test_stop_of_a_finished_run_and_a_second_launch_into_it(client, runs):
+    fake_run(runs, "done")
+    stop = client.post("/api/runs/done/stop")
+    assert stop.status_code == 409 and "has finished: there is nothing to stop" in stop.json()["error"]["message"]
+    again = client.post("/api/runs", json={"config": {}, "name": "done"})
+    assert again.status_code == 409 and "already exists" in again.json()["error"]["message"]
+    assert not (runs / STATE_DIR).exists()
+
+
+def test_pages_of_bad_names_answer_4xx_json_without_a_traceback(client, runs):
+    (runs / "notes").mkdir()
+    for url in ("/runs/..%2F..%2Fetc%2Fpasswd", "/runs/notes", "/runs/missing/report", "/api/runs/notes/worst"):
+        response = client.get(url)
+        assert 400 <= response.status_code < 500 and "Traceback" not in response.text, url
+        assert response.json()["error"]["message"]
+
+
+def test_launch_of_data_that_fails_validate_data_is_refused(client, runs, tiny_model, toy_data, tmp_path):
+    from conftest import write_csv
+
+    rows = [{"text": "the same words", "label": "positive"}, {"text": "the same words", "label": "negative"}]
+    conflicting = write_csv(tmp_path / "conflicting.csv", rows + toy_rows_of(toy_data))
+    config = nested(toy_overrides(tiny_model, toy_data, "ignored", **{"data.train": str(conflicting),
+                                                                        "data.strict": True}))
+    del config["output_dir"]
+    check = client.post("/api/validate-data", json={"config": config}).json()
+    assert not check["ok"] and check["findings"] >= 1 and "data check failed" in check["message"]
+    response = client.post("/api/runs", json={"config": config, "name": "conflicts"})
+    assert response.status_code == 422
+    assert response.json()["error"]["message"] == "data: " + check["message"]  # the check's own message
+    config["data"]["train"] = str(tmp_path / "missing.csv")
+    missing = client.post("/api/runs", json={"config": config, "name": "missing"})
+    assert missing.status_code == 422 and "missing.csv" in missing.json()["error"]["message"]
+    assert list(runs.iterdir()) == []
+    corpus = client.post("/api/validate-data", json={"config": {"pretrain": {"corpus": str(toy_data["train"])}}})
+    assert corpus.json()["ok"] and "needs no labels" in corpus.json()["report"]  # pretraining is not refused
+
+
+def toy_rows_of(toy_data) -> list[dict]:
+    import csv
+
+    with open(toy_data["train"], newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------- uploads
+
+
+def test_upload_stores_a_data_file_under_a_safe_name(client, runs):
+    first = client.post("/api/uploads", params={"filename": "../../etc/train set.csv"}, content=b"text,label\na,b\n")
+    assert first.status_code == 201, first.text
+    path = Path(first.json()["path"])
+    assert path == runs / STATE_DIR / "uploads" / "train_set.csv" and path.read_bytes() == b"text,label\na,b\n"
+    second = client.post("/api/uploads", params={"filename": "train set.csv"}, content=b"text,label\nc,d\n")
+    assert Path(second.json()["path"]).name == "train_set-2.csv" and path.read_bytes() == b"text,label\na,b\n"
+    assert client.get("/api/runs").json()["runs"] == []  # uploads are not runs
+
+
+@pytest.mark.parametrize("filename,content,status,message", [
+    ("passwd", b"x", 400, "upload a data file"),
+    ("model.bin", b"x", 400, "upload a data file"),
+    ("empty.csv", b"", 400, "the upload is empty"),
+    ("big.csv", b"x" * 11, 413, "larger than the upload limit"),
+])
+def test_upload_refusals_leave_nothing(client, runs, monkeypatch, filename, content, status, message):
+    from textune.ui import uploads
+
+    monkeypatch.setattr(uploads, "UPLOAD_LIMIT", 10)
+    response = client.post("/api/uploads", params={"filename": filename}, content=content)
+    assert response.status_code == status and message in response.json()["error"]["message"]
+    folder = runs / STATE_DIR / "uploads"
+    assert not folder.exists() or list(folder.iterdir()) == []
+
+
+# ---------------------------------------------------------------- run actions: export, merge, push
+
+
+def fake_model_run(root: Path, name: str, task: str = "classification", adapter: bool = False) -> Path:
+    """A finished fake run with a model folder (not a loadable model: an action on it fails in its process)."""
+    run = fake_run(root, name, task=task)
+    (run / "model").mkdir()
+    (run / "model" / "config.json").write_text("{}")
+    if adapter:
+        (run / "model" / "adapter_config.json").write_text("{}")
+    return run
+
+
+def test_actions_refused_where_they_do_not_apply(client, runs, monkeypatch):
+    from textune.tasks import TASKS, get_task
+
+    fake_model_run(runs, "full")
+    fake_run(runs, "no-model")
+    fake_run(runs, "live", finished=False, age=0.0)
+    (runs / "live" / "model").mkdir()
+    no_export = next(n for n in TASKS if get_task(n).export_spec is None)
+    fake_model_run(runs, "generator", task=no_export, adapter=True)
+    monkeypatch.delenv("NO_SUCH_TOKEN_VAR", raising=False)
+    cases = [("full/merge", {}, 400, "full model, not an adapter"),
+             ("generator/export", {}, 400, "cannot be exported to ONNX"),
+             ("no-model/export", {}, 409, "no model folder yet"),
+             ("live/merge", {}, 409, "is running"),
+             ("missing/export", {}, 404, "does not exist"),
+             ("full/push", {"repo": "me/model", "token_env": "NO_SUCH_TOKEN_VAR"}, 400, "token_env: NO_SUCH_TOKEN_VAR"),
+             ("full/push", {"repo": " ", "token_env": "HOME"}, 400, "repo:"),
+             ("full/push", {"repo": "me/model", "token_env": "A-B"}, 400, "not an environment variable name")]
+    for url, body, status, message in cases:
+        response = client.post(f"/api/runs/{url}", json=body)
+        assert response.status_code == status and message in response.json()["error"]["message"], (url, response.text)
+    assert client.post("/api/runs/full/export", json={"quantize": "int4"}).status_code == 422
+    assert not (runs / STATE_DIR).exists()  # nothing launched, nothing written
+    page = client.get("/runs/full").text
+    assert "full model, not an adapter" in page  # the merge button's reason, on the page
+
+
+def wait_for_action(client: TestClient, name: str, action: str, timeout: float = 120.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = client.get(f"/api/runs/{name}").json()["actions"][action]
+        if state is not None and state["status"] != "running":
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"{action} of {name} never ended: {state}")
+
+
+def test_actions_run_the_cli_command_and_show_its_last_line(client, runs, monkeypatch):
+    fake_model_run(runs, "a", adapter=True)
+    started = client.post("/api/runs/a/merge", json={})
+    assert started.status_code == 202 and started.json() == {"name": "a", "action": "merge", "status": "running"}
+    assert client.post("/api/runs/a/merge").status_code in (202, 409)  # 409 while it runs
+    state = wait_for_action(client, "a", "merge")
+    assert state["status"] == "failed" and state["line"].startswith("textune:")  # the CLI's one-line error
+    assert state["command"] == f"textune merge {runs / 'a'}"
+    assert client.get("/api/runs/a").json()["actions"]["export"] is None
+    assert client.post("/api/runs/a/export", json={"quantize": "int8", "overwrite": True}).status_code == 202
+    export = wait_for_action(client, "a", "export")
+    assert export["command"] == f"textune export {runs / 'a'} --overwrite --quantize int8"
+    assert export["status"] == "failed" and export["line"].startswith("textune:")
+
+
+def test_push_token_reaches_the_process_and_no_file(client, runs, monkeypatch):
+    secret = "hf_uitest_secret_token_123"
+    monkeypatch.setenv("MY_HUB_TOKEN", secret)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # no Hub: the push fails fast, offline
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(runs.parent / "hf-home"))  # no token saved by `hf auth login` either
+    fake_model_run(runs, "a")
+    assert client.post("/api/runs/a/push", json={"repo": "me/tiny", "token_env": "MY_HUB_TOKEN"}).status_code == 202
+    state = wait_for_action(client, "a", "push")
+    assert state["status"] == "failed" and "--repo me/tiny" in state["command"]
+    assert "could not reach the Hub" in state["line"]  # past the token check: the child had the token
+    for path in (runs / STATE_DIR).rglob("*"):
+        assert not path.is_file() or secret not in path.read_text(errors="replace"), path
+
+
+def test_worst_predictions_are_the_reports(client, runs):
+    run = fake_run(runs, "a")
+    rows = [{"text": "surely wrong", "label": "neg", "pred": "pos", "probs": [0.05, 0.95]},
+            {"text": "right", "label": "pos", "pred": "pos", "probs": [0.2, 0.8]}]
+    (run / "validation_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "data_stats.json").write_text(json.dumps({"label_names": ["neg", "pos"]}))
+    html = client.get("/api/runs/a/worst").json()["html"]
+    assert html.startswith('<section id="errors">') and "surely wrong" in html and ">right<" not in html
+    assert (run / "report.html").is_file()  # written once, read again by the report link
 
 
 # ---------------------------------------------------------------- playground
@@ -450,3 +619,30 @@ def test_browser_playground_of_a_token_classifier_and_a_chat_model(browser_page,
     page.fill("#chat-input", "and again")  # a second turn carries the first
     page.click("#chat-send")
     page.wait_for_function("document.querySelectorAll('#chat-log .assistant[data-done]').length === 2")
+
+
+def test_browser_upload_data_check_and_run_actions(browser_page, runs, tiny_model, toy_data, tmp_path):
+    page = browser_page
+    page.goto(page.base + "/new")
+    page.wait_for_selector('[id="f-train.lr"]')
+    page.fill('[id="f-model.name"]', str(tiny_model))
+    page.set_input_files("#upload", str(toy_data["train"]))
+    page.wait_for_function("document.getElementById('f-data.train').value.includes('.textune-ui/uploads/train')")
+    page.wait_for_function("document.getElementById('launch').textContent.startsWith('Launch (data:')")
+    assert (runs / STATE_DIR / "uploads" / "train.csv").read_bytes() == toy_data["train"].read_bytes()
+    assert "rows" in page.inner_text("#data-report")
+
+    run = fake_model_run(runs, "a")
+    (run / "validation_predictions.jsonl").write_text(json.dumps(
+        {"text": "surely wrong", "label": "neg", "pred": "pos", "probs": [0.05, 0.95]}) + "\n")
+    (run / "data_stats.json").write_text(json.dumps({"label_names": ["neg", "pos"]}))
+    page.goto(page.base + "/runs/a")
+    page.wait_for_selector("#worst section#errors")
+    assert "surely wrong" in page.inner_text("#worst")
+    merge = page.locator('button.action[data-action="merge"]')
+    assert merge.is_disabled() and "not an adapter" in merge.get_attribute("title")
+    page.click('button.action[data-action="export"]')
+    status = 'document.querySelector(\'tr[data-action="export"] .action-status\').textContent'
+    page.wait_for_function(f"{status} === 'failed'", timeout=120_000)
+    assert page.inner_text('tr[data-action="export"] .action-line').startswith("textune:")
+    screenshot(page, "run-actions")

@@ -221,9 +221,10 @@ def _default_targets(model: PreTrainedModel, mapping: dict[str, list[str]]) -> l
 def _accept_past_key_values(model: PreTrainedModel) -> None:
     """Let PEFT's prefix tuning find the encoder's key/value-cache argument.
 
-    PEFT (0.21) passes the learned prefixes as `past_key_values` only to a backbone whose forward lists that
-    parameter; transformers 5 renamed it `cache` (still accepting the old name). Give the backbone instance a
-    forward with the old name that passes the prefixes on as `cache`. Nothing changes where the names match.
+    PEFT 0.21 passes the learned prefixes as `past_key_values` only to a backbone whose forward lists that
+    parameter; transformers 5 renamed it `cache` (still accepting the old name), and PEFT 0.22 looks for the new
+    name. Give the backbone instance a forward that lists both and passes the prefixes on as `cache`, so either
+    PEFT finds its name. Nothing changes where the names match.
     """
     import inspect
 
@@ -235,8 +236,8 @@ def _accept_past_key_values(model: PreTrainedModel) -> None:
         return
     forward = backbone.forward
 
-    def forward_with_prefix(*args, past_key_values=None, **kwargs):
-        return forward(*args, cache=past_key_values, **kwargs)
+    def forward_with_prefix(*args, past_key_values=None, cache=None, **kwargs):
+        return forward(*args, cache=cache if cache is not None else past_key_values, **kwargs)
 
     backbone.forward = forward_with_prefix
 

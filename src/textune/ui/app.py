@@ -20,10 +20,12 @@ from pydantic import BaseModel, Field
 from textune.errors import TextuneError
 from textune.serving.errors import install_error_handlers
 from textune.ui import pages
+from textune.ui.actions import action_states
 from textune.ui.form import config_fields, read_shipped, shipped_configs, yaml_text
-from textune.ui.launcher import Launcher, command_of, validate_config
+from textune.ui.launcher import Launcher, command_of, data_check, validate_config
 from textune.ui.playground import playground_router
 from textune.ui.runs import RunsFolder, UIError, run_path
+from textune.ui.uploads import store_upload
 
 STATIC = Path(__file__).parent / "static"
 TOKEN_COOKIE = "textune_ui_token"
@@ -67,6 +69,12 @@ class Progress(BaseModel):
     eta_s: float | None = Field(description="seconds left at the pace so far, while it runs")
 
 
+class ActionState(BaseModel):
+    status: Literal["running", "finished", "failed"]
+    line: str | None = Field(description="the last line of its output (textune's error, when it failed)")
+    command: str = Field(description="the command it runs (`textune export RUN`), as you would type it")
+
+
 class RunDetail(BaseModel):
     name: str
     status: Status
@@ -80,6 +88,31 @@ class RunDetail(BaseModel):
     report: bool = Field(description="RUN/report.html exists")
     resumable: bool = Field(description="a checkpoint to resume from exists")
     progress: Progress
+    actions: dict[str, ActionState | None] = Field(description="export, merge, push: the last one launched from the "
+                                                               "UI (None: never)")
+
+
+class ExportRequest(BaseModel):
+    quantize: Literal["int8"] | None = Field(None, description="int8: dynamic quantisation of the weights")
+    overwrite: bool = Field(False, description="replace an existing RUN/onnx folder")
+
+
+class MergeRequest(BaseModel):
+    overwrite: bool = Field(False, description="replace an existing RUN/merged folder")
+
+
+class PushRequest(BaseModel):
+    repo: str = Field(description="the Hub model repository, USER/NAME, created if missing")
+    token_env: str = Field("HF_TOKEN", description="the environment variable of the `textune ui` process that "
+                                                   "holds the Hub token; the token itself is never sent, stored "
+                                                   "or logged")
+    private: bool = Field(False, description="create the repository private")
+
+
+class ActionStarted(BaseModel):
+    name: str
+    action: str
+    status: str
 
 
 class RunState(BaseModel):
@@ -164,7 +197,7 @@ def api_router(runs: RunsFolder, launcher: Launcher) -> APIRouter:
                                                                    "`next`)")) -> dict:
         """A run's status, config, metrics, data statistics, history records (from `since` on) and progress."""
         launcher.reap()
-        return runs.detail(name, since)
+        return {**runs.detail(name, since), "actions": action_states(runs.root, name)}
 
     @api.post("/runs", status_code=201, response_model=RunState)
     def launch(request: LaunchRequest) -> dict:
@@ -182,6 +215,8 @@ def api_router(runs: RunsFolder, launcher: Launcher) -> APIRouter:
         """Resume a stopped run from its newest checkpoint; 409 if it runs or has no checkpoint."""
         return launcher.resume(name)
 
+    api.include_router(actions_router(runs, launcher))
+
     @api.get("/runs/{name}/diagnosis")
     def diagnosis(name: str) -> dict:
         """The run's diagnosis (`textune diagnose`): verdict, evidence, what to try."""
@@ -193,6 +228,38 @@ def api_router(runs: RunsFolder, launcher: Launcher) -> APIRouter:
         return diagnose_run(path).to_dict()
 
     api.include_router(config_router(runs))
+    return api
+
+
+def actions_router(runs: RunsFolder, launcher: Launcher) -> APIRouter:
+    """A finished run's actions, each the CLI command in its own process; GET /api/runs/{name} shows their
+    `actions` (status, last line). 409 while the run trains, has no model, or the action runs already; 400 where
+    the action does not apply to the run."""
+    api = APIRouter(tags=["run actions"])
+
+    @api.post("/runs/{name}/export", status_code=202, response_model=ActionStarted)
+    def export(name: str, request: ExportRequest | None = None) -> dict:
+        """`textune export RUN` (ONNX, checked against PyTorch) into RUN/onnx; 400 for a task with no export."""
+        return launcher.act(name, "export", (request or ExportRequest()).model_dump())
+
+    @api.post("/runs/{name}/merge", status_code=202, response_model=ActionStarted)
+    def merge(name: str, request: MergeRequest | None = None) -> dict:
+        """`textune merge RUN`: the adapter folded into its base, in RUN/merged; 400 for a full-model run."""
+        return launcher.act(name, "merge", (request or MergeRequest()).model_dump())
+
+    @api.post("/runs/{name}/push", status_code=202, response_model=ActionStarted)
+    def push(name: str, request: PushRequest) -> dict:
+        """`textune push RUN --repo USER/NAME` with the token of the environment variable `token_env` (of the
+        `textune ui` process, handed to the push's process only); 400 if that variable is not set."""
+        return launcher.act(name, "push", request.model_dump())
+
+    @api.get("/runs/{name}/worst")
+    def worst(name: str) -> dict:
+        """The validation predictions the model got most wrong, as the run's report shows them: {html} (empty
+        where the report has no such section: a run without validation predictions, or a task whose report has
+        none)."""
+        return {"html": pages.worst_section(runs, name)}
+
     return api
 
 
@@ -232,18 +299,17 @@ def config_router(runs: RunsFolder) -> APIRouter:
 
     @api.post("/validate-data")
     def validate_data(config: dict = Body(..., embed=True)) -> dict:
-        """`textune validate-data` on a config's data: the report's text and whether it passes."""
-        from textune.tasks import get_task
+        """`textune validate-data` on a config's data: {ok, report (its text), findings (warnings found), message
+        (why it fails; a launch of it is refused with this message)}."""
+        return data_check(validate_config(config))
 
-        cfg = validate_config(config)
-        report = get_task(cfg.task).check_data(cfg)
-        try:
-            from textune.data_checks import enforce
-
-            enforce(report, cfg.data.strict)
-            ok = True
-        except TextuneError:
-            ok = False
-        return {"ok": ok, "report": report.format()}
+    @api.post("/uploads", status_code=201)
+    async def upload(request: Request, filename: str = Query(..., description="the file's name: its extension "
+                                                                              "says its format (.csv, .jsonl, ...)")
+                     ) -> dict:
+        """A data file, sent as the raw request body (no multipart form: python-multipart is not a textune
+        dependency), stored as RUNS/.textune-ui/uploads/NAME; answers {path, bytes} to put in data.train (or
+        data.validation, data.test). 413 over the size limit, 400 a name that is not a data file's."""
+        return await store_upload(runs.root, filename, request)
 
     return api

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from textune.errors import ConfigError, TextuneError
+from textune.ui.actions import action_command, action_stem, refusal
 from textune.ui.runs import STATE_DIR, RunsFolder, UIError, check_name, has_checkpoint, \
     pid_alive, read_json, run_path, run_status
 
@@ -73,9 +74,36 @@ def validate_config(config: dict, output_dir: str | Path | None = None):
         raise error from None
 
 
+def data_check(cfg) -> dict:
+    """`textune validate-data` on a validated config's data: {ok, report (its text), findings (how many
+    warnings), message (why it fails, the CLI's line; None when it passes)}. A data file that cannot be read is a
+    failing check, with the reader's message."""
+    from textune.data_checks import enforce
+    from textune.tasks import get_task
+
+    try:
+        report = get_task(cfg.task).check_data(cfg)
+    except TextuneError as e:
+        if cfg.pretrain.corpus:  # validate-data checks labelled data; `textune pretrain` checks its corpus itself
+            return {"ok": True, "report": str(e), "findings": 0, "message": None}
+        return {"ok": False, "report": str(e), "findings": 1, "message": str(e)}
+    try:
+        enforce(report, cfg.data.strict)
+    except TextuneError as e:
+        return {"ok": False, "report": report.format(), "findings": len(report.findings), "message": str(e)}
+    return {"ok": True, "report": report.format(), "findings": len(report.findings), "message": None}
+
+
 def command_of(config: dict) -> str:
     """`pretrain` for a config with a corpus, else `train`, as the CLI tells them apart."""
     return "pretrain" if (config.get("pretrain") or {}).get("corpus") else "train"
+
+
+def write_state(stem: Path, state: dict) -> None:
+    """STEM.json, replaced whole (a reader never sees half of it)."""
+    tmp = stem.parent / f".{stem.name}.json.tmp"
+    tmp.write_text(json.dumps(state), encoding="utf-8")
+    tmp.replace(Path(f"{stem}.json"))
 
 
 class Launcher:
@@ -91,47 +119,46 @@ class Launcher:
         return self.runs.root / STATE_DIR
 
     def reap(self) -> None:
-        """Record the exit status of launched processes that have ended."""
-        for name, child in list(self.children.items()):
+        """Record the exit status of launched processes (runs and actions) that have ended."""
+        for stem, child in list(self.children.items()):
             code = child.poll()
             if code is None:
                 continue
-            del self.children[name]
-            state = read_json(self.state_dir / f"{name}.json") or {}
+            del self.children[stem]
+            state = read_json(Path(f"{stem}.json")) or {}
             state["returncode"] = code
-            self._write_state(name, state)
+            write_state(Path(stem), state)
 
-    def _write_state(self, name: str, state: dict) -> None:
-        tmp = self.state_dir / f".{name}.json.tmp"
-        tmp.write_text(json.dumps(state), encoding="utf-8")
-        tmp.replace(self.state_dir / f"{name}.json")
-
-    def _spawn(self, name: str, args: list[str]) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+    def _spawn(self, stem: Path, args: list[str], env: dict[str, str] | None = None) -> None:
+        """`textune ARGS` in its own session, its output to STEM.log, its pid and command to STEM.json. `env`
+        is added to the child's environment only (a token stays out of the command line and the files)."""
+        stem.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "textune", *args]
-        log = (self.state_dir / f"{name}.log").open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        log = Path(f"{stem}.log").open("ab")
         child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True, env=env)
+                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         log.close()  # the child holds its own copy
-        self.children[name] = child
-        self._write_state(name, {"pid": child.pid, "command": command, "started": time.time(),
-                                 "log": str(self.state_dir / f"{name}.log"), "returncode": None})
+        self.children[str(stem)] = child
+        write_state(stem, {"pid": child.pid, "command": command, "started": time.time(), "log": f"{stem}.log",
+                           "returncode": None})
 
     def launch(self, config: dict, name: str | None = None) -> dict:
         """Validate `config` and start `textune train` on it into RUNS/NAME. Without `name`, the config's
         output_dir names the run (it must then be in the runs folder), else the task and the time do.
 
         Raises:
-            UIError: 422 invalid config; 409 the run folder exists or the run is being launched; 400 a bad name or
-                an output_dir outside the runs folder. Nothing is written then.
+            UIError: 422 invalid config, or data that fails `validate-data`; 409 the run folder exists or the run
+                is being launched; 400 a bad name or an output_dir outside the runs folder. Nothing is written then.
         """
         name = self._name_for(config, name)
         path = run_path(self.runs.root, name, must_exist=False)
-        cfg = validate_config(config, path)
         state = read_json(self.state_dir / f"{name}.json")
-        if path.exists() or (state is not None and pid_alive(state.get("pid"))):
+        if path.exists() or (state is not None and pid_alive(state.get("pid"))):  # whatever the config says
             raise UIError(409, f"run folder {path} already exists; pick another name (the UI never overwrites a run)")
+        cfg = validate_config(config, path)
+        checked = data_check(cfg)  # the run would stop on it anyway: say so now, with nothing written
+        if not checked["ok"]:
+            raise UIError(422, f"data: {checked['message']}")
         from textune.config import with_resolved_paths
 
         raw, _ = with_resolved_paths(cfg.to_dict())  # the launch file works from any directory
@@ -139,7 +166,7 @@ class Launcher:
         launch_file = self.state_dir / f"{name}.yaml"
         launch_file.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
         (self.state_dir / f"{name}.log").unlink(missing_ok=True)  # an earlier launch that failed before the folder
-        self._spawn(name, [command_of(raw), str(launch_file)])
+        self._spawn(self.state_dir / name, [command_of(raw), str(launch_file)])
         return {"name": name, "status": "running"}
 
     def _name_for(self, config: dict, name: str | None) -> str:
@@ -189,6 +216,24 @@ class Launcher:
             raise UIError(409, f"run {name} has no checkpoint to resume from ({status}); launch it anew from its "
                                f"config")
         config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
-        self._spawn(name, [command_of(config), str(path / "config.yaml"), "--resume", "--output_dir", str(path)])
+        self._spawn(self.state_dir / name,
+                    [command_of(config), str(path / "config.yaml"), "--resume", "--output_dir", str(path)])
         return {"name": name, "status": "running"}
 
+
+    def act(self, name: str, action: str, options: dict) -> dict:
+        """`textune ACTION RUN ...` (export, merge, push) in a new process, as the CLI runs it.
+
+        Raises:
+            UIError: 404 no such run or action; 409 the run trains, has no model yet, or the action runs; 400 an
+                action that does not apply to the run, or a bad option. Nothing is launched then.
+        """
+        self.reap()
+        refused = refusal(self.runs.root, name, action)
+        if refused is not None:
+            raise refused
+        args, env = action_command(run_path(self.runs.root, name), action, options)
+        stem = action_stem(self.runs.root, name, action)
+        Path(f"{stem}.log").unlink(missing_ok=True)  # the page shows this launch's last line, not an earlier one's
+        self._spawn(stem, args, env)
+        return {"name": name, "action": action, "status": "running"}

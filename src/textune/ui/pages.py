@@ -11,15 +11,20 @@ no dependencies, draws thousands of points per series on a canvas, and overlays 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, HTMLResponse
 
+from textune.errors import TextuneError
 from textune.report_html import esc
+from textune.ui.actions import ACTIONS, refusal
 from textune.ui.form import shipped_configs
 from textune.ui.launcher import flatten
 from textune.ui.runs import RunsFolder, UIError, run_path
 
+WORST_SECTION = re.compile(r'<section id="errors">.*?</section>', re.DOTALL)
 COLUMNS = (("name", "run"), ("task", "task"), ("model", "model"), ("method", "method"), ("data", "data"),
            ("value", "metric"), ("best_step", "best step"), ("status", "status"), ("duration_s", "duration"),
            ("date", "date"))
@@ -84,7 +89,7 @@ def config_table(configs: dict[str, dict]) -> str:
             f'<table class="config diffs"><thead><tr><th>key</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
-def report_file(runs: RunsFolder, name: str) -> FileResponse:
+def fresh_report(runs: RunsFolder, name: str) -> Path:
     """RUN/report.html, written (`textune report`) when missing or older than the run's metrics."""
     path = run_path(runs.root, name)
     report, metrics = path / "report.html", path / "metrics.json"
@@ -94,7 +99,19 @@ def report_file(runs: RunsFolder, name: str) -> FileResponse:
         from textune.report import write_report
 
         write_report(path)
-    return FileResponse(report, media_type="text/html")
+    return report
+
+
+def report_file(runs: RunsFolder, name: str) -> FileResponse:
+    return FileResponse(fresh_report(runs, name), media_type="text/html")
+
+
+def worst_section(runs: RunsFolder, name: str) -> str:
+    """The report's section of the validation predictions the model got most wrong (each task's report writes
+    it as <section id="errors">, picked by the task's own code): shown as the report shows it, not picked a
+    second time here. Empty where the report has none."""
+    found = WORST_SECTION.search(fresh_report(runs, name).read_text(encoding="utf-8"))
+    return found.group(0) if found else ""
 
 
 def runs_page(runs: RunsFolder) -> HTMLResponse:
@@ -108,7 +125,7 @@ def runs_page(runs: RunsFolder) -> HTMLResponse:
 
 
 def run_page(runs: RunsFolder, name: str) -> HTMLResponse:
-    run_path(runs.root, name)
+    path = run_path(runs.root, name)
     body = (f'<h1>{esc(name)} <span id="status" class="status"></span></h1><p id="reason" class="reason"></p>'
             f'<div class="toolbar"><button id="stop">Stop</button><button id="resume">Resume</button>'
             f'<a id="report" href="/runs/{esc(name)}/report">Report</a>'
@@ -118,8 +135,38 @@ def run_page(runs: RunsFolder, name: str) -> HTMLResponse:
             f'<div class="charts"><div id="loss-chart"></div><div id="metric-chart"></div></div>'
             f'<div class="grid2"><section><h2>Metrics</h2><div id="metrics"></div></section>'
             f'<section><h2>Diagnosis</h2><div id="diagnosis"></div></section></div>'
-            f'<section><h2>Config</h2><pre id="config"></pre></section>')
-    return layout(name, body, "run", {"name": name}, charts=True)
+            f'{actions_html()}<section><h2>Worst predictions</h2><div id="worst" class="report-section">'
+            f'</div></section><section><h2>Config</h2><pre id="config"></pre></section>')
+    return layout(name, body, "run", {"name": name, "not_applicable": not_applicable(runs, name, path)},
+                  charts=True)
+
+
+def actions_html() -> str:
+    """Export, merge and push buttons, each with its last launch's status and output line (static/ui.js)."""
+    rows = "".join(f'<tr data-action="{a}"><td><button class="action" data-action="{a}">{label}</button></td>'
+                   f'<td class="action-status"></td><td class="action-line"></td></tr>'
+                   for a, label in (("export", "Export to ONNX"), ("merge", "Merge the adapter"), ("push", "Push")))
+    return (f'<section><h2>Actions</h2><div class="toolbar"><label>push to <input id="push-repo" '
+            f'placeholder="USER/NAME"></label><label>token from the variable <input id="push-token-env" '
+            f'value="HF_TOKEN" size="12"></label><label><input type="checkbox" id="push-private"> private</label>'
+            f'<label><input type="checkbox" id="action-overwrite"> export and merge replace an earlier '
+            f'folder</label></div><table class="actions">{rows}</table></section>')
+
+
+def not_applicable(runs: RunsFolder, name: str, path: Path) -> dict[str, str]:
+    """{action: why} for the actions that can never apply to this run (a full model's merge, an export of a
+    task without one): their buttons stay disabled with the reason as their title."""
+    if not (path / "model").is_dir():
+        return {}
+    out = {}
+    for action in ACTIONS:
+        try:
+            refused = refusal(runs.root, name, action)
+        except TextuneError as e:  # a config naming no known task: the page still shows the run
+            refused = UIError(400, str(e))
+        if refused is not None and refused.status == 400:
+            out[action] = str(refused)
+    return out
 
 
 def compare_page(runs: RunsFolder, names: list[str]) -> HTMLResponse:
@@ -146,9 +193,11 @@ def new_page(runs: RunsFolder, base: str | None) -> HTMLResponse:
             f'with its default; only the values you change go into the YAML. Paths are read from '
             f'the directory textune ui runs in.</p><div id="problems" class="problems"></div>'
             f'<form id="config-form"></form><section><h2>YAML</h2><pre id="yaml"></pre><h2>Command</h2>'
-            f'<pre id="command"></pre></section><div class="toolbar"><button id="validate-data" type="button">'
-            f'Check the data</button><button id="launch" type="button">Launch</button></div>'
-            f'<pre id="data-report"></pre>')
+            f'<pre id="command"></pre></section><div class="toolbar"><label>upload a data file as <select '
+            f'id="upload-key"><option>data.train</option><option>data.validation</option><option>data.test'
+            f'</option></select> <input type="file" id="upload"></label><span id="upload-status" class="hint">'
+            f'</span></div><div class="toolbar"><button id="validate-data" type="button">Check the data</button>'
+            f'<button id="launch" type="button">Launch</button></div><pre id="data-report"></pre>')
     return layout("New run", body, "new", {"base": base})
 
 

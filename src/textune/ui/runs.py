@@ -174,7 +174,11 @@ def run_status(root: Path, run: Path) -> tuple[str, str | None]:
 
 def log_reason(root: Path, name: str) -> str | None:
     """The last line of the launched process's log that says something (textune's one-line error)."""
-    path = root / STATE_DIR / f"{name}.log"
+    return last_line(root / STATE_DIR / f"{name}.log")
+
+
+def last_line(path: Path) -> str | None:
+    """The last line of a log that says something, textune's one-line error where there is one."""
     if not path.is_file():
         return None
     with path.open("rb") as f:

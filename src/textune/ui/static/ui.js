@@ -129,9 +129,39 @@ function runPage() {
     const metrics = document.getElementById("metrics");
     metrics.innerHTML = ""; metrics.appendChild(metricsTable(run.metrics));
     drawRuns([run], x());
-    if (run.status !== "running" && !state.diagnosed && state.history.length) diagnose();
-    if (run.status === "running") setTimeout(poll, 2000);
+    const acting = showActions(run);
+    if (run.status !== "running" && !state.diagnosed && state.history.length) { diagnose(); worst(); }
+    if (run.status === "running" || acting) setTimeout(poll, 2000);
   }
+  function showActions(run) {
+    let acting = false;
+    document.querySelectorAll("table.actions tr").forEach(tr => {
+      const action = tr.dataset.action, a = (run.actions || {})[action], button = tr.querySelector("button");
+      const never = (DATA.not_applicable || {})[action];
+      button.disabled = Boolean(never) || run.status === "running" || (a && a.status === "running");
+      button.title = never || "";
+      tr.querySelector(".action-status").textContent = a ? a.status : (never ? "does not apply" : "");
+      tr.querySelector(".action-line").textContent = a ? (a.line || "") : "";
+      acting = acting || Boolean(a && a.status === "running");
+    });
+    return acting;
+  }
+  async function worst() {
+    const box = document.getElementById("worst");
+    // the report's own section (its HTML, built by the task's code and escaped there)
+    try { box.innerHTML = (await api(`/api/runs/${encodeURIComponent(name)}/worst`)).html || "none in the report"; }
+    catch (e) { box.textContent = e.message; }
+  }
+  async function runAction(action) {
+    const body = action === "push" ? {repo: document.getElementById("push-repo").value,
+      token_env: document.getElementById("push-token-env").value,
+      private: document.getElementById("push-private").checked}
+      : {overwrite: document.getElementById("action-overwrite").checked};
+    try { await api(`/api/runs/${encodeURIComponent(name)}/${action}`, {method: "POST", body: JSON.stringify(body)}); }
+    catch (e) { document.getElementById("reason").textContent = e.message; return; }
+    setTimeout(poll, 500);
+  }
+  document.querySelectorAll("button.action").forEach(b => b.addEventListener("click", () => runAction(b.dataset.action)));
   async function diagnose() {
     state.diagnosed = true;
     const box = document.getElementById("diagnosis");
@@ -242,7 +272,10 @@ async function newPage() {
     document.getElementById("command").textContent = result.command;
     return result.ok;
   }
-  form.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(check, 250); });
+  form.addEventListener("input", () => {
+    clearTimeout(timer); timer = setTimeout(check, 250);
+    const button = document.getElementById("launch"); button.disabled = false; button.textContent = "Launch";
+  });
   name.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(check, 250); });
   const base = document.getElementById("base");
   async function loadBase() {
@@ -263,12 +296,30 @@ async function newPage() {
     await check();
   }
   base.addEventListener("change", loadBase);
-  document.getElementById("validate-data").addEventListener("click", async () => {
+  const launch = document.getElementById("launch");
+  // The launch button says what the data check found; a launch of data that fails it is refused by the server.
+  async function checkData() {
     const out = document.getElementById("data-report");
     out.textContent = "checking the data ...";
     try { const r = await api("/api/validate-data", {method: "POST", body: JSON.stringify({config: config()})});
-      out.textContent = r.report + (r.ok ? "" : "\n\nthe data fails the checks (strict)"); }
-    catch (e) { out.textContent = e.message; }
+      out.textContent = r.report + (r.ok ? "" : "\n\n" + r.message);
+      launch.textContent = !r.ok ? "Launch (the data fails the check)"
+        : r.findings ? `Launch (data: ${r.findings} warning${r.findings > 1 ? "s" : ""})` : "Launch (data: no problem found)";
+      launch.disabled = !r.ok; }
+    catch (e) { out.textContent = e.message; launch.textContent = "Launch"; launch.disabled = false; }
+  }
+  document.getElementById("validate-data").addEventListener("click", checkData);
+  document.getElementById("upload").addEventListener("change", async (event) => {
+    const file = event.target.files[0], key = document.getElementById("upload-key").value;
+    if (!file || !fields[key]) return;
+    const status = document.getElementById("upload-status");
+    status.textContent = `uploading ${file.name} ...`;
+    const response = await fetch("/api/uploads?filename=" + encodeURIComponent(file.name), {method: "POST", body: file});
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) { status.textContent = (body.error || {}).message || response.statusText; return; }
+    status.textContent = `${file.name}: ${body.bytes.toLocaleString()} bytes, stored as ${body.path}`;
+    fields[key].input.value = body.path;
+    await check(); await checkData();
   });
   document.getElementById("launch").addEventListener("click", async () => {
     if (!(await check())) return;
