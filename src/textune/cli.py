@@ -865,6 +865,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("textune: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Under `accelerate launch`, end the process group before the interpreter exits: left to exit, a process
+    sometimes aborts in the group's C++ threads ("terminate called without an active exception", SIGABRT) after
+    its run has finished, and the launcher reports the whole run as failed."""
+    dist = sys.modules.get("torch.distributed")  # never imported: no group to end, and no torch import to pay
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
