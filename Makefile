@@ -28,7 +28,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: install
 	$(VENV)/bin/textune train configs/rotten-tomatoes-minilm-full.yaml --overwrite
-	@echo "demo run in runs/; watch, compare and launch runs in your browser: $(VENV)/bin/textune ui  (http://localhost:7860)"
+	@echo "next, with the demo run (runs/rotten-tomatoes-minilm-full):"
+	@echo "  echo 'a gorgeous, witty, seductive movie' | $(VENV)/bin/textune predict runs/rotten-tomatoes-minilm-full --input -"
+	@echo "  $(VENV)/bin/textune report runs/rotten-tomatoes-minilm-full     # one page: curves, diagnosis, worst errors"
+	@echo "  $(VENV)/bin/textune serve runs/rotten-tomatoes-minilm-full      # HTTP: POST /v1/classify"
+	@echo "  $(VENV)/bin/textune ui                                          # watch, compare, launch runs: http://localhost:7860"
 
 test: install test-deps
 	$(PY) -m pytest -q

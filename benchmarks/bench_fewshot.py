@@ -104,7 +104,7 @@ def run_setfit(args) -> dict:
     model = SetFitModel.from_pretrained(str(default_model_dir()))
     settings = TrainingArguments(output_dir=str(Path(args.workdir) / "setfit"), seed=args.seed,
                                  max_length=MAX_LENGTH, report_to="none", save_strategy="no",
-                                 show_progress_bar=False, **SETFIT_SETTINGS)
+                                 show_progress_bar=False, num_iterations=args.num_iterations, **SETFIT_SETTINGS)
     trainer = Trainer(model=model, args=settings, train_dataset=Dataset.from_dict({"text": texts, "label": labels}))
     start = time.perf_counter()
     trainer.train()
@@ -118,7 +118,7 @@ def run_arm(args) -> None:
     if args.arm == "setfit":
         result = run_setfit(args)
     elif args.arm == "textune-contrastive":
-        result = run_textune(args, {})
+        result = run_textune(args, {"train.num_iterations": args.num_iterations})
     else:
         result = run_textune(args, STANDARD_SETTINGS)
     result["wall_s"] = round(time.perf_counter() - start, 1)
@@ -158,6 +158,9 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0, help="the first seed")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS)
     parser.add_argument("--output", help="write every arm's result as JSON here")
+    parser.add_argument("--num-iterations", type=int, help="pairs per arm: 2 x N x rows, for textune "
+                        "(train.num_iterations) and setfit (num_iterations) alike; default: both libraries' own "
+                        "(every pair, the rarer kind repeated). The SetFit paper's runs used 20")
     parser.add_argument("--train-file", help=argparse.SUPPRESS)
     add_arm_arguments(parser, choices=ARMS)
     args = parser.parse_args()
@@ -172,13 +175,15 @@ def main() -> None:
                 work.mkdir()
                 rows = draw_rows(n, seed, work / "train.tsv")
                 for arm in args.arms:
+                    iterations = ["--num-iterations", str(args.num_iterations)] if args.num_iterations else []
                     result = measure(__file__, ["--arm", arm, "--seed", str(seed), "--workdir", str(work),
-                                                "--train-file", str(rows)], work / f"{arm}.json")
+                                                "--train-file", str(rows), *iterations], work / f"{arm}.json")
                     print(f"n {n} seed {seed} {arm}: {result}", flush=True)
                     results[n][arm].append(result)
     report(results, args.sizes)
     if args.output:
-        Path(args.output).write_text(json.dumps({str(n): r for n, r in results.items()}, indent=2))
+        Path(args.output).write_text(json.dumps({"num_iterations": args.num_iterations,
+                                                 **{str(n): r for n, r in results.items()}}, indent=2))
 
 
 if __name__ == "__main__":

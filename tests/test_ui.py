@@ -413,6 +413,20 @@ def test_actions_run_the_cli_command_and_show_its_last_line(client, runs, monkey
     assert export["status"] == "failed" and export["line"].startswith("textune:")
 
 
+def test_a_process_that_ended_unwatched_keeps_its_exit_status(runs):
+    from textune.ui.actions import action_stem, action_state
+    from textune.ui.launcher import Launcher
+    from textune.ui.runs import RunsFolder, read_json
+
+    launcher = Launcher(RunsFolder(runs))
+    for args, status in (([], "finished"), (["merge", str(runs / "missing")], "failed")):  # bare `textune`: exit 0
+        stem = action_stem(runs, "a", "merge")
+        launcher._spawn(stem, args)
+        launcher.children.pop(str(stem)).wait()  # as if the UI had stopped: no parent records the exit status
+        assert read_json(Path(f"{stem}.json"))["returncode"] is None
+        assert action_state(runs, "a", "merge")["status"] == status
+
+
 def test_push_token_reaches_the_process_and_no_file(client, runs, monkeypatch):
     secret = "hf_uitest_secret_token_123"
     monkeypatch.setenv("MY_HUB_TOKEN", secret)

@@ -2,7 +2,8 @@
 
 Each is the CLI command (`textune export|merge|push RUN ...`) launched in its own process by the launcher, so the
 UI and the command line share one code path. What the UI knows about one lives in
-RUNS/.textune-ui/actions/NAME.ACTION.json (pid, command, returncode) and .log (its output): a folder of its own,
+RUNS/.textune-ui/actions/NAME.ACTION.json (pid, command, returncode), .log (its output) and .exit (the exit
+status the process wrote itself, `launcher.record_exit`): a folder of its own,
 so an action's files are never taken for a launched run's (RUNS/.textune-ui/NAME.json).
 
 Whether an action applies is asked of the run's files and its task (`Task.export_spec`), never of a task name.
@@ -15,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from textune.ui.runs import STATE_DIR, UIError, last_line, pid_alive, read_json, run_path, run_status
+from textune.ui.runs import STATE_DIR, UIError, last_line, pid_alive, read_state, run_path, run_status
 
 ACTIONS = ("export", "merge", "push")
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file in an adapter folder (adapters.ADAPTER_CONFIG; PEFT not imported)
@@ -31,7 +32,7 @@ def action_state(root: Path, name: str, action: str) -> dict | None:
     """{status: running|finished|failed, line: the log's last line, command} of the last time `action` was launched
     for run `name`; None if never."""
     stem = action_stem(root, name, action)
-    state = read_json(Path(f"{stem}.json"))
+    state = read_state(stem)
     if state is None:
         return None
     code = state.get("returncode")

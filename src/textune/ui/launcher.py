@@ -4,8 +4,8 @@ A run is launched as `textune train` (or `textune pretrain`) in its own process,
 share one code path. The process gets its own session (`start_new_session`): closing the browser, reloading
 the page or stopping the UI does not stop it, and Ctrl-C in the UI's terminal does not reach it. What the UI
 knows about it lives beside the runs, in RUNS/.textune-ui/: NAME.yaml (the config it was launched with),
-NAME.log (its output) and NAME.json (pid, command, start time; the exit status once the UI has seen it exit),
-which `runs.run_status` reads.
+NAME.log (its output), NAME.json (pid, command, start time; the exit status once the UI has seen it exit) and
+NAME.exit (the exit status as the process wrote it, for a UI restarted meanwhile), which `runs.run_status` reads.
 
 Stop sends SIGINT to the run's process group, as Ctrl-C in a terminal does: the run finishes its step, writes
 a checkpoint and exits with status 130; resume runs `textune train RUN/config.yaml --resume`.
@@ -133,9 +133,11 @@ class Launcher:
         """`textune ARGS` in its own session, its output to STEM.log, its pid and command to STEM.json. `env`
         is added to the child's environment only (a token stays out of the command line and the files)."""
         stem.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "textune", *args]
+        command = [sys.executable, "-m", "textune", *args]  # what it runs, as the UI shows it
+        Path(f"{stem}.exit").unlink(missing_ok=True)
         log = Path(f"{stem}.log").open("ab")
-        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        child = subprocess.Popen([sys.executable, "-m", "textune.ui.launcher", str(stem), *args],
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         log.close()  # the child holds its own copy
         self.children[str(stem)] = child
@@ -237,3 +239,24 @@ class Launcher:
         Path(f"{stem}.log").unlink(missing_ok=True)  # the page shows this launch's last line, not an earlier one's
         self._spawn(stem, args, env)
         return {"name": name, "action": action, "status": "running"}
+
+
+def record_exit(argv: list[str]) -> int:
+    """`python -m textune.ui.launcher STEM ARGS...`, what the UI starts: `textune ARGS`, then its exit status
+    written to STEM.exit (`runs.read_state` reads it), so a UI started after the process ended knows how it ended."""
+    from textune.cli import main
+
+    stem, args = argv[0], argv[1:]
+    code = 1  # an exception out of main: a crash
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's usage errors exit 2
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        raise
+    finally:
+        Path(f"{stem}.exit").write_text(str(code))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(record_exit(sys.argv[1:]))

@@ -135,7 +135,20 @@ def has_checkpoint(run: Path) -> bool:
 
 def process_state(root: Path, name: str) -> dict | None:
     """What the UI recorded about the process it launched for run `name` (pid, command, log, returncode)."""
-    return read_json(root / STATE_DIR / f"{name}.json")
+    return read_state(root / STATE_DIR / name)
+
+
+def read_state(stem: Path) -> dict | None:
+    """STEM.json, the UI's record of a process it launched, with the exit status the process wrote to STEM.exit
+    itself (`launcher.record_exit`) where the JSON has none: only a process's parent can wait for it, so a UI
+    restarted while a run or an action went on would otherwise never learn how it ended."""
+    state = read_json(Path(f"{stem}.json"))
+    if state is not None and state.get("returncode") is None:
+        try:
+            state["returncode"] = int(Path(f"{stem}.exit").read_text())
+        except (OSError, ValueError):  # still running, or killed before it could write
+            pass
+    return state
 
 
 def pid_alive(pid: int | None) -> bool:
