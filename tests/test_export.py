@@ -24,7 +24,8 @@ from test_token_classification import ner_overrides, write_conll  # noqa: E402
 
 from textune.config import load_config  # noqa: E402
 from textune.errors import TextuneError  # noqa: E402
-from textune.export import export_onnx  # noqa: E402
+import textune.export as export  # noqa: E402
+from textune.export import export_onnx, time_graphs  # noqa: E402
 from textune.onnx_model import OnnxModel  # noqa: E402
 from textune.infer import load_trained_model  # noqa: E402
 from textune.tasks.classification import ClassifierPredictor  # noqa: E402
@@ -35,11 +36,18 @@ TEXTS = ["the movie was great and superb", "awful boring film", "the plot was ve
          "it was poor", "love this story", "the film"]
 
 
+@pytest.fixture(autouse=True)
+def fused_graph_runs_faster(monkeypatch):
+    """`fuse="auto"` times both graphs on this machine; here the fused one wins, so what a test checks does not
+    hang on the timing of the moment (test_auto_keeps_the_fused_graph_only_where_it_runs_faster times for real)."""
+    monkeypatch.setattr(export, "time_graphs", lambda folder, batch, files, repeats=5: {"plain": 0.002, "fused": 0.001})
+
+
 @pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory):
     """The toy classifier exported by the CLI, as a user does it: (folder, the command's result)."""
     out = tmp_path_factory.mktemp("export") / "onnx"
-    result = run_textune("export", trained_run, "--format", "onnx", "--output", out)
+    result = run_textune("export", trained_run, "--format", "onnx", "--output", out, "--fuse", "yes")
     return out, result
 
 
@@ -204,6 +212,30 @@ def test_an_architecture_the_optimizer_does_not_fuse_is_exported_plain_with_one_
     assert info["optimization"] == {"fused": False, "why": why} and info["check"]["max_abs_diff"] < 1e-5
     np.testing.assert_allclose(ClassifierPredictor(out).predict_proba(TEXTS),
                                ClassifierPredictor(tmp_path / "deberta").predict_proba(TEXTS), atol=1e-5)
+
+
+def test_auto_keeps_the_fused_graph_only_where_it_runs_faster(trained_run, tmp_path, monkeypatch):
+    timed = []
+
+    def plain_as_fast(folder, batch, files, repeats=5):
+        timed.append(time_graphs(folder, batch, files, repeats=1))  # the real timing: both graphs load and run
+        return {"plain": 0.0100, "fused": 0.0101}
+
+    monkeypatch.setattr(export, "time_graphs", plain_as_fast)
+    lines = []
+    out = export_onnx(trained_run, tmp_path / "auto", say=lines.append)
+    assert set(timed[0]) == {"plain", "fused"} and all(0 < s < 60 for s in timed[0].values())
+    why = ("the fused graph was no faster on this machine (10.1 ms against the plain graph's 10.0 ms per 32 rows; "
+           "--fuse yes keeps it)")
+    assert lines[0] == f"plain ONNX graph (no fusions): {why}" and "(plain graph)" in lines[1]
+    info = json.loads((out / "textune_onnx.json").read_text())
+    assert info["optimization"] == {"fused": False, "why": why, "plain_ms": 10.0, "fused_ms": 10.1}
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["model.onnx"]
+    out = export_onnx(trained_run, tmp_path / "yes", fuse="yes", say=lines.append)  # kept, whatever the timing
+    assert json.loads((out / "textune_onnx.json").read_text())["optimization"]["fused"] and len(timed) == 1
+    with pytest.raises(TextuneError, match="--fuse maybe: choose one of auto, yes, no"):
+        export_onnx(trained_run, tmp_path / "bad", fuse="maybe")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_fused_graph_that_disagrees_or_an_optimizer_failure_keeps_the_plain_graph(trained_run, tmp_path,

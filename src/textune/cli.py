@@ -674,7 +674,7 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
 
     if args.format != "onnx":
         raise _usage(f"--format {args.format}: textune exports to onnx only")
-    out = export_onnx(args.run, args.output, quantize=args.quantize, overwrite=args.overwrite)
+    out = export_onnx(args.run, args.output, quantize=args.quantize, overwrite=args.overwrite, fuse=args.fuse)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"ONNX export written to {out} ({size / 1e6:,.1f} MB); use it with: textune predict {out} --input FILE, "
           f"or textune serve {out}")
@@ -695,6 +695,10 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--output", help="folder to write (default: RUN/onnx)")
     ex.add_argument("--quantize", metavar="int8", help="int8: dynamic quantisation of the weights (smaller, faster "
                                                       "on CPU; its agreement with PyTorch is reported)")
+    ex.add_argument("--fuse", choices=("auto", "yes", "no"), default="auto",
+                    help="ONNX Runtime's transformer fusions (BERT family): auto keeps the fused graph where it runs "
+                         "faster on this machine (timed at export), yes wherever it agrees (an export for another "
+                         "machine), no never (default: auto)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     ex.set_defaults(func=cmd_export)
 
