@@ -143,10 +143,13 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("toy-data")
-    return {"train": write_csv(d / "train.csv", toy_rows(320, seed=1)),
-            "validation": write_csv(d / "validation.csv", toy_rows(64, seed=2)),
-            "test": write_csv(d / "test.csv", toy_rows(48, seed=3))}
+    return write_splits(tmp_path_factory.mktemp("toy-data"), toy_rows, train=320, validation=64, test=48)
+
+
+def write_splits(folder: Path, make_rows, **sizes: int) -> dict[str, Path]:
+    """One CSV per split, `make_rows(n, seed=...)` rows each (seeds 1, 2, ... in the order given): a toy data set."""
+    return {name: write_csv(folder / f"{name}.csv", make_rows(n, seed=seed))
+            for seed, (name, n) in enumerate(sizes.items(), 1)}
 
 
 def toy_overrides(tiny_model: Path, toy_data: dict[str, Path], output_dir: Path, **extra) -> dict:

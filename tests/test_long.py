@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import FILLER, NEGATIVE, POSITIVE, nested, run_textune, toy_overrides, write_csv, write_jsonl
+from conftest import FILLER, NEGATIVE, POSITIVE, nested, run_textune, toy_overrides, write_jsonl, write_splits
 from textune.chunking import (LongText, chunk_rows, head_tail_rows, head_tail_split, pool_documents, select_chunks,
                               special_token_ends)
 from textune.config import load_config
@@ -35,10 +35,7 @@ def long_rows(n: int, seed: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def long_data(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("long-data")
-    return {"train": write_csv(d / "train.csv", long_rows(160, seed=1)),
-            "validation": write_csv(d / "validation.csv", long_rows(40, seed=2)),
-            "test": write_csv(d / "test.csv", long_rows(24, seed=3))}
+    return write_splits(tmp_path_factory.mktemp("long-data"), long_rows, train=160, validation=40, test=24)
 
 
 def long_overrides(tiny_model, data, out, **extra) -> dict:
