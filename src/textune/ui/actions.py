@@ -3,7 +3,7 @@
 Each is the CLI command (`textune export|merge|push RUN ...`) launched in its own process by the launcher, so the
 UI and the command line share one code path. What the UI knows about one lives in
 RUNS/.textune-ui/actions/NAME.ACTION.json (pid, command, returncode), .log (its output) and .exit (the exit
-status the process wrote itself, `launcher.record_exit`): a folder of its own,
+status the process wrote itself, `exit_status.record_exit`): a folder of its own,
 so an action's files are never taken for a launched run's (RUNS/.textune-ui/NAME.json).
 
 Whether an action applies is asked of the run's files and its task (`Task.export_spec`), never of a task name.

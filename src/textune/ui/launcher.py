@@ -136,7 +136,7 @@ class Launcher:
         command = [sys.executable, "-m", "textune", *args]  # what it runs, as the UI shows it
         Path(f"{stem}.exit").unlink(missing_ok=True)
         log = Path(f"{stem}.log").open("ab")
-        child = subprocess.Popen([sys.executable, "-m", "textune.ui.launcher", str(stem), *args],
+        child = subprocess.Popen([sys.executable, "-m", "textune.ui.exit_status", str(stem), *args],
                                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         log.close()  # the child holds its own copy
@@ -240,23 +240,3 @@ class Launcher:
         self._spawn(stem, args, env)
         return {"name": name, "action": action, "status": "running"}
 
-
-def record_exit(argv: list[str]) -> int:
-    """`python -m textune.ui.launcher STEM ARGS...`, what the UI starts: `textune ARGS`, then its exit status
-    written to STEM.exit (`runs.read_state` reads it), so a UI started after the process ended knows how it ended."""
-    from textune.cli import main
-
-    stem, args = argv[0], argv[1:]
-    code = 1  # an exception out of main: a crash
-    try:
-        code = main(args)
-    except SystemExit as e:  # argparse's usage errors exit 2
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-        raise
-    finally:
-        Path(f"{stem}.exit").write_text(str(code))
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(record_exit(sys.argv[1:]))

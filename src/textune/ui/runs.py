@@ -140,7 +140,7 @@ def process_state(root: Path, name: str) -> dict | None:
 
 def read_state(stem: Path) -> dict | None:
     """STEM.json, the UI's record of a process it launched, with the exit status the process wrote to STEM.exit
-    itself (`launcher.record_exit`) where the JSON has none: only a process's parent can wait for it, so a UI
+    itself (`exit_status.record_exit`) where the JSON has none: only a process's parent can wait for it, so a UI
     restarted while a run or an action went on would otherwise never learn how it ended."""
     state = read_json(Path(f"{stem}.json"))
     if state is not None and state.get("returncode") is None:
