@@ -60,6 +60,25 @@ def test_best_checkpoint_is_the_saved_model(trained_run):
     assert metrics["validation"]["accuracy"] == best["eval_accuracy"]
 
 
+def test_a_last_evaluation_that_is_the_best_is_not_run_again_at_the_end(tiny_model, toy_data, tmp_path, monkeypatch):
+    import textune.tasks.classification as classification
+
+    passes, predict = [], classification.predict_logits
+
+    def counted(model, loader, *args, **kwargs):
+        passes.append(len(loader.dataset))
+        return predict(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(classification, "predict_logits", counted)
+    run = train(load_config(None, toy_overrides(tiny_model, toy_data, tmp_path / "r", **{"train.max_steps": 2})))
+    evals = [r for r in read_history(run) if r["type"] == "eval"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [r["step"] for r in evals] == [2] and metrics["best_step"] == 2
+    assert passes == [64]  # the validation set once: the loop's evaluation stands for the final one
+    assert metrics["validation"]["accuracy"] == evals[0]["eval_accuracy"]
+    assert len((run / "validation_predictions.jsonl").read_text().splitlines()) == 64
+
+
 def test_existing_run_folder_is_refused_unless_overwrite(tiny_model, toy_data, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -221,7 +240,10 @@ def test_a_best_model_that_reloads_partially_is_an_error(tiny_model, toy_data, t
         save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
 
     monkeypatch.setattr(textune.train, "save_model", save_without_a_layer)
-    cfg = load_config(None, toy_overrides(tiny_model, toy_data, tmp_path / "r", **{"train.max_steps": 2}))
+    # The best model must be an earlier step's, so that the end reloads it: with a learning rate too small to move
+    # a prediction, step 1's accuracy is never beaten.
+    cfg = load_config(None, toy_overrides(tiny_model, toy_data, tmp_path / "r", **{
+        "train.max_steps": 2, "train.eval_steps": 1, "train.lr": 1e-12, "train.metric": "accuracy"}))
     with pytest.raises(TextuneError, match=r"missing .*layer\.1\.output\.dense\.weight"):
         train(cfg)
 

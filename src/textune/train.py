@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -420,21 +420,22 @@ class AccumulationWindow:
     def reset(self) -> None:
         self.items, self.nonfinite = 0, 0
 
-    def close(self, model, accelerator: Accelerator) -> bool:
+    def close(self, model, accelerator: Accelerator, scaled: bool = False) -> bool:
         """At the window's last micro-batch: turn the summed gradient into the mean over the items of the
-        window on every process, start a new window, and say whether any process saw a non-finite loss (the
-        same answer on each)."""
+        window on every process (unless the loss was `scaled` already), start a new window, and say whether any
+        process saw a non-finite loss (the same answer on each)."""
         counts = torch.stack([torch.as_tensor(x, device=accelerator.device).reshape(()).long()
                               for x in (self.items, self.nonfinite)])
         if accelerator.num_processes > 1:
             counts = accelerator.reduce(counts, reduction="sum")
         items, bad = counts.tolist()  # one host sync for both
-        # Accelerate divided by the accumulation steps and DDP averaged over the processes: times G x P / (the
-        # items of all processes) is the mean over every item of the step, however they were shared out.
-        scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / max(items, 1)
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
+        if not scaled:
+            # Accelerate divided by the accumulation steps and DDP averaged over the processes: times G x P / (the
+            # items of all processes) is the mean over every item of the step, however they were shared out.
+            scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / max(items, 1)
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
         self.reset()
         return bool(bad)
 
@@ -476,10 +477,13 @@ def train_step(model, batch, optimizer, scheduler, accelerator: Accelerator, max
             window.reset()
             return loss.detach(), items, False, False
         window.add(items, loss)
-        accelerator.backward(loss)
+        # A step of one micro-batch on one process knows its items before the backward: dividing the loss there
+        # gives the same gradient as scaling it afterwards, without a pass over every gradient (profile_train.py).
+        alone = accelerator.gradient_accumulation_steps == 1 and accelerator.num_processes == 1
+        accelerator.backward(loss / torch.as_tensor(items).clamp(min=1) if alone else loss)
         if not accelerator.sync_gradients:
             return loss.detach(), items, True, False
-        bad_loss = window.close(model, accelerator)
+        bad_loss = window.close(model, accelerator, scaled=alone)
         norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
         # With fp16 the gradient scaler skips overflowing steps itself; an inf gradient there is routine.
         if bad_loss or (accelerator.scaler is None and norm is not None and not torch.isfinite(norm)):
@@ -718,6 +722,7 @@ class TrainingLoop:
         hook = plan.after_optimizer_step
         self.after_step = None if hook is None else (lambda: hook(self.state.step))  # the step being closed
         self.start = self.seconds = 0.0
+        self.last_evaluation: tuple[int, dict, Any] | None = None  # this process's latest: step, metrics, predictions
         # Off a terminal (a log file, nohup, CI) a bar's carriage returns make one ever-growing line: print one
         # plain line per logging step there instead.
         self.plain_progress = accelerator.is_main_process and not sys.stderr.isatty()
@@ -822,8 +827,10 @@ class TrainingLoop:
 
     def evaluate(self, epoch: float) -> None:
         """Evaluate, keep the best model, count towards early stopping; then tell `on_evaluate`."""
-        run_evaluation(self.plan.model, self.plan.eval_loader, self.inputs.evaluate, self.accelerator,
-                       self.inputs.tokenizer, self.run_dir, self.history, self.state, self.t, epoch)
+        metrics, predictions = run_evaluation(self.plan.model, self.plan.eval_loader, self.inputs.evaluate,
+                                              self.accelerator, self.inputs.tokenizer, self.run_dir, self.history,
+                                              self.state, self.t, epoch)
+        self.last_evaluation = (self.state.step, metrics, predictions)
         if self.on_evaluate is not None:
             self.on_evaluate(self.history.records[-1])
         if self.state.stopped_early:
@@ -849,16 +856,22 @@ def finish_run(cfg: Config, run: Path, plan: TrainingPlan, inputs: TaskInputs, a
     t, state, say = cfg.train, loop.state, accelerator.print
     accelerator.wait_for_everyone()  # the main process has finished writing model/ before the others read it
     unwrapped = accelerator.unwrap_model(plan.model)
+    # The loop's evaluation after the last step, in this process, is of the model in memory now.
+    last = loop.last_evaluation if loop.last_evaluation and loop.last_evaluation[0] == state.step else None
     # (model/ can be missing when another run's checkpoint was resumed into a new folder: save the last.)
     best_saved = t.load_best_at_end and state.best_step is not None and (run / "model").is_dir()
-    if best_saved and is_peft_model(unwrapped):
-        load_adapter_weights(unwrapped, run / "model")
-    elif best_saved:
-        load_saved_weights(unwrapped, run / "model")
-    elif accelerator.is_main_process:
+    best_in_memory = best_saved and state.best_step == state.step and last is not None  # and in model/ already
+    if best_saved and not best_in_memory:
+        if is_peft_model(unwrapped):
+            load_adapter_weights(unwrapped, run / "model")
+        else:
+            load_saved_weights(unwrapped, run / "model")
+        last = None
+    elif not best_saved and accelerator.is_main_process:
         save_model(unwrapped, inputs.tokenizer, run / "model")
-    # Evaluate the model being saved once more: exact metrics and probabilities, also after a resume.
-    final_val, predictions = inputs.evaluate(plan.model, plan.eval_loader, accelerator)
+    # The saved model's metrics and probabilities, exact also after a resume: its evaluation by the loop, or a new
+    # one (a best model from an earlier step, a run resumed after its last evaluation).
+    final_val, predictions = last[1:] if last else inputs.evaluate(plan.model, plan.eval_loader, accelerator)
     metrics = final_metrics(final_val, loop, count_parameters(unwrapped))
     if "test" in inputs.tokenized:
         test_loader = accelerator.prepare(make_loader(inputs.tokenized["test"], inputs.tokenizer,
@@ -899,10 +912,10 @@ def final_metrics(validation: dict, loop: TrainingLoop, parameters: tuple[int, i
 
 
 def run_evaluation(model, eval_loader, evaluate: Callable, accelerator, tokenizer, run: Path, history: History,
-                   state: LoopState, t: TrainConfig, epoch: float) -> None:
+                   state: LoopState, t: TrainConfig, epoch: float) -> tuple[dict, Any]:
     """Evaluate (`evaluate(model, loader, accelerator)` -> (metrics, predictions)), record, keep the best checkpoint
-    and count evaluations without improvement."""
-    metrics, _ = evaluate(model, eval_loader, accelerator)
+    and count evaluations without improvement. Returns what `evaluate` returned."""
+    metrics, predictions = evaluate(model, eval_loader, accelerator)
     scalars = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
     history.append({"type": "eval", "step": state.step, "epoch": round(epoch, 4), **scalars})
     if accelerator.is_main_process:
@@ -917,3 +930,4 @@ def run_evaluation(model, eval_loader, evaluate: Callable, accelerator, tokenize
         state.evals_without_improvement += 1
         if t.early_stopping_patience and state.evals_without_improvement >= t.early_stopping_patience:
             state.stopped_early = True
+    return metrics, predictions
