@@ -16,7 +16,6 @@ Writes benchmarks/results/compile-step.json.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import sys
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from arms import add_arm_arguments, cpu_name, measure
+from bench_train import read_tsv
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
@@ -34,11 +34,11 @@ MODES = {"eager": "eager", "compiled": None}  # mode -> torch.compile's dynamic 
 def batches_of_sst2(tokenizer, n_batches: int = 140, batch_size: int = 32) -> list[dict]:
     import torch
 
-    with SST2.open(encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
+    data = read_tsv(SST2)
+    rows = list(zip(data["sentence"], data["label"]))
     random.Random(0).shuffle(rows)
-    sentences = [r["sentence"] for r in rows[:batch_size * n_batches]]
-    labels = [int(r["label"]) for r in rows[:batch_size * n_batches]]
+    sentences = [sentence for sentence, _ in rows[:batch_size * n_batches]]
+    labels = [label for _, label in rows[:batch_size * n_batches]]
     lengths = [len(ids) for ids in tokenizer(sentences, truncation=True, max_length=66)["input_ids"]]
     order = sorted(range(len(sentences)), key=lengths.__getitem__)  # grouped by length, as both trainers do
     batches = []
