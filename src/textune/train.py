@@ -49,6 +49,7 @@ from textune.model_card import write_model_card
 from textune.models import HEAD_MODULE_NAMES, count_parameters, folder_position_limit
 from textune.tasks import get_task
 from textune.tasks.base import TaskInputs
+from textune.speedups import speed_up
 from textune.tuning import optimizer_step_hook
 from textune.tracking import (PROJECT, build_trackers, final_values, finish_trackers, flat_config, record_values,
                               start_trackers)
@@ -696,6 +697,9 @@ def plan_training(cfg: Config, inputs: TaskInputs, accelerator: Accelerator, pre
                               num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         inputs.model, optimizer, train_loader, eval_loader, scheduler)
+    said = speed_up(accelerator.unwrap_model(model), precision)
+    if said:
+        say(said)
     epochs = f"{total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch:,}" if steps_per_epoch else "streamed"
     say(f"schedule   {total_steps:,} steps ({epochs}), batch {t.batch_size} over {accelerator.num_processes} "
         f"process(es) x {t.gradient_accumulation_steps} accumulated, lr {t.lr:g}, "
